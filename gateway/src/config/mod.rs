@@ -1,0 +1,464 @@
+//! Configuration: TOML parsed into [`raw`] structs, then validated into [`Config`].
+//!
+//! Validation collects every problem it finds; each [`Issue`] names the file, the line and the
+//! field, and says what to fix.
+
+pub mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use rustls::sign::CertifiedKey;
+
+pub use validate::{parse_host_pattern, validate};
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Process-wide settings.
+    pub server: ServerSettings,
+    /// Downstream limits.
+    pub limits: Limits,
+    /// Logging.
+    pub logging: LoggingSettings,
+    /// Forwarding headers.
+    pub proxy: ProxySettings,
+    /// The admin listener.
+    pub admin: AdminSettings,
+    /// Certificates for HTTPS listeners; empty when there is none.
+    pub certificates: Vec<CertificateSpec>,
+    /// Downstream listeners.
+    pub listeners: Vec<ListenerSpec>,
+    /// Upstream pools, referred to by index from routes.
+    pub upstreams: Vec<UpstreamSpec>,
+    /// Routes, in file order.
+    pub routes: Vec<RouteSpec>,
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Runtime worker threads; 0 means one per core.
+    pub worker_threads: usize,
+    /// Deadline for in-flight requests at shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// `[limits]`, validated.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open downstream connections across all listeners.
+    pub max_connections: usize,
+    /// Bytes of request head (h1) or header list (h2).
+    pub max_header_bytes: usize,
+    /// Bytes of request body.
+    pub max_body_bytes: u64,
+    /// Time to receive a complete request head.
+    pub header_read_timeout: Duration,
+    /// Longest pause inside a request body.
+    pub body_read_timeout: Duration,
+    /// Connection closed after this long with no request in flight.
+    pub idle_timeout: Duration,
+    /// Concurrent h2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[logging]`, validated.
+#[derive(Debug, Clone)]
+pub struct LoggingSettings {
+    /// `tracing` filter directive.
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+    /// One access log line per request.
+    pub access_log: bool,
+}
+
+/// Which forwarding headers are sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedMode {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`.
+    XForwarded,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
+    /// Both of the above.
+    Both,
+    /// Neither.
+    None,
+}
+
+/// `[proxy]`, validated.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Forwarding headers.
+    pub forwarded: ForwardedMode,
+    /// Pseudonym appended in `Via`, when enabled.
+    pub via_name: Option<HeaderValue>,
+    /// Header carrying the request id.
+    pub request_id_header: HeaderName,
+}
+
+/// `[admin]`, validated.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Address of the admin listener.
+    pub bind: SocketAddr,
+}
+
+/// A host name pattern, lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Any host.
+    Any,
+    /// Exactly this name.
+    Exact(String),
+    /// Any name ending in this suffix, which starts with a dot (`*.example.com` is `.example.com`).
+    Suffix(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (lower case, no port) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Exact(name) => name == host,
+            HostPattern::Suffix(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+        }
+    }
+
+    /// Higher is more specific: exact beats any wildcard, a longer suffix beats a shorter one.
+    pub fn specificity(&self) -> usize {
+        match self {
+            HostPattern::Any => 0,
+            HostPattern::Suffix(s) => 1 + s.len(),
+            HostPattern::Exact(_) => usize::MAX,
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Any => f.write_str("*"),
+            HostPattern::Exact(n) => f.write_str(n),
+            HostPattern::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+/// A loaded certificate and the SNI names it answers.
+#[derive(Clone)]
+pub struct CertificateSpec {
+    /// Names from config.
+    pub server_names: Vec<HostPattern>,
+    /// Served when no name matches.
+    pub default: bool,
+    /// Chain and signing key.
+    pub key: Arc<CertifiedKey>,
+    /// Where the chain was read from, for messages.
+    pub cert_path: PathBuf,
+}
+
+impl fmt::Debug for CertificateSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateSpec")
+            .field("server_names", &self.server_names)
+            .field("default", &self.default)
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// TLS with ALPN `h2` and `http/1.1`.
+    Https,
+    /// Cleartext HTTP/1.1 (and h2 with prior knowledge), proxying as usual.
+    HttpServe,
+    /// Cleartext HTTP answering 308 to HTTPS on this port.
+    HttpRedirect {
+        /// Port named in `Location`.
+        https_port: u16,
+    },
+}
+
+/// `[[listeners]]`, validated.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    /// Unique name.
+    pub name: String,
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Protocol.
+    pub kind: ListenerKind,
+}
+
+/// Load balancing policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Each backend in turn.
+    RoundRobin,
+    /// The backend with the fewest requests in flight (ties in turn).
+    LeastInFlight,
+}
+
+/// Upstream wire protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge.
+    H2,
+}
+
+/// `[upstreams.health_check]`, validated.
+#[derive(Debug, Clone)]
+pub struct HealthCheckSpec {
+    /// Path requested with GET.
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time a check may take.
+    pub timeout: Duration,
+    /// Successes that restore a backend.
+    pub healthy_threshold: u32,
+    /// Failures that mark a backend down.
+    pub unhealthy_threshold: u32,
+}
+
+/// `[[upstreams]]`, validated.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    /// Unique name.
+    pub name: String,
+    /// Backend authorities (`host:port`).
+    pub backends: Vec<http::uri::Authority>,
+    /// Balancing policy.
+    pub balance: Balance,
+    /// Wire protocol.
+    pub protocol: UpstreamProtocol,
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// Deadline for the response head.
+    pub request_timeout: Duration,
+    /// Idle pooled connection lifetime.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections per backend.
+    pub pool_max_idle_per_backend: usize,
+    /// Retries per request.
+    pub max_retries: u32,
+    /// Retries as a fraction of requests.
+    pub retry_budget_ratio: f64,
+    /// Retries per second always allowed.
+    pub retry_budget_min_per_sec: u32,
+    /// Active checks, if any.
+    pub health_check: Option<HealthCheckSpec>,
+    /// Failures that eject; 0 disables passive ejection.
+    pub eject_after_failures: u32,
+    /// Ejection length.
+    pub ejection: Duration,
+}
+
+/// `[[routes]]`, validated.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// Unique name.
+    pub name: String,
+    /// Host patterns.
+    pub hosts: Vec<HostPattern>,
+    /// Path prefix, starting with `/`, without a trailing `/` unless it is `/`.
+    pub path_prefix: String,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Remove the prefix before forwarding.
+    pub strip_prefix: bool,
+}
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// File name as given, or `<embedded>`.
+    pub file: String,
+    /// 1-based line, when the field exists in the file.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// Dotted field path, e.g. `routes[1].upstream`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read but is wrong; every problem found is listed.
+    #[error("{}", display_issues(.0))]
+    Invalid(Vec<Issue>),
+}
+
+impl ConfigError {
+    /// The problems found, empty for a read error.
+    pub fn issues(&self) -> &[Issue] {
+        match self {
+            ConfigError::Invalid(issues) => issues,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+fn display_issues(issues: &[Issue]) -> String {
+    let mut out = format!(
+        "invalid configuration ({} problem{}):",
+        issues.len(),
+        if issues.len() == 1 { "" } else { "s" }
+    );
+    for issue in issues {
+        out.push_str("\n  ");
+        out.push_str(&issue.to_string());
+    }
+    out
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths inside it are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::from_toml(&text, &path.display().to_string(), &base)
+    }
+
+    /// Parses and validates TOML text; `file` names it in messages and `base_dir` anchors
+    /// relative paths.
+    pub fn from_toml(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(err) => return Err(ConfigError::Invalid(vec![parse_issue(text, file, &err)])),
+        };
+        validate(raw, base_dir).map_err(|problems| {
+            let doc = toml_edit::Document::parse(text).ok();
+            ConfigError::Invalid(
+                problems
+                    .into_iter()
+                    .map(|p| {
+                        let span = doc.as_ref().and_then(|d| validate::locate(d, &p.path));
+                        let (line, column) = match span {
+                            Some(offset) => {
+                                let (l, c) = line_col(text, offset);
+                                (Some(l), Some(c))
+                            }
+                            None => (None, None),
+                        };
+                        Issue {
+                            file: file.to_string(),
+                            line,
+                            column,
+                            field: validate::path_string(&p.path),
+                            message: p.message,
+                        }
+                    })
+                    .collect(),
+            )
+        })
+    }
+}
+
+fn parse_issue(text: &str, file: &str, err: &toml::de::Error) -> Issue {
+    let (line, column) = match err.span() {
+        Some(span) => {
+            let (l, c) = line_col(text, span.start);
+            (Some(l), Some(c))
+        }
+        None => (None, None),
+    };
+    let message = err.message().trim().to_string();
+    // serde names the unknown or missing field in the message; make the fix explicit.
+    let message = if message.starts_with("unknown field") {
+        format!("{message}; remove it or fix its spelling")
+    } else {
+        message
+    };
+    Issue {
+        file: file.to_string(),
+        line,
+        column,
+        field: String::new(),
+        message,
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("a\nbc\n", 0), (1, 1));
+        assert_eq!(line_col("a\nbc\n", 3), (2, 2));
+    }
+
+    #[test]
+    fn host_patterns_match_and_rank() {
+        let exact = HostPattern::Exact("shop.example.com".into());
+        let wild = HostPattern::Suffix(".example.com".into());
+        assert!(exact.matches("shop.example.com"));
+        assert!(wild.matches("shop.example.com"));
+        assert!(!wild.matches("example.com"));
+        assert!(!wild.matches("shopexample.com"));
+        assert!(HostPattern::Any.matches("anything"));
+        assert!(exact.specificity() > wild.specificity());
+        assert!(wild.specificity() > HostPattern::Any.specificity());
+    }
+}

@@ -1,0 +1,236 @@
+//! The configuration file exactly as written: serde structs that reject unknown fields.
+//!
+//! Nothing here is trusted; [`super::validate`] turns a [`RawConfig`] into a [`super::Config`].
+//! Every field's unit and default is documented here and in `config/gateway.toml`.
+
+use serde::Deserialize;
+
+/// Top level of `gateway.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub server: RawServer,
+    /// Limits applied to every downstream connection and request.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Logging.
+    #[serde(default)]
+    pub logging: RawLogging,
+    /// Headers the proxy adds on the way upstream.
+    #[serde(default)]
+    pub proxy: RawProxy,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Certificates served by HTTPS listeners.
+    #[serde(default)]
+    pub tls: RawTls,
+    /// Downstream listeners. At least one.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// Named upstream pools. At least one.
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    /// Routes from (host, path prefix) to an upstream pool. At least one.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// `[server]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Runtime worker threads. Default 0: one per CPU core.
+    pub worker_threads: Option<usize>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in milliseconds.
+    /// Default 30000.
+    pub drain_timeout_ms: Option<u64>,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Open downstream connections across all listeners; further clients wait in the accept
+    /// backlog. Default 10000.
+    pub max_connections: Option<usize>,
+    /// Bytes of request line plus headers (HTTP/1.1) or of the header list (h2); larger requests
+    /// get 431. Default 65536.
+    pub max_header_bytes: Option<usize>,
+    /// Bytes of request body; larger bodies get 413. Default 10485760 (10 MiB).
+    pub max_body_bytes: Option<u64>,
+    /// Time a client may take to send a complete request head, in milliseconds; the connection is
+    /// closed when it runs out (slowloris protection). For HTTP/1.1 it also bounds the wait for
+    /// the next request on a kept-alive connection. Default 10000.
+    pub header_read_timeout_ms: Option<u64>,
+    /// Time a client may leave a started request body without sending more of it, in
+    /// milliseconds; the request gets 408. Default 30000.
+    pub body_read_timeout_ms: Option<u64>,
+    /// A connection with no request in flight for this long is closed, in milliseconds.
+    /// Default 60000.
+    pub idle_timeout_ms: Option<u64>,
+    /// Concurrent h2 streams per downstream connection. Default 256.
+    pub h2_max_concurrent_streams: Option<u32>,
+}
+
+/// `[logging]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    /// `tracing` filter directive, e.g. `info` or `gateway=debug`. Default `info`.
+    /// The `RUST_LOG` environment variable overrides it.
+    pub level: Option<String>,
+    /// `text` or `json`. Default `text`.
+    pub format: Option<String>,
+    /// Emit one access log line per request (target `access`). Default true.
+    pub access_log: Option<bool>,
+}
+
+/// `[proxy]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxy {
+    /// Which forwarding headers to send upstream: `x-forwarded` (X-Forwarded-For/-Proto/-Host),
+    /// `forwarded` (RFC 7239), `both` or `none`. Default `x-forwarded`.
+    pub forwarded: Option<String>,
+    /// Append `Via: <version> <via_name>` on requests and responses. Default false.
+    pub via: Option<bool>,
+    /// Pseudonym used in `Via`. Default `gateway`.
+    pub via_name: Option<String>,
+    /// Header carrying the request id, kept when a client sends a valid one. Default
+    /// `x-request-id`.
+    pub request_id_header: Option<String>,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Address of the admin listener. Default `127.0.0.1:9901`.
+    pub bind: Option<String>,
+}
+
+/// `[tls]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Certificates, chosen by SNI.
+    #[serde(default)]
+    pub certificates: Vec<RawCertificate>,
+}
+
+/// `[[tls.certificates]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    /// PEM file with the certificate chain, leaf first. Relative paths are relative to the
+    /// config file.
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// SNI names this certificate answers: exact (`shop.example.com`) or one-level wildcard
+    /// (`*.example.com`).
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    /// Serve this certificate when the client sends no SNI or an unknown name. Exactly one
+    /// certificate is the default; with a single certificate it is implied.
+    pub default: Option<bool>,
+}
+
+/// `[[listeners]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Unique name, used in metrics labels.
+    pub name: String,
+    /// Socket address to bind, e.g. `0.0.0.0:443`. Port 0 picks a free port.
+    pub bind: String,
+    /// `https` (default) or `http`.
+    pub protocol: Option<String>,
+    /// For `http` listeners: `serve` (default) proxies as usual, `redirect` answers 308 to the
+    /// same URL on HTTPS.
+    pub http_mode: Option<String>,
+    /// For `redirect`: the HTTPS port to name in the Location header. Default 443.
+    pub redirect_https_port: Option<u16>,
+}
+
+/// `[[upstreams]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Unique name that routes refer to.
+    pub name: String,
+    /// Backend addresses, `host:port`. At least one.
+    #[serde(default)]
+    pub backends: Vec<String>,
+    /// `round_robin` (default) or `least_in_flight`.
+    pub balance: Option<String>,
+    /// `http1` (default) or `h2` (prior knowledge, cleartext).
+    pub protocol: Option<String>,
+    /// Time to establish a TCP connection to a backend, in milliseconds. Default 1000.
+    pub connect_timeout_ms: Option<u64>,
+    /// Time from sending a request to receiving the response head, in milliseconds; 504 after.
+    /// Default 15000.
+    pub request_timeout_ms: Option<u64>,
+    /// How long an idle pooled connection is kept, in milliseconds. Default 90000.
+    pub pool_idle_timeout_ms: Option<u64>,
+    /// Idle pooled connections kept per backend. Default 128.
+    pub pool_max_idle_per_backend: Option<usize>,
+    /// Retries of an idempotent request after a connect failure or reset. Default 2.
+    pub max_retries: Option<u32>,
+    /// Retries may add at most this fraction of the pool's request rate. Default 0.2.
+    pub retry_budget_ratio: Option<f64>,
+    /// Retries allowed per second regardless of the ratio. Default 5.
+    pub retry_budget_min_per_sec: Option<u32>,
+    /// Active health checks. Absent: none, backends are only ejected passively.
+    pub health_check: Option<RawHealthCheck>,
+    /// Passive ejection after consecutive failures.
+    #[serde(default)]
+    pub passive: RawPassive,
+}
+
+/// `[upstreams.health_check]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// Path requested with GET; a 2xx answer is healthy. Default `/healthz`.
+    pub path: Option<String>,
+    /// Time between checks of one backend, in milliseconds. Default 5000.
+    pub interval_ms: Option<u64>,
+    /// Time a check may take, in milliseconds. Default 2000.
+    pub timeout_ms: Option<u64>,
+    /// Consecutive successes that bring an unhealthy backend back. Default 2.
+    pub healthy_threshold: Option<u32>,
+    /// Consecutive failures that mark a backend unhealthy. Default 3.
+    pub unhealthy_threshold: Option<u32>,
+}
+
+/// `[upstreams.passive]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassive {
+    /// Consecutive failed requests (connect error, reset, timeout, 502/503/504) that eject a
+    /// backend. 0 disables. Default 5.
+    pub consecutive_failures: Option<u32>,
+    /// How long an ejected backend gets no traffic, in milliseconds. Default 10000.
+    pub ejection_ms: Option<u64>,
+}
+
+/// `[[routes]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique name, used in metrics labels.
+    pub name: String,
+    /// Hosts matched: exact names, `*.suffix` wildcards, or `*` for any. Default `["*"]`.
+    pub hosts: Option<Vec<String>>,
+    /// Path prefix matched on segment boundaries (`/api` matches `/api` and `/api/x`, not
+    /// `/apix`). Default `/`.
+    pub path_prefix: Option<String>,
+    /// Name of the upstream pool.
+    pub upstream: String,
+    /// Remove the matched prefix before forwarding. Default false.
+    pub strip_prefix: Option<bool>,
+}

@@ -1,0 +1,360 @@
+//! Header rules of a proxy: hop-by-hop stripping, forwarding headers, request ids, host names,
+//! and the body wrappers that enforce request limits and hold guards while a body streams.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::config::ForwardedMode;
+use crate::upstream::BoxError;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the fixed
+/// set. `TE: trailers` is kept, since it is end-to-end in meaning (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether a client-supplied request id is safe to keep: 1 to 128 characters from a small
+/// alphabet, so it can go into logs and headers verbatim.
+pub fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':' | b'+' | b'/' | b'=')
+        })
+}
+
+/// A fresh random request id (UUID v4).
+pub fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(s).expect("uuid is a valid header value")
+}
+
+/// Adds forwarding headers for a request from `client`, received over `proto` for `host`.
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    mode: ForwardedMode,
+    client: SocketAddr,
+    proto: &'static str,
+    host: Option<&str>,
+) {
+    let ip = client.ip().to_canonical();
+    if matches!(mode, ForwardedMode::XForwarded | ForwardedMode::Both) {
+        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            headers.insert(X_FORWARDED_HOST.clone(), h);
+        }
+    }
+    if matches!(mode, ForwardedMode::Forwarded | ForwardedMode::Both) {
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let mut element = format!("for={node};proto={proto}");
+        if let Some(h) = host.filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        }) {
+            element.push_str(&format!(";host=\"{h}\""));
+        }
+        let value = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {element}"),
+            None => element,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(header::FORWARDED, v);
+        }
+    }
+}
+
+/// Appends `<version> <name>` to `Via`.
+pub fn append_via(headers: &mut HeaderMap, version: http::Version, name: &HeaderValue) {
+    let v = match version {
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    let name = name.to_str().unwrap_or("gateway");
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {v} {name}"),
+        None => format!("{v} {name}"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(header::VIA, v);
+    }
+}
+
+/// The host a request is for, lower case and without port: the URI authority (h2, absolute
+/// form) or the `Host` header.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            h.parse::<http::uri::Authority>().ok()?.host().to_string()
+        }
+    };
+    let host = raw.trim_end_matches('.').to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
+}
+
+/// Why a request body was cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyLimitError {
+    /// More bytes than `limits.max_body_bytes`.
+    #[error("request body larger than the limit")]
+    TooLarge,
+    /// The client paused longer than `limits.body_read_timeout_ms`.
+    #[error("request body stalled longer than the read timeout")]
+    Timeout,
+}
+
+/// Finds a [`BodyLimitError`] in an error's source chain.
+pub fn find_body_limit_error(err: &(dyn std::error::Error + 'static)) -> Option<BodyLimitError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(b) = e.downcast_ref::<BodyLimitError>() {
+            return Some(*b);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that fails with [`BodyLimitError`] when it grows past a size or stalls.
+    pub struct LimitedBody<B> {
+        #[pin]
+        inner: B,
+        remaining: u64,
+        timeout: Duration,
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
+
+impl<B> LimitedBody<B> {
+    /// Wraps `inner`, allowing `max_bytes` in total and `timeout` between frames.
+    pub fn new(inner: B, max_bytes: u64, timeout: Duration) -> Self {
+        LimitedBody {
+            inner,
+            remaining: max_bytes,
+            timeout,
+            sleep: tokio::time::sleep(timeout),
+        }
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > *this.remaining {
+                        return Poll::Ready(Some(Err(Box::new(BodyLimitError::TooLarge))));
+                    }
+                    *this.remaining -= len;
+                }
+                let deadline = tokio::time::Instant::now() + *this.timeout;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match std::future::Future::poll(this.sleep, cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyLimitError::Timeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that keeps `guard` alive until the body is finished or dropped.
+    pub struct GuardedBody<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> GuardedBody<B, G> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, guard: G) -> Self {
+        GuardedBody {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: Body, G> Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        if matches!(res, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard.take();
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_connection_listed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(valid_request_id(&HeaderValue::from_static("abc-123_x.y")));
+        assert!(!valid_request_id(&HeaderValue::from_static("")));
+        assert!(!valid_request_id(&HeaderValue::from_static("a b")));
+        assert!(!valid_request_id(
+            &HeaderValue::from_str(&"a".repeat(129)).unwrap()
+        ));
+        assert!(valid_request_id(&new_request_id()));
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_quote_v6() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        add_forwarded(
+            &mut h,
+            ForwardedMode::Both,
+            "[::1]:5000".parse().unwrap(),
+            "https",
+            Some("shop.test"),
+        );
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, ::1");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=\"[::1]\";proto=https;host=\"shop.test\""
+        );
+    }
+
+    #[test]
+    fn host_comes_from_authority_or_header() {
+        let r = http::Request::get("/x")
+            .header("host", "Shop.Example.COM:8443")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("shop.example.com"));
+        let r = http::Request::get("https://a.test/x").body(()).unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("a.test"));
+        let r = http::Request::get("/x").body(()).unwrap();
+        assert_eq!(request_host(&r), None);
+    }
+}

@@ -1,0 +1,17 @@
+//! The storefront edge gateway: a TLS reverse proxy that routes by host and path to pooled,
+//! health-checked upstreams.
+//!
+//! Start one with [`Gateway::start`] from a validated [`config::Config`]; the `gateway` binary
+//! is a thin command line over this library.
+
+pub mod config;
+pub mod demo;
+pub mod http_util;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use server::{DrainOutcome, Gateway, StartError};

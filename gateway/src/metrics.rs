@@ -1,0 +1,138 @@
+//! Prometheus series of the proxy, registered into a registry the caller owns.
+
+use prometheus::{
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+/// Every series the proxy exports. Cloning shares the underlying series.
+#[derive(Clone)]
+pub struct Metrics {
+    /// `gateway_requests_total{route,status_class}`: downstream requests answered.
+    pub requests: IntCounterVec,
+    /// `gateway_request_duration_seconds{route}`: time to the response head.
+    pub request_duration: HistogramVec,
+    /// `gateway_upstream_request_duration_seconds{upstream}`: one upstream attempt, to its head.
+    pub upstream_duration: HistogramVec,
+    /// `gateway_upstream_errors_total{upstream,kind}`: failed upstream attempts by kind
+    /// (`connect`, `reset`, `timeout`, `no_backend`, `other`).
+    pub upstream_errors: IntCounterVec,
+    /// `gateway_upstream_retries_total{upstream,outcome}`: retries made (`outcome=attempted`)
+    /// or refused by the budget (`outcome=budget_exhausted`).
+    pub retries: IntCounterVec,
+    /// `gateway_active_connections{listener}`: open downstream connections.
+    pub active_connections: IntGaugeVec,
+    /// `gateway_connections_total{listener}`: accepted downstream connections.
+    pub connections: IntCounterVec,
+    /// `gateway_tls_handshake_failures_total{listener}`.
+    pub tls_handshake_failures: IntCounterVec,
+    /// `gateway_backend_healthy{upstream,backend}`: 1 when the backend takes traffic.
+    pub backend_healthy: IntGaugeVec,
+    /// `gateway_rejected_requests_total{reason}`: requests refused by a limit
+    /// (`body_too_large`, `body_timeout`, `bad_request`).
+    pub rejected: IntCounterVec,
+}
+
+/// A metric could not be registered (a name clash in the registry).
+#[derive(Debug, thiserror::Error)]
+#[error("registering metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+impl Metrics {
+    /// Creates the series and registers them into `registry`.
+    pub fn new(registry: &Registry) -> Result<Metrics, MetricsError> {
+        let latency = exponential_buckets(0.0001, 2.0, 18).expect("static buckets");
+        let m = Metrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "gateway_requests_total",
+                    "Downstream requests answered, by route and status class.",
+                ),
+                &["route", "status_class"],
+            )?,
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "gateway_request_duration_seconds",
+                    "Time from request to response head.",
+                )
+                .buckets(latency.clone()),
+                &["route"],
+            )?,
+            upstream_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "gateway_upstream_request_duration_seconds",
+                    "Time of one upstream attempt, to its response head.",
+                )
+                .buckets(latency),
+                &["upstream"],
+            )?,
+            upstream_errors: IntCounterVec::new(
+                Opts::new(
+                    "gateway_upstream_errors_total",
+                    "Failed upstream attempts, by kind.",
+                ),
+                &["upstream", "kind"],
+            )?,
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "gateway_upstream_retries_total",
+                    "Retries attempted or refused by the retry budget.",
+                ),
+                &["upstream", "outcome"],
+            )?,
+            active_connections: IntGaugeVec::new(
+                Opts::new("gateway_active_connections", "Open downstream connections."),
+                &["listener"],
+            )?,
+            connections: IntCounterVec::new(
+                Opts::new(
+                    "gateway_connections_total",
+                    "Accepted downstream connections.",
+                ),
+                &["listener"],
+            )?,
+            tls_handshake_failures: IntCounterVec::new(
+                Opts::new(
+                    "gateway_tls_handshake_failures_total",
+                    "Failed TLS handshakes.",
+                ),
+                &["listener"],
+            )?,
+            backend_healthy: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_backend_healthy",
+                    "1 when the backend takes traffic, 0 when it is ejected or failing checks.",
+                ),
+                &["upstream", "backend"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "gateway_rejected_requests_total",
+                    "Requests refused by a limit, by reason.",
+                ),
+                &["reason"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.request_duration.clone()))?;
+        registry.register(Box::new(m.upstream_duration.clone()))?;
+        registry.register(Box::new(m.upstream_errors.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.active_connections.clone()))?;
+        registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.tls_handshake_failures.clone()))?;
+        registry.register(Box::new(m.backend_healthy.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
+        Ok(m)
+    }
+}
+
+/// `2xx`, `4xx`, … for a status code.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

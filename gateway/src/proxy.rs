@@ -1,0 +1,624 @@
+//! The request path: route, forward with retries, answer errors; and the live state it reads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use prometheus::{Histogram, IntCounter};
+
+use crate::config::{Config, HostPattern, RouteSpec};
+use crate::http_util::{self, BodyLimitError, GuardedBody, LimitedBody};
+use crate::metrics::Metrics;
+use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
+
+/// A route with its per-route series resolved once.
+pub struct Route {
+    /// Validated settings.
+    pub spec: RouteSpec,
+    duration: Histogram,
+    /// Counters for 1xx..5xx.
+    by_class: [IntCounter; 5],
+}
+
+/// Chooses a route by host (most specific pattern) then path prefix (longest).
+pub struct Router {
+    routes: Vec<Route>,
+    unmatched: [IntCounter; 5],
+    unmatched_duration: Histogram,
+}
+
+fn class_counters(metrics: &Metrics, route: &str) -> [IntCounter; 5] {
+    ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| metrics.requests.with_label_values(&[route, c]))
+}
+
+fn class_index(status: StatusCode) -> usize {
+    (status.as_u16() / 100).clamp(1, 5) as usize - 1
+}
+
+impl Router {
+    /// Compiles routes and resolves their series.
+    pub fn new(routes: &[RouteSpec], metrics: &Metrics) -> Router {
+        Router {
+            routes: routes
+                .iter()
+                .map(|spec| Route {
+                    spec: spec.clone(),
+                    duration: metrics
+                        .request_duration
+                        .with_label_values(&[spec.name.as_str()]),
+                    by_class: class_counters(metrics, &spec.name),
+                })
+                .collect(),
+            unmatched: class_counters(metrics, "unmatched"),
+            unmatched_duration: metrics.request_duration.with_label_values(&["unmatched"]),
+        }
+    }
+
+    /// The best route for a host (lower case, no port) and path.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let mut best: Option<(&Route, usize, usize)> = None;
+        for route in &self.routes {
+            let prefix = route.spec.path_prefix.as_str();
+            if !prefix_matches(prefix, path) {
+                continue;
+            }
+            let host_rank = route
+                .spec
+                .hosts
+                .iter()
+                .filter(|p| match host {
+                    Some(h) => p.matches(h),
+                    None => **p == HostPattern::Any,
+                })
+                .map(HostPattern::specificity)
+                .max();
+            let Some(host_rank) = host_rank else { continue };
+            let better = match best {
+                None => true,
+                Some((_, h, p)) => (host_rank, prefix.len()) > (h, p),
+            };
+            if better {
+                best = Some((route, host_rank, prefix.len()));
+            }
+        }
+        best.map(|(r, _, _)| r)
+    }
+}
+
+/// `/api` matches `/api` and `/api/...`, never `/apix`; `/` matches everything.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || (path.starts_with(prefix)
+            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+}
+
+/// Everything a request reads, swapped whole on reload.
+pub struct Snapshot {
+    /// The configuration this state was built from.
+    pub config: Arc<Config>,
+    /// Route table.
+    pub router: Router,
+    /// Pools, indexed like `config.upstreams`.
+    pub pools: Vec<Arc<Pool>>,
+}
+
+impl Snapshot {
+    /// Builds pools (starting their health checks) and the router.
+    pub fn build(config: Arc<Config>, metrics: &Metrics) -> Snapshot {
+        let pools = config
+            .upstreams
+            .iter()
+            .map(|u| Pool::new(u.clone(), metrics))
+            .collect();
+        let router = Router::new(&config.routes, metrics);
+        Snapshot {
+            config,
+            router,
+            pools,
+        }
+    }
+}
+
+/// State shared by every connection.
+pub struct Shared {
+    /// The live snapshot, read once per request.
+    pub state: ArcSwap<Snapshot>,
+    /// The proxy's series.
+    pub metrics: Metrics,
+}
+
+/// What a request knows about the connection it came on.
+pub struct ConnInfo {
+    /// Client address.
+    pub peer: SocketAddr,
+    /// `https` or `http`.
+    pub proto: &'static str,
+}
+
+/// Answers one downstream request.
+pub async fn handle(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let snapshot = shared.state.load();
+    let config = &snapshot.config;
+    let rid_header = &config.proxy.request_id_header;
+    let request_id = match req.headers().get(rid_header) {
+        Some(v) if http_util::valid_request_id(v) => v.clone(),
+        _ => http_util::new_request_id(),
+    };
+    let host = http_util::request_host(&req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = snapshot.router.route(host.as_deref(), &path);
+
+    let (mut response, upstream_name, backend) = match route {
+        None => (
+            error_response(StatusCode::NOT_FOUND, "no route matches this host and path"),
+            None,
+            None,
+        ),
+        Some(route) => {
+            let pool = &snapshot.pools[route.spec.upstream];
+            let (resp, backend) = forward(
+                shared,
+                conn,
+                &snapshot,
+                route,
+                pool,
+                host.as_deref(),
+                &request_id,
+                req,
+            )
+            .await;
+            (resp, Some(pool.spec.name.as_str()), backend)
+        }
+    };
+
+    let status = response.status();
+    let elapsed = started.elapsed();
+    match route {
+        Some(r) => {
+            r.by_class[class_index(status)].inc();
+            r.duration.observe(elapsed.as_secs_f64());
+        }
+        None => {
+            snapshot.router.unmatched[class_index(status)].inc();
+            snapshot
+                .router
+                .unmatched_duration
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+    let headers = response.headers_mut();
+    headers.insert(rid_header.clone(), request_id.clone());
+    if let Some(via) = &config.proxy.via_name {
+        http_util::append_via(headers, http::Version::HTTP_11, via);
+    }
+    if config.logging.access_log {
+        tracing::info!(
+            target: "access",
+            client = %conn.peer.ip(),
+            method = %method,
+            host = host.as_deref().unwrap_or("-"),
+            path = %path,
+            status = status.as_u16(),
+            duration_us = elapsed.as_micros() as u64,
+            route = route.map_or("-", |r| r.spec.name.as_str()),
+            upstream = upstream_name.unwrap_or("-"),
+            backend = backend.as_deref().unwrap_or("-"),
+            request_id = request_id.to_str().unwrap_or("-"),
+        );
+    }
+    response
+}
+
+/// Why an upstream attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Connect,
+    Reset,
+    Timeout,
+    Body(BodyLimitError),
+    Other,
+}
+
+impl Failure {
+    fn label(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Reset => "reset",
+            Failure::Timeout => "timeout",
+            Failure::Body(_) => "client_body",
+            Failure::Other => "other",
+        }
+    }
+}
+
+fn classify(err: &hyper_util::client::legacy::Error) -> Failure {
+    if err.is_connect() {
+        return Failure::Connect;
+    }
+    if let Some(b) = http_util::find_body_limit_error(err) {
+        return Failure::Body(b);
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return Failure::Reset;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return Failure::Reset;
+            }
+        }
+        cur = e.source();
+    }
+    Failure::Other
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    shared: &Shared,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+    route: &Route,
+    pool: &Arc<Pool>,
+    host: Option<&str>,
+    request_id: &HeaderValue,
+    req: Request<Incoming>,
+) -> (Response<ProxyBody>, Option<String>) {
+    let config = &snapshot.config;
+    let metrics = &shared.metrics;
+    let (parts, body) = req.into_parts();
+
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > config.limits.max_body_bytes {
+            metrics
+                .rejected
+                .with_label_values(&["body_too_large"])
+                .inc();
+            return (
+                error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body is larger than the gateway accepts",
+                ),
+                None,
+            );
+        }
+    }
+
+    let mut headers = parts.headers;
+    http_util::strip_hop_by_hop(&mut headers);
+    http_util::add_forwarded(
+        &mut headers,
+        config.proxy.forwarded,
+        conn.peer,
+        conn.proto,
+        host,
+    );
+    if let Some(via) = &config.proxy.via_name {
+        http_util::append_via(&mut headers, parts.version, via);
+    }
+    headers.insert(config.proxy.request_id_header.clone(), request_id.clone());
+    if !headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+
+    let path_and_query = upstream_path(&parts.uri, route);
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    let replayable = idempotent && body.is_end_stream();
+    let mut body = if body.is_end_stream() {
+        Some(empty_body())
+    } else {
+        Some(
+            LimitedBody::new(
+                body,
+                config.limits.max_body_bytes,
+                config.limits.body_read_timeout,
+            )
+            .boxed_unsync(),
+        )
+    };
+    let version = match pool.spec.protocol {
+        crate::config::UpstreamProtocol::Http1 => http::Version::HTTP_11,
+        crate::config::UpstreamProtocol::H2 => http::Version::HTTP_2,
+    };
+
+    pool.budget.deposit();
+    let upstream = pool.spec.name.as_str();
+    let mut tried: Vec<usize> = Vec::with_capacity(1);
+    let mut last_failure = None;
+    loop {
+        let picked = pool.pick(&tried).or_else(|| {
+            if tried.is_empty() {
+                None
+            } else {
+                pool.pick(&[])
+            }
+        });
+        let Some((index, in_flight)) = picked else {
+            if last_failure.is_none() {
+                metrics
+                    .upstream_errors
+                    .with_label_values(&[upstream, "no_backend"])
+                    .inc();
+            }
+            return (
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "no healthy backend could take the request",
+                ),
+                None,
+            );
+        };
+        tried.push(index);
+        let backend = &pool.backends[index];
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(backend.authority.clone())
+            .path_and_query(path_and_query.clone())
+            .build();
+        let Ok(uri) = uri else {
+            return (
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    "request target cannot be forwarded",
+                ),
+                None,
+            );
+        };
+        let mut request = Request::new(if replayable {
+            empty_body()
+        } else {
+            body.take().unwrap_or_else(empty_body)
+        });
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = version;
+        *request.headers_mut() = headers.clone();
+
+        let attempt = Instant::now();
+        let outcome =
+            tokio::time::timeout(pool.spec.request_timeout, pool.client.request(request)).await;
+        metrics
+            .upstream_duration
+            .with_label_values(&[upstream])
+            .observe(attempt.elapsed().as_secs_f64());
+        let failure = match outcome {
+            Ok(Ok(resp)) => {
+                if matches!(
+                    resp.status(),
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
+                ) {
+                    pool.record_failure(index);
+                } else {
+                    pool.record_success(index);
+                }
+                let (mut parts, body) = resp.into_parts();
+                http_util::strip_hop_by_hop(&mut parts.headers);
+                let body = GuardedBody::new(body, in_flight)
+                    .map_err(Into::into)
+                    .boxed_unsync();
+                return (
+                    Response::from_parts(parts, body),
+                    Some(backend.authority.to_string()),
+                );
+            }
+            Ok(Err(err)) => {
+                let failure = classify(&err);
+                tracing::debug!(upstream, backend = %backend.authority, error = %err, kind = failure.label(), "upstream attempt failed");
+                failure
+            }
+            Err(_) => Failure::Timeout,
+        };
+        metrics
+            .upstream_errors
+            .with_label_values(&[upstream, failure.label()])
+            .inc();
+        match failure {
+            Failure::Body(BodyLimitError::TooLarge) => {
+                metrics
+                    .rejected
+                    .with_label_values(&["body_too_large"])
+                    .inc();
+                return (
+                    error_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body is larger than the gateway accepts",
+                    ),
+                    None,
+                );
+            }
+            Failure::Body(BodyLimitError::Timeout) => {
+                metrics.rejected.with_label_values(&["body_timeout"]).inc();
+                return (
+                    error_response(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request body was not received in time",
+                    ),
+                    None,
+                );
+            }
+            Failure::Timeout => {
+                pool.record_failure(index);
+                return (
+                    error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the upstream did not answer in time",
+                    ),
+                    None,
+                );
+            }
+            _ => pool.record_failure(index),
+        }
+        last_failure = Some(failure);
+        let retryable = replayable
+            && matches!(failure, Failure::Connect | Failure::Reset)
+            && tried.len() <= pool.spec.max_retries as usize;
+        if retryable {
+            if pool.budget.try_withdraw() {
+                metrics
+                    .retries
+                    .with_label_values(&[upstream, "attempted"])
+                    .inc();
+                continue;
+            }
+            metrics
+                .retries
+                .with_label_values(&[upstream, "budget_exhausted"])
+                .inc();
+        }
+        return (
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                "the upstream could not be reached or closed the connection",
+            ),
+            None,
+        );
+    }
+}
+
+fn upstream_path(uri: &Uri, route: &Route) -> http::uri::PathAndQuery {
+    let original = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if !route.spec.strip_prefix || route.spec.path_prefix == "/" {
+        return original;
+    }
+    let rest = &original.path()[route.spec.path_prefix.len().min(original.path().len())..];
+    let path = if rest.is_empty() { "/" } else { rest };
+    let rebuilt = match original.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    rebuilt.parse().unwrap_or(original)
+}
+
+/// A short plain-text error the gateway itself answers with.
+pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let text = format!(
+        "{} {}: {message}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = Response::new(full_body(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Answers a cleartext request with 308 to the same URL on HTTPS.
+pub fn redirect(req: &Request<Incoming>, https_port: u16) -> Response<ProxyBody> {
+    let Some(host) = http_util::request_host(req) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "a Host header is needed to redirect to HTTPS",
+        );
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let authority = if https_port == 443 {
+        host
+    } else {
+        format!("{host}:{https_port}")
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{authority}{pq}");
+    let mut resp = error_response(StatusCode::PERMANENT_REDIRECT, "use HTTPS");
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_host_pattern;
+
+    fn spec(name: &str, hosts: &[&str], prefix: &str) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            hosts: hosts
+                .iter()
+                .map(|h| parse_host_pattern(h, true).unwrap())
+                .collect(),
+            path_prefix: prefix.into(),
+            upstream: 0,
+            strip_prefix: true,
+        }
+    }
+
+    #[test]
+    fn most_specific_host_then_longest_prefix_wins() {
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let router = Router::new(
+            &[
+                spec("any", &["*"], "/"),
+                spec("any-api", &["*"], "/api"),
+                spec("wild", &["*.shop.test"], "/"),
+                spec("exact", &["www.shop.test"], "/"),
+                spec("exact-api", &["www.shop.test"], "/api/v2"),
+            ],
+            &metrics,
+        );
+        let name = |h: Option<&str>, p: &str| router.route(h, p).map(|r| r.spec.name.clone());
+        assert_eq!(name(Some("other.test"), "/"), Some("any".into()));
+        assert_eq!(name(Some("other.test"), "/api/x"), Some("any-api".into()));
+        assert_eq!(name(Some("other.test"), "/apix"), Some("any".into()));
+        assert_eq!(name(Some("m.shop.test"), "/api"), Some("wild".into()));
+        assert_eq!(
+            name(Some("www.shop.test"), "/api/v2/items"),
+            Some("exact-api".into())
+        );
+        assert_eq!(name(Some("www.shop.test"), "/api/v1"), Some("exact".into()));
+        assert_eq!(name(None, "/api"), Some("any-api".into()));
+    }
+
+    #[test]
+    fn strip_prefix_keeps_query() {
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let router = Router::new(&[spec("r", &["*"], "/api")], &metrics);
+        let route = router.route(None, "/api/items").unwrap();
+        assert_eq!(
+            upstream_path(&"/api/items?q=1".parse().unwrap(), route),
+            "/items?q=1"
+        );
+        assert_eq!(upstream_path(&"/api?q=1".parse().unwrap(), route), "/?q=1");
+    }
+}

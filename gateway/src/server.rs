@@ -1,0 +1,547 @@
+//! Listeners and connections: accept loops, TLS handshakes inside each connection's task,
+//! HTTP/1.1 and h2 serving, the admin listener, and graceful drain.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use prometheus::{IntCounter, IntGauge, Registry};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Limits, ListenerKind};
+use crate::http_util::GuardedBody;
+use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::{self, ConnInfo, Shared, Snapshot};
+use crate::tls::{self, TlsError};
+use crate::upstream::{full_body, ProxyBody};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener's address could not be bound.
+    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    Bind {
+        /// Listener name (`admin` for the admin listener).
+        name: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Metrics could not be registered.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// How the drain at shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished within the deadline.
+    Complete,
+    /// The deadline passed with connections still open; they were dropped.
+    DeadlineExceeded,
+}
+
+struct ServeCtx {
+    shared: Arc<Shared>,
+    tls: ArcSwap<rustls::ServerConfig>,
+    limits: Limits,
+    connections: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+/// A running gateway: its listeners are bound and serving.
+pub struct Gateway {
+    ctx: Arc<ServeCtx>,
+    listeners: Vec<(String, SocketAddr)>,
+    admin_addr: SocketAddr,
+    admin_shutdown: CancellationToken,
+    draining: Arc<AtomicBool>,
+    drain_timeout: Duration,
+}
+
+impl Gateway {
+    /// Binds every listener (nothing serves unless all bind), then starts serving.
+    pub async fn start(config: Config, registry: Registry) -> Result<Gateway, StartError> {
+        let metrics = Metrics::new(&registry)?;
+        let tls_config = tls::server_config(&config.certificates)?;
+        let mut bound = Vec::new();
+        for spec in &config.listeners {
+            let listener =
+                TcpListener::bind(spec.bind)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        name: spec.name.clone(),
+                        addr: spec.bind,
+                        source,
+                    })?;
+            bound.push((spec.clone(), listener));
+        }
+        let admin_listener = TcpListener::bind(config.admin.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                name: "admin".into(),
+                addr: config.admin.bind,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .expect("bound socket has an address");
+
+        let limits = config.limits.clone();
+        let drain_timeout = config.server.drain_timeout;
+        let config = Arc::new(config);
+        let shared = Arc::new(Shared {
+            state: ArcSwap::from_pointee(Snapshot::build(config.clone(), &metrics)),
+            metrics,
+        });
+        let ctx = Arc::new(ServeCtx {
+            shared,
+            tls: ArcSwap::new(tls_config),
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            auto: http_builder(&limits),
+            h1: http_builder(&limits).http1_only(),
+            h2: http_builder(&limits).http2_only(),
+            limits,
+        });
+
+        let mut listeners = Vec::new();
+        for (spec, listener) in bound {
+            let addr = listener.local_addr().expect("bound socket has an address");
+            tracing::info!(listener = %spec.name, %addr, kind = ?spec.kind, "listening");
+            listeners.push((spec.name.clone(), addr));
+            tokio::spawn(accept_loop(ctx.clone(), listener, spec.name, spec.kind));
+        }
+        let draining = Arc::new(AtomicBool::new(false));
+        let admin_shutdown = CancellationToken::new();
+        tracing::info!(addr = %admin_addr, "admin listening");
+        tokio::spawn(admin_loop(
+            admin_listener,
+            registry,
+            ctx.shared.clone(),
+            draining.clone(),
+            admin_shutdown.clone(),
+        ));
+        Ok(Gateway {
+            ctx,
+            listeners,
+            admin_addr,
+            admin_shutdown,
+            draining,
+            drain_timeout,
+        })
+    }
+
+    /// The bound address of a listener, by name.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// Every listener's name and bound address.
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The configuration being served.
+    pub fn config(&self) -> Arc<Config> {
+        self.ctx.shared.state.load().config.clone()
+    }
+
+    /// Replaces routes, upstreams and certificates with those of `config`; listeners and
+    /// limits stay as started. On error nothing changes.
+    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+        let tls_config = tls::server_config(&config.certificates)?;
+        let snapshot = Snapshot::build(Arc::new(config), &self.ctx.shared.metrics);
+        self.ctx.shared.state.store(Arc::new(snapshot));
+        self.ctx.tls.store(tls_config);
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests finish until the drain deadline, then stops
+    /// the admin listener. `/readyz` answers 503 from the first moment.
+    pub async fn shutdown(self) -> DrainOutcome {
+        self.draining.store(true, Ordering::SeqCst);
+        tracing::info!(
+            deadline_ms = self.drain_timeout.as_millis() as u64,
+            "draining"
+        );
+        self.ctx.shutdown.cancel();
+        self.ctx.tracker.close();
+        let outcome = match tokio::time::timeout(self.drain_timeout, self.ctx.tracker.wait()).await
+        {
+            Ok(()) => DrainOutcome::Complete,
+            Err(_) => {
+                tracing::warn!(
+                    open = self.ctx.tracker.len(),
+                    "drain deadline passed with connections open"
+                );
+                DrainOutcome::DeadlineExceeded
+            }
+        };
+        self.admin_shutdown.cancel();
+        outcome
+    }
+}
+
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+async fn accept_loop(ctx: Arc<ServeCtx>, listener: TcpListener, name: String, kind: ListenerKind) {
+    let name: Arc<str> = name.into();
+    let metrics = &ctx.shared.metrics;
+    let active = metrics.active_connections.with_label_values(&[&*name]);
+    let accepted = metrics.connections.with_label_values(&[&*name]);
+    let handshake_failures = metrics.tls_handshake_failures.with_label_values(&[&*name]);
+    loop {
+        let permit = tokio::select! {
+            p = ctx.connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = ctx.shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = ctx.shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        accepted.inc();
+        let conn = Connection {
+            ctx: ctx.clone(),
+            active: ActiveGuard::new(active.clone()),
+            handshake_failures: handshake_failures.clone(),
+            listener: name.clone(),
+            _permit: permit,
+        };
+        ctx.tracker.spawn(conn.serve(stream, peer, kind));
+    }
+    tracing::info!(listener = %name, "stopped accepting");
+}
+
+struct ActiveGuard(IntGauge);
+
+impl ActiveGuard {
+    fn new(g: IntGauge) -> Self {
+        g.inc();
+        ActiveGuard(g)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+struct Connection {
+    ctx: Arc<ServeCtx>,
+    active: ActiveGuard,
+    handshake_failures: IntCounter,
+    listener: Arc<str>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Requests in flight on one connection and when it last became idle, for the idle timeout.
+struct Activity {
+    in_flight: AtomicUsize,
+    idle_since_ms: AtomicU64,
+    start: Instant,
+}
+
+/// Held by a response body while it streams.
+struct RequestActive(Arc<Activity>);
+
+impl RequestActive {
+    fn new(a: &Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestActive(a.clone())
+    }
+}
+
+impl Drop for RequestActive {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since_ms
+            .store(a.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once the connection has had no request in flight for `idle`.
+async fn idle_expired(activity: Arc<Activity>, idle: Duration) {
+    let mut wait = idle;
+    loop {
+        tokio::time::sleep(wait).await;
+        if activity.in_flight.load(Ordering::Relaxed) > 0 {
+            wait = idle;
+            continue;
+        }
+        let since = Duration::from_millis(activity.idle_since_ms.load(Ordering::Relaxed));
+        let idle_for = activity.start.elapsed().saturating_sub(since);
+        if idle_for >= idle {
+            return;
+        }
+        wait = idle - idle_for;
+    }
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream, peer: SocketAddr, kind: ListenerKind) {
+        match kind {
+            ListenerKind::Https => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.ctx.tls.load_full());
+                let handshake = tokio::time::timeout(
+                    self.ctx.limits.header_read_timeout,
+                    acceptor.accept(stream),
+                );
+                let tls_stream = tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            self.handshake_failures.inc();
+                            tracing::debug!(listener = %self.listener, %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            self.handshake_failures.inc();
+                            tracing::debug!(listener = %self.listener, %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    },
+                    _ = self.ctx.shutdown.cancelled() => return,
+                };
+                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                let builder = if h2 { &self.ctx.h2 } else { &self.ctx.h1 };
+                let info = ConnInfo {
+                    peer,
+                    proto: "https",
+                };
+                self.serve_http(builder, TokioIo::new(tls_stream), info, None)
+                    .await;
+            }
+            ListenerKind::HttpServe => {
+                let info = ConnInfo {
+                    peer,
+                    proto: "http",
+                };
+                self.serve_http(&self.ctx.auto, TokioIo::new(stream), info, None)
+                    .await;
+            }
+            ListenerKind::HttpRedirect { https_port } => {
+                let info = ConnInfo {
+                    peer,
+                    proto: "http",
+                };
+                self.serve_http(&self.ctx.auto, TokioIo::new(stream), info, Some(https_port))
+                    .await;
+            }
+        }
+        drop(self.active);
+    }
+
+    async fn serve_http<I>(
+        &self,
+        builder: &auto::Builder<TokioExecutor>,
+        io: I,
+        info: ConnInfo,
+        redirect_port: Option<u16>,
+    ) where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            start: Instant::now(),
+        });
+        let shared = self.ctx.shared.clone();
+        let peer = info.peer;
+        let info = Arc::new(info);
+        let service_activity = activity.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let guard = RequestActive::new(&service_activity);
+            let shared = shared.clone();
+            let info = info.clone();
+            async move {
+                let resp = match redirect_port {
+                    Some(port) => proxy::redirect(&req, port),
+                    None => proxy::handle(&shared, &info, req).await,
+                };
+                Ok::<_, Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
+            }
+        });
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let idle = idle_expired(activity, self.ctx.limits.idle_timeout);
+        tokio::pin!(idle);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(listener = %self.listener, %peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = self.ctx.shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = &mut idle, if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+async fn admin_loop(
+    listener: TcpListener,
+    registry: Registry,
+    shared: Arc<Shared>,
+    draining: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let builder = Arc::new({
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+        b
+    });
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let registry = registry.clone();
+        let shared = shared.clone();
+        let draining = draining.clone();
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let resp = admin_response(&req, &registry, &shared, &draining);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); let _ = conn.await; }
+            }
+        });
+    }
+}
+
+fn admin_response(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    shared: &Shared,
+    draining: &AtomicBool,
+) -> Response<ProxyBody> {
+    let text = |status: StatusCode, body: String| {
+        let mut r = Response::new(full_body(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut buf = String::new();
+            let encoder = prometheus::TextEncoder::new();
+            if let Err(e) = encoder.encode_utf8(&registry.gather(), &mut buf) {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics failed: {e}\n"),
+                );
+            }
+            let mut r = text(StatusCode::OK, buf);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            if draining.load(Ordering::SeqCst) {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+            }
+            let snapshot = shared.state.load();
+            let mut body = String::from("ready\n");
+            for pool in &snapshot.pools {
+                let up = pool
+                    .backends
+                    .iter()
+                    .filter(|b| pool.is_available(b))
+                    .count();
+                body.push_str(&format!(
+                    "upstream {}: {up}/{} backends available\n",
+                    pool.spec.name,
+                    pool.backends.len()
+                ));
+            }
+            text(StatusCode::OK, body)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "admin endpoints: /metrics /healthz /readyz\n".into(),
+        ),
+    }
+}

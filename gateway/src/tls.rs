@@ -1,0 +1,239 @@
+//! TLS for downstream listeners: certificate loading, choice by SNI, and the rustls server
+//! configuration (TLS 1.2 and 1.3 only, ALPN `h2` and `http/1.1`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+use crate::config::{CertificateSpec, HostPattern};
+
+/// Why a certificate or key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is unreadable or holds no certificate.
+    #[error("certificate {path}: {reason}")]
+    Cert {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The key file is unreadable, holds no key, or the key does not fit the certificate.
+    #[error("private key {path}: {reason}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The crypto provider used everywhere in the gateway.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM chain and key and checks that they belong together.
+pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsError> {
+    let cert_err = |reason: String| TlsError::Cert {
+        path: cert_path.to_path_buf(),
+        reason,
+    };
+    let key_err = |reason: String| TlsError::Key {
+        path: key_path.to_path_buf(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| cert_err(pem_reason(&e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(pem_reason(&e)))?;
+    if chain.is_empty() {
+        return Err(cert_err(
+            "no \"BEGIN CERTIFICATE\" block found; expected a PEM chain, leaf first".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| key_err(pem_reason(&e)))?;
+    certified_key_from_der(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            key_err("does not match the certificate's public key".into())
+        }
+        other => key_err(format!("unusable key: {other}")),
+    })
+}
+
+/// Builds a [`CertifiedKey`] from DER parts, checking that the key matches the leaf.
+pub fn certified_key_from_der(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, rustls::Error> {
+    CertifiedKey::from_der(chain, key, &provider())
+}
+
+fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match e {
+        Error::Io(io) => format!("cannot read: {io}"),
+        Error::NoItemsFound => "no PEM block of the expected kind found".into(),
+        other => format!("not valid PEM: {other:?}"),
+    }
+}
+
+/// Chooses a certificate by SNI: exact names first, then the longest matching wildcard, then
+/// the default.
+pub struct SniResolver {
+    exact: std::collections::HashMap<String, Arc<CertifiedKey>>,
+    wildcards: Vec<(String, Arc<CertifiedKey>)>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("exact", &self.exact.keys().collect::<Vec<_>>())
+            .field(
+                "wildcards",
+                &self.wildcards.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .field("has_default", &self.default.is_some())
+            .finish()
+    }
+}
+
+impl SniResolver {
+    /// Indexes validated certificates.
+    pub fn new(certs: &[CertificateSpec]) -> SniResolver {
+        let mut exact = std::collections::HashMap::new();
+        let mut wildcards = Vec::new();
+        let mut default = None;
+        for spec in certs {
+            for name in &spec.server_names {
+                match name {
+                    HostPattern::Exact(n) => {
+                        exact.entry(n.clone()).or_insert_with(|| spec.key.clone());
+                    }
+                    HostPattern::Suffix(s) => wildcards.push((s.clone(), spec.key.clone())),
+                    HostPattern::Any => {}
+                }
+            }
+            if spec.default {
+                default = Some(spec.key.clone());
+            }
+        }
+        wildcards.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        SniResolver {
+            exact,
+            wildcards,
+            default,
+        }
+    }
+
+    /// The certificate for a server name (or none sent).
+    pub fn choose(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = server_name {
+            let name = name.to_ascii_lowercase();
+            if let Some(k) = self.exact.get(&name) {
+                return Some(k.clone());
+            }
+            // A wildcard covers exactly one label, as in RFC 6125.
+            if let Some((_, k)) = self.wildcards.iter().find(|(suffix, _)| {
+                name.ends_with(suffix.as_str())
+                    && !name[..name.len() - suffix.len()].contains('.')
+                    && name.len() > suffix.len()
+            }) {
+                return Some(k.clone());
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.choose(hello.server_name())
+    }
+}
+
+/// The rustls configuration for HTTPS listeners.
+pub fn server_config(certs: &[CertificateSpec]) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver::new(certs)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A self-signed certificate for `names`, for the demo and tests.
+pub fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let certified = rcgen::generate_simple_self_signed(names)?;
+    Ok((certified.cert.pem(), certified.signing_key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(names: &[&str], default: bool) -> CertificateSpec {
+        let (cert, key) = self_signed(&["x.test"]).unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        CertificateSpec {
+            server_names: names
+                .iter()
+                .map(|n| crate::config::parse_host_pattern(n, false).unwrap())
+                .collect(),
+            default,
+            key: Arc::new(certified_key_from_der(chain, key).unwrap()),
+            cert_path: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn sni_prefers_exact_then_one_label_wildcard_then_default() {
+        let a = spec(&["shop.example.com"], false);
+        let b = spec(&["*.example.com"], false);
+        let d = spec(&[], true);
+        let r = SniResolver::new(&[a.clone(), b.clone(), d.clone()]);
+        assert!(Arc::ptr_eq(
+            &r.choose(Some("SHOP.example.com")).unwrap(),
+            &a.key
+        ));
+        assert!(Arc::ptr_eq(
+            &r.choose(Some("cdn.example.com")).unwrap(),
+            &b.key
+        ));
+        assert!(Arc::ptr_eq(
+            &r.choose(Some("a.b.example.com")).unwrap(),
+            &d.key
+        ));
+        assert!(Arc::ptr_eq(&r.choose(Some("other.test")).unwrap(), &d.key));
+        assert!(Arc::ptr_eq(&r.choose(None).unwrap(), &d.key));
+    }
+
+    #[test]
+    fn mismatched_key_is_rejected_with_its_path() {
+        let dir = std::env::temp_dir().join(format!("gw-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, _) = self_signed(&["a.test"]).unwrap();
+        let (_, other_key) = self_signed(&["b.test"]).unwrap();
+        std::fs::write(dir.join("c.pem"), cert).unwrap();
+        std::fs::write(dir.join("k.pem"), other_key).unwrap();
+        let err = load_certified_key(&dir.join("c.pem"), &dir.join("k.pem")).unwrap_err();
+        assert!(matches!(err, TlsError::Key { .. }), "{err}");
+        assert!(err.to_string().contains("does not match"), "{err}");
+        std::fs::write(dir.join("empty.pem"), "").unwrap();
+        let err = load_certified_key(&dir.join("empty.pem"), &dir.join("k.pem")).unwrap_err();
+        assert!(matches!(err, TlsError::Cert { .. }), "{err}");
+    }
+}
