@@ -148,7 +148,12 @@ impl Pool {
     /// the request in flight on it.
     pub fn pick(&self, tried: &[usize]) -> Option<(usize, InFlight)> {
         let n = self.backends.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A retry continues after the backend that failed instead of taking a fresh turn, so
+        // retries do not skew the rotation.
+        let start = match tried.last() {
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+            Some(&last) => last + 1,
+        };
         let candidates = (0..n)
             .map(|k| (start + k) % n)
             .filter(|i| !tried.contains(i));

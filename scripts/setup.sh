@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building and testing the gateway needs on a fresh Debian machine with rustup.
+# Idempotent; safe to run again. Used by .ci/run.
+set -euo pipefail
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+  exit 1
+fi
+
+# Debian packages the test suite needs. None yet beyond a C compiler for ring.
+packages=()
+command -v cc >/dev/null 2>&1 || packages+=(gcc)
+if [ "${#packages[@]}" -gt 0 ]; then
+  apt_prefix=()
+  [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)
+  "${apt_prefix[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${apt_prefix[@]}" apt-get install -y -qq "${packages[@]}"
+fi
+
+cargo fetch --locked

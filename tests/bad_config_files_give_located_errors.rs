@@ -1,0 +1,161 @@
+//! Configuration: the shipped sample loads; bad files give errors naming file, line and field;
+//! `gateway check` exits non-zero with them.
+
+use std::path::Path;
+use std::process::Command;
+
+use gateway::config::Config;
+
+use crate::support::Pki;
+
+fn sample_dir() -> (Pki, std::path::PathBuf) {
+    let pki = Pki::new();
+    std::fs::create_dir_all(pki.path().join("certs")).unwrap();
+    pki.issue(
+        "certs/storefront",
+        &["shop.example.com", "www.shop.example.com"],
+    );
+    pki.issue("certs/cdn", &["*.cdn.shop.example.com"]);
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/gateway.toml");
+    let copy = pki.path().join("gateway.toml");
+    std::fs::copy(sample, &copy).unwrap();
+    (pki, copy)
+}
+
+#[test]
+fn the_sample_config_is_valid_and_complete() {
+    let (_pki, path) = sample_dir();
+    let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.listeners.len(), 2);
+    assert_eq!(c.certificates.len(), 2);
+    assert_eq!(c.upstreams[0].backends.len(), 2);
+    assert!(c.upstreams[0].health_check.is_some());
+    assert_eq!(c.routes[0].path_prefix, "/api/search");
+}
+
+fn errors_for(toml: &str) -> Vec<String> {
+    let pki = Pki::new();
+    pki.issue("server", &["localhost"]);
+    let path = pki.path().join("bad.toml");
+    std::fs::write(&path, toml).unwrap();
+    match Config::load(&path) {
+        Ok(_) => panic!("config should be rejected:\n{toml}"),
+        Err(e) => e
+            .issues()
+            .iter()
+            .map(|i| {
+                i.to_string()
+                    .replace(&format!("{}", path.display()), "bad.toml")
+            })
+            .collect(),
+    }
+}
+
+const VALID: &str = r#"
+[[tls.certificates]]
+cert = "server.pem"
+key = "server.key"
+
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+backends = ["127.0.0.1:3000"]
+
+[[routes]]
+name = "all"
+upstream = "app"
+"#;
+
+#[test]
+fn unknown_fields_and_syntax_errors_name_the_line() {
+    let errs =
+        errors_for(&VALID.replace("bind = \"127.0.0.1:0\"", "bind = \"127.0.0.1:0\"\nbnid = 1"));
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("bad.toml:9:"), "{errs:?}");
+    assert!(errs[0].contains("unknown field `bnid`"), "{errs:?}");
+
+    let errs = errors_for(&VALID.replace("name = \"app\"", "name = \"app"));
+    assert!(errs[0].starts_with("bad.toml:11:"), "{errs:?}");
+}
+
+#[test]
+fn semantic_errors_are_all_listed_with_field_and_line() {
+    let bad = VALID
+        .replace("upstream = \"app\"", "upstream = \"ap\"")
+        .replace(
+            "backends = [\"127.0.0.1:3000\"]",
+            "backends = [\"127.0.0.1:3000\", \"no-port\"]\nbalance = \"random\"",
+        )
+        .replace("bind = \"127.0.0.1:0\"", "bind = \"localhost:99999\"");
+    let errs = errors_for(&bad);
+    let find = |needle: &str| {
+        errs.iter()
+            .find(|e| e.contains(needle))
+            .unwrap_or_else(|| panic!("no error about {needle}: {errs:#?}"))
+            .clone()
+    };
+    assert!(
+        find("routes[0].upstream").starts_with("bad.toml:17:"),
+        "{errs:#?}"
+    );
+    assert!(find("no upstream named \"ap\"").contains("defined: app"));
+    assert!(find("upstreams[0].backends[1]").starts_with("bad.toml:12:"));
+    assert!(find("upstreams[0].balance").contains("round_robin"));
+    assert!(find("listeners[0].bind").starts_with("bad.toml:8:"));
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+}
+
+#[test]
+fn unreadable_or_mismatched_certificates_are_errors() {
+    let errs = errors_for(&VALID.replace("server.pem", "missing.pem"));
+    assert!(
+        errs[0].contains("tls.certificates[0].cert") && errs[0].contains("missing.pem"),
+        "{errs:?}"
+    );
+    let pki_key_mismatch = VALID.replace("key = \"server.key\"", "key = \"other.key\"");
+    let pki = Pki::new();
+    pki.issue("server", &["localhost"]);
+    pki.issue("other", &["localhost"]);
+    let path = pki.path().join("c.toml");
+    std::fs::write(&path, pki_key_mismatch).unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("tls.certificates[0].key") && err.contains("does not match"),
+        "{err}"
+    );
+}
+
+#[test]
+fn gateway_check_exits_nonzero_with_located_messages() {
+    let (_pki, path) = sample_dir();
+    let ok = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(": ok"));
+
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("max_retries = 2", "max_retries = 2\nmax_retires = 3");
+    std::fs::write(&path, text).unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains(&format!("{}:", path.display())) && stderr.contains("max_retires"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,56 @@
+//! The embedded demo: its configuration validates, and the storefront answers through the
+//! gateway over TLS with search and recommendation JSON.
+
+use crate::support::*;
+
+#[tokio::test]
+async fn demo_config_serves_search_and_recommendations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = gateway::demo::start_storefront("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let config = gateway::demo::demo_config(
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        store,
+    )
+    .unwrap();
+    let registry = prometheus::Registry::new();
+    let gw = gateway::Gateway::start(config, registry.clone())
+        .await
+        .unwrap();
+    let ca =
+        rustls::pki_types::pem::PemObject::from_pem_file(dir.path().join("demo-cert.pem")).unwrap();
+    let addr = gw.listener_addr("https").unwrap();
+
+    let r = fetch(addr, &ca, true, get("localhost", "/api/search?q=boot")).await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert!(
+        !results.is_empty()
+            && results
+                .iter()
+                .all(|p| p["name"].as_str().unwrap().contains("boot")),
+        "{v}"
+    );
+
+    let r = fetch(
+        addr,
+        &ca,
+        false,
+        get("localhost", "/api/recommendations?user=42&limit=5"),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["recommendations"].as_array().unwrap().len(), 5);
+    assert_eq!(r.header("via"), Some("1.1 storefront-gateway"));
+
+    let metrics = admin_get(gw.admin_addr(), "/metrics").await.text();
+    assert!(
+        metrics.contains("gateway_requests_total{route=\"storefront\",status_class=\"2xx\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(admin_get(gw.admin_addr(), "/healthz").await.status, 200);
+}

@@ -1,0 +1,77 @@
+//! Graceful shutdown: in-flight requests on HTTP/1.1 and h2 finish, new connections are
+//! refused, `/readyz` says draining, and the drain deadline bounds the wait.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gateway::DrainOutcome;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn in_flight_requests_finish_during_drain() {
+    let pki = Pki::new();
+    let slow =
+        Upstream::with(|_| Reply::Delay(Duration::from_millis(700), Bytes::from_static(b"done")))
+            .await;
+    let gw = TestGateway::start(
+        &basic_config(&pki, &[slow.addr], "", "[server]\ndrain_timeout_ms = 5000"),
+        pki.path(),
+    )
+    .await;
+    let addr = gw.addr("https");
+    let admin = gw.gateway.admin_addr();
+    let ca = pki.ca_der.clone();
+
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let ca = ca.clone();
+        clients.push(tokio::spawn(async move {
+            fetch(addr, &ca, i % 2 == 0, get("localhost", "/checkout")).await
+        }));
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || slow.hits() == 12).await,
+        "all requests in flight"
+    );
+
+    let started = Instant::now();
+    let drain = tokio::spawn(gw.gateway.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = admin_get(admin, "/readyz").await;
+    assert_eq!(ready.status, 503, "readyz reports draining");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed for new connections"
+    );
+
+    for c in clients {
+        let r = c.await.unwrap();
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "done"));
+    }
+    assert_eq!(drain.await.unwrap(), DrainOutcome::Complete);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn drain_deadline_bounds_the_wait() {
+    let pki = Pki::new();
+    let stuck = Upstream::with(|_| Reply::Delay(Duration::from_secs(30), Bytes::new())).await;
+    let gw = TestGateway::start(
+        &basic_config(
+            &pki,
+            &[stuck.addr],
+            "request_timeout_ms = 60000",
+            "[server]\ndrain_timeout_ms = 300",
+        ),
+        pki.path(),
+    )
+    .await;
+    let addr = gw.addr("https");
+    let ca = pki.ca_der.clone();
+    let _client = tokio::spawn(async move { fetch(addr, &ca, false, get("localhost", "/")).await });
+    assert!(eventually(Duration::from_secs(3), || stuck.hits() == 1).await);
+    let started = Instant::now();
+    assert_eq!(gw.gateway.shutdown().await, DrainOutcome::DeadlineExceeded);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
