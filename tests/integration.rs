@@ -11,3 +11,4 @@ mod routing_by_host_and_prefix;
 mod timeouts_and_limits;
 mod tls_sni_alpn_and_versions;
 mod upstream_failover_health_and_retries;
+mod upstream_protocols_and_balancing;

@@ -191,3 +191,35 @@ async fn idle_connections_are_closed() {
         .await
     );
 }
+
+#[tokio::test]
+async fn oversized_h2_header_lists_are_refused() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let gw = TestGateway::start(
+        &basic_config(&pki, &[up.addr], "", "[limits]\nmax_header_bytes = 16384"),
+        pki.path(),
+    )
+    .await;
+    let big = "x".repeat(20_000);
+    let req = http::Request::get("https://localhost/")
+        .header("x-big", big.as_str())
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let mut conn = tls_connect(
+        gw.addr("https"),
+        &pki.ca_der,
+        ClientOpts {
+            alpn: &[b"h2"],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let outcome = conn.sender.send(req).await;
+    match outcome {
+        Ok(r) => assert_eq!(r.status, 431),
+        Err(e) => panic!("expected a 431 answer, got {e}"),
+    }
+    assert_eq!(up.hits(), 0);
+}
