@@ -91,11 +91,18 @@ fn init_logging(settings: &LoggingSettings) {
     };
 }
 
+/// One worker thread runs on a current-thread runtime (no work-stealing overhead); more use the
+/// multi-thread scheduler.
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
-        b.worker_threads(threads);
-    }
+    let mut b = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 0 {
+            b.worker_threads(threads);
+        }
+        b
+    };
     b.enable_all().build().context("starting the async runtime")
 }
 

@@ -15,6 +15,7 @@ use prometheus::{Histogram, IntCounter};
 use crate::config::{Config, HostPattern, RouteSpec};
 use crate::http_util::{self, BodyLimitError, GuardedBody, LimitedBody};
 use crate::metrics::Metrics;
+use crate::upstream::conn::SendError;
 use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
 
 /// A route with its per-route series resolved once.
@@ -243,20 +244,19 @@ impl Failure {
     }
 }
 
-fn classify(err: &hyper_util::client::legacy::Error) -> Failure {
-    if err.is_connect() {
-        return Failure::Connect;
-    }
-    if let Some(b) = http_util::find_body_limit_error(err) {
+fn classify(err: &SendError) -> Failure {
+    let hyper_err = match err {
+        SendError::Connect { .. } | SendError::ConnectTimeout { .. } => return Failure::Connect,
+        SendError::Http(e) => e,
+    };
+    if let Some(b) = http_util::find_body_limit_error(hyper_err) {
         return Failure::Body(b);
     }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    if hyper_err.is_incomplete_message() || hyper_err.is_canceled() || hyper_err.is_closed() {
+        return Failure::Reset;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(hyper_err);
     while let Some(e) = cur {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return Failure::Reset;
-            }
-        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
             if matches!(
@@ -345,11 +345,6 @@ async fn forward(
             .boxed_unsync(),
         )
     };
-    let version = match pool.spec.protocol {
-        crate::config::UpstreamProtocol::Http1 => http::Version::HTTP_11,
-        crate::config::UpstreamProtocol::H2 => http::Version::HTTP_2,
-    };
-
     pool.budget.deposit();
     let upstream = pool.spec.name.as_str();
     let mut tried: Vec<usize> = Vec::with_capacity(1);
@@ -379,36 +374,22 @@ async fn forward(
         };
         tried.push(index);
         let backend = &pool.backends[index];
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(backend.authority.clone())
-            .path_and_query(path_and_query.clone())
-            .build();
-        let Ok(uri) = uri else {
-            return (
-                error_response(
-                    StatusCode::BAD_REQUEST,
-                    "request target cannot be forwarded",
-                ),
-                None,
-            );
-        };
-        let mut request = Request::new(if replayable {
-            empty_body()
-        } else {
-            body.take().unwrap_or_else(empty_body)
-        });
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = uri;
-        *request.version_mut() = version;
-        *request.headers_mut() = headers.clone();
+        let request = pool.request_to(
+            backend,
+            parts.method.clone(),
+            path_and_query.clone(),
+            headers.clone(),
+            if replayable {
+                empty_body()
+            } else {
+                body.take().unwrap_or_else(empty_body)
+            },
+        );
 
         let attempt = Instant::now();
         let outcome =
-            tokio::time::timeout(pool.spec.request_timeout, pool.client.request(request)).await;
-        metrics
-            .upstream_duration
-            .with_label_values(&[upstream])
+            tokio::time::timeout(pool.spec.request_timeout, backend.conns.send(request)).await;
+        pool.attempt_duration
             .observe(attempt.elapsed().as_secs_f64());
         let failure = match outcome {
             Ok(Ok(resp)) => {
@@ -424,9 +405,7 @@ async fn forward(
                 }
                 let (mut parts, body) = resp.into_parts();
                 http_util::strip_hop_by_hop(&mut parts.headers);
-                let body = GuardedBody::new(body, in_flight)
-                    .map_err(Into::into)
-                    .boxed_unsync();
+                let body = GuardedBody::new(body, in_flight).boxed_unsync();
                 return (
                     Response::from_parts(parts, body),
                     Some(backend.authority.to_string()),

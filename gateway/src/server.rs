@@ -218,6 +218,9 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
+        // One flat buffer per write: behind TLS this makes one record instead of one per
+        // slice, which measured faster than vectored writes.
+        .writev(false)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())

@@ -1,5 +1,7 @@
 //! Upstream pools: backends, load balancing, health (active checks and passive ejection),
-//! pooled keep-alive clients and the retry budget.
+//! pooled keep-alive connections ([`conn`]) and the retry budget.
+
+pub mod conn;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -7,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use prometheus::IntGauge;
+use prometheus::{Histogram, IntGauge};
 
 use crate::config::{Balance, UpstreamProtocol, UpstreamSpec};
 use crate::metrics::Metrics;
@@ -19,13 +18,13 @@ use crate::metrics::Metrics;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of requests sent upstream and of responses sent downstream.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-/// The pooled client of one upstream.
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
 /// One backend of a pool and its live health.
 pub struct Backend {
     /// `host:port`.
     pub authority: http::uri::Authority,
+    /// Keep-alive connections to it.
+    pub conns: Arc<conn::Conns>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Milliseconds since the pool's start until which the backend is ejected; 0 when not.
@@ -51,36 +50,24 @@ impl Drop for InFlight {
     }
 }
 
-/// A named set of backends sharing a client, a balancing policy and a retry budget.
+/// A named set of backends sharing a balancing policy and a retry budget.
 pub struct Pool {
     /// The validated settings.
     pub spec: UpstreamSpec,
     /// Backends in config order.
     pub backends: Vec<Arc<Backend>>,
-    /// Pooled keep-alive client.
-    pub client: UpstreamClient,
     /// Bounds retries relative to traffic.
     pub budget: RetryBudget,
+    /// `gateway_upstream_request_duration_seconds` for this pool.
+    pub attempt_duration: Histogram,
     next: AtomicUsize,
     start: Instant,
 }
 
 impl Pool {
-    /// Builds the pool, its client and its health gauges; starts health checks if configured
+    /// Builds the pool and its health gauges; starts health checks if configured
     /// (requires a Tokio runtime).
     pub fn new(spec: UpstreamSpec, metrics: &Metrics) -> Arc<Pool> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(spec.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(spec.pool_idle_timeout)
-            .pool_max_idle_per_host(spec.pool_max_idle_per_backend)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(spec.protocol == UpstreamProtocol::H2);
-        let client = builder.build(connector);
         let backends = spec
             .backends
             .iter()
@@ -91,6 +78,13 @@ impl Pool {
                 gauge.set(1);
                 Arc::new(Backend {
                     authority: a.clone(),
+                    conns: conn::Conns::new(
+                        a.clone(),
+                        spec.protocol == UpstreamProtocol::H2,
+                        spec.connect_timeout,
+                        spec.pool_idle_timeout,
+                        spec.pool_max_idle_per_backend,
+                    ),
                     in_flight: AtomicUsize::new(0),
                     consecutive_failures: AtomicU32::new(0),
                     ejected_until_ms: AtomicU64::new(0),
@@ -100,11 +94,14 @@ impl Pool {
             })
             .collect();
         let budget = RetryBudget::new(spec.retry_budget_ratio, spec.retry_budget_min_per_sec);
+        let attempt_duration = metrics
+            .upstream_duration
+            .with_label_values(&[spec.name.as_str()]);
         let pool = Arc::new(Pool {
             spec,
             backends,
-            client,
             budget,
+            attempt_duration,
             next: AtomicUsize::new(0),
             start: Instant::now(),
         });
@@ -170,6 +167,42 @@ impl Pool {
         Some((chosen, InFlight(backend)))
     }
 
+    /// A request to `backend` in the form its protocol needs: origin-form with `Host` for
+    /// HTTP/1.1 (a `Host` already in `headers` is kept), absolute for h2.
+    pub fn request_to(
+        &self,
+        backend: &Backend,
+        method: http::Method,
+        path_and_query: http::uri::PathAndQuery,
+        mut headers: http::HeaderMap,
+        body: ProxyBody,
+    ) -> http::Request<ProxyBody> {
+        let mut req = http::Request::new(body);
+        *req.method_mut() = method;
+        match self.spec.protocol {
+            UpstreamProtocol::Http1 => {
+                if !headers.contains_key(http::header::HOST) {
+                    if let Ok(v) = http::HeaderValue::from_str(backend.authority.as_str()) {
+                        headers.insert(http::header::HOST, v);
+                    }
+                }
+                *req.uri_mut() = http::Uri::from(path_and_query);
+                *req.version_mut() = http::Version::HTTP_11;
+            }
+            UpstreamProtocol::H2 => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = Some(backend.authority.clone());
+                parts.path_and_query = Some(path_and_query);
+                *req.uri_mut() =
+                    http::Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+                *req.version_mut() = http::Version::HTTP_2;
+            }
+        }
+        *req.headers_mut() = headers;
+        req
+    }
+
     /// Records a successful exchange with a backend.
     pub fn record_success(&self, index: usize) {
         self.backends[index]
@@ -212,13 +245,21 @@ async fn health_check_loop(pool: Weak<Pool>, index: usize) {
         tokio::time::sleep(spec.interval).await;
         let Some(pool) = pool.upgrade() else { return };
         let backend = pool.backends[index].clone();
-        let uri = format!("http://{}{}", backend.authority, spec.path);
-        let req = http::Request::get(uri)
-            .header(http::header::USER_AGENT, "gateway-health-check")
-            .body(empty_body())
-            .expect("health check request is well-formed");
-        let ok = match tokio::time::timeout(spec.timeout, pool.client.request(req)).await {
-            Ok(Ok(resp)) => resp.status().is_success(),
+        let req = pool.request_to(
+            &backend,
+            http::Method::GET,
+            spec.path.parse().expect("validated path"),
+            http::HeaderMap::new(),
+            empty_body(),
+        );
+        let ok = match tokio::time::timeout(spec.timeout, backend.conns.send(req)).await {
+            Ok(Ok(resp)) => {
+                use http_body_util::BodyExt;
+                let ok = resp.status().is_success();
+                // Read the answer so the connection can be reused.
+                let _ = resp.into_body().collect().await;
+                ok
+            }
             _ => false,
         };
         let was_healthy = backend.check_healthy.load(Ordering::Relaxed);
