@@ -288,6 +288,83 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
     }
 }
 
+/// A body read into memory up to a limit.
+pub enum Buffered {
+    /// The whole body.
+    Whole(Bytes),
+    /// Larger than the limit (or with trailers): what was read, followed by the rest.
+    Partial(crate::upstream::ProxyBody),
+}
+
+/// Reads `body` into memory if it is at most `limit` bytes; otherwise gives back a body that
+/// replays what was read and streams the rest.
+pub async fn buffer_body(
+    mut body: crate::upstream::ProxyBody,
+    limit: usize,
+) -> Result<Buffered, BoxError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(Buffered::Whole(buf.freeze())),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    buf.extend_from_slice(&data);
+                    if buf.len() > limit {
+                        return Ok(Buffered::Partial(
+                            Prefixed {
+                                prefix: Some(buf.freeze()),
+                                trailers: None,
+                                rest: body,
+                            }
+                            .boxed_unsync(),
+                        ));
+                    }
+                }
+                Err(frame) => {
+                    let trailers = frame.into_trailers().ok();
+                    return Ok(Buffered::Partial(
+                        Prefixed {
+                            prefix: Some(buf.freeze()),
+                            trailers,
+                            rest: body,
+                        }
+                        .boxed_unsync(),
+                    ));
+                }
+            },
+        }
+    }
+}
+
+/// Replays a prefix (and trailers already read), then the rest of a body.
+struct Prefixed {
+    prefix: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    rest: crate::upstream::ProxyBody,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(p) = self.prefix.take() {
+            if !p.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(p))));
+            }
+        }
+        if let Some(t) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod http_util;
 pub mod metrics;
+pub mod plugin;
 pub mod proxy;
 pub mod server;
 pub mod tls;

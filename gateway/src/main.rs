@@ -30,6 +30,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work with plugin components.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Start a self-contained demo: a built-in storefront behind the gateway on HTTPS.
     Demo {
         /// HTTPS listener address.
@@ -41,6 +46,19 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check that a .wasm file is a component for the plugin world, list what it imports and
+    /// exports, and start one instance (running `init` with `--config`).
+    Check {
+        /// The component file.
+        file: PathBuf,
+        /// Configuration string handed to `init`.
+        #[arg(long, default_value = "")]
+        config: String,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -49,6 +67,9 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|c| run(c, None)),
         Command::Demo { https, admin } => demo(https, admin),
+        Command::Plugin {
+            command: PluginCommand::Check { file, config },
+        } => plugin_check(&file, config),
     };
     match result {
         Ok(code) => code,
@@ -60,20 +81,83 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &PathBuf) -> anyhow::Result<ExitCode> {
-    match Config::load(path) {
-        Ok(c) => {
+    let c = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // Plugins are compiled and started once, so a broken component or a config its init
+    // refuses is caught here rather than at deploy time.
+    if !c.plugins.is_empty() {
+        let rt = runtime(1)?;
+        let loaded = rt.block_on(async {
+            let registry = prometheus::Registry::new();
+            let engine = gateway::plugin::PluginRuntime::new(&c.plugin_runtime, &registry)?;
+            gateway::plugin::load_all(&engine, &c.plugins).await
+        });
+        if let Err(e) = loaded {
+            eprintln!("{}: {e}", path.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    println!(
+        "{}: ok ({} listener(s), {} upstream(s), {} route(s), {} certificate(s), {} plugin(s))",
+        path.display(),
+        c.listeners.len(),
+        c.upstreams.len(),
+        c.routes.len(),
+        c.certificates.len(),
+        c.plugins.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let settings = gateway::config::PluginRuntimeSettings {
+        max_instances: 4,
+        ..Default::default()
+    };
+    let engine = gateway::plugin::PluginRuntime::new(&settings, &prometheus::Registry::new())?;
+    let report = engine.inspect(&bytes);
+    println!("{}", file.display());
+    println!("  version   {}", gateway::plugin::content_version(&bytes));
+    for i in &report.imports {
+        println!("  imports   {i}");
+    }
+    for e in &report.exports {
+        println!("  exports   {e}");
+    }
+    if let Err(e) = report.verdict {
+        eprintln!("  not a plugin: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let spec = gateway::config::PluginSpec {
+        name: file
+            .file_stem()
+            .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
+        path: file.clone(),
+        config,
+        deadline: std::time::Duration::from_millis(1000),
+        memory_limit: 64 << 20,
+        fuel_per_call: None,
+        max_output_bytes: 256 * 1024,
+        instances: 1,
+    };
+    let rt = runtime(1)?;
+    match rt.block_on(engine.load_bytes(&spec, bytes)) {
+        Ok(p) => {
             println!(
-                "{}: ok ({} listener(s), {} upstream(s), {} route(s), {} certificate(s))",
-                path.display(),
-                c.listeners.len(),
-                c.upstreams.len(),
-                c.routes.len(),
-                c.certificates.len()
+                "  world     {} (init ok, version {})",
+                gateway::plugin::WORLD,
+                p.version
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("  {e}");
             Ok(ExitCode::FAILURE)
         }
     }

@@ -15,6 +15,9 @@ use prometheus::{Histogram, IntCounter};
 use crate::config::{Config, HostPattern, RouteSpec};
 use crate::http_util::{self, BodyLimitError, GuardedBody, LimitedBody};
 use crate::metrics::Metrics;
+use crate::plugin::chain::{RequestOutcome, RouteChain};
+use crate::plugin::host::{RequestState, ResponseState};
+use crate::plugin::{LoadedPlugin, Outcome};
 use crate::upstream::conn::SendError;
 use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
 
@@ -22,6 +25,10 @@ use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
 pub struct Route {
     /// Validated settings.
     pub spec: RouteSpec,
+    /// The name, shared with plugin calls.
+    pub name: Arc<str>,
+    /// The plugin chain, when the route has one.
+    pub chain: Option<RouteChain>,
     duration: Histogram,
     /// Counters for 1xx..5xx.
     by_class: [IntCounter; 5],
@@ -43,13 +50,21 @@ fn class_index(status: StatusCode) -> usize {
 }
 
 impl Router {
-    /// Compiles routes and resolves their series.
-    pub fn new(routes: &[RouteSpec], metrics: &Metrics) -> Router {
+    /// Compiles routes, resolves their series, and binds their plugin chains to `plugins`
+    /// (indexed like the config's plugins).
+    pub fn new(routes: &[RouteSpec], metrics: &Metrics, plugins: &[Arc<LoadedPlugin>]) -> Router {
         Router {
             routes: routes
                 .iter()
                 .map(|spec| Route {
                     spec: spec.clone(),
+                    name: spec.name.as_str().into(),
+                    chain: (!spec.plugins.is_empty()).then(|| RouteChain {
+                        plugins: spec.plugins.iter().map(|&i| plugins[i].clone()).collect(),
+                        policy: spec.plugin_failure,
+                        body_limit: spec.plugin_body_limit,
+                        variants: spec.variants.iter().map(|(n, _)| n.clone()).collect(),
+                    }),
                     duration: metrics
                         .request_duration
                         .with_label_values(&[spec.name.as_str()]),
@@ -110,14 +125,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds pools (starting their health checks) and the router.
-    pub fn build(config: Arc<Config>, metrics: &Metrics) -> Snapshot {
+    /// Builds pools (starting their health checks) and the router over loaded plugins.
+    pub fn build(
+        config: Arc<Config>,
+        metrics: &Metrics,
+        plugins: &[Arc<LoadedPlugin>],
+    ) -> Snapshot {
         let pools = config
             .upstreams
             .iter()
             .map(|u| Pool::new(u.clone(), metrics))
             .collect();
-        let router = Router::new(&config.routes, metrics);
+        let router = Router::new(&config.routes, metrics, plugins);
         Snapshot {
             config,
             router,
@@ -161,6 +180,7 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let route = snapshot.router.route(host.as_deref(), &path);
 
+    let mut variant = None;
     let (mut response, upstream_name, backend) = match route {
         None => (
             error_response(StatusCode::NOT_FOUND, "no route matches this host and path"),
@@ -168,19 +188,50 @@ pub async fn handle(
             None,
         ),
         Some(route) => {
-            let pool = &snapshot.pools[route.spec.upstream];
-            let (resp, backend) = forward(
-                shared,
-                conn,
-                &snapshot,
-                route,
-                pool,
-                host.as_deref(),
-                &request_id,
-                req,
-            )
-            .await;
-            (resp, Some(pool.spec.name.as_str()), backend)
+            let (parts, body) = req.into_parts();
+            match admit_body(shared, config, &parts, body) {
+                Err(resp) => (resp, None, None),
+                Ok((body, body_empty)) => match &route.chain {
+                    None => {
+                        let pool = &snapshot.pools[route.spec.upstream];
+                        let (resp, backend) = forward(
+                            shared,
+                            conn,
+                            &snapshot,
+                            route,
+                            pool,
+                            host.as_deref(),
+                            &request_id,
+                            parts,
+                            body,
+                            body_empty,
+                        )
+                        .await;
+                        (resp, Some(pool.spec.name.as_str()), backend)
+                    }
+                    Some(chain) => {
+                        let out = with_plugins(
+                            shared,
+                            conn,
+                            &snapshot,
+                            route,
+                            chain,
+                            host.as_deref(),
+                            &request_id,
+                            parts,
+                            body,
+                            body_empty,
+                        )
+                        .await;
+                        variant = out.variant;
+                        (
+                            out.response,
+                            out.upstream.map(|i| snapshot.pools[i].spec.name.as_str()),
+                            out.backend,
+                        )
+                    }
+                },
+            }
         }
     };
 
@@ -216,6 +267,7 @@ pub async fn handle(
             route = route.map_or("-", |r| r.spec.name.as_str()),
             upstream = upstream_name.unwrap_or("-"),
             backend = backend.as_deref().unwrap_or("-"),
+            variant = variant.as_deref().unwrap_or("-"),
             request_id = request_id.to_str().unwrap_or("-"),
         );
     }
@@ -280,32 +332,12 @@ async fn forward(
     pool: &Arc<Pool>,
     host: Option<&str>,
     request_id: &HeaderValue,
-    req: Request<Incoming>,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    body_empty: bool,
 ) -> (Response<ProxyBody>, Option<String>) {
     let config = &snapshot.config;
     let metrics = &shared.metrics;
-    let (parts, body) = req.into_parts();
-
-    if let Some(len) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
-        if len > config.limits.max_body_bytes {
-            metrics
-                .rejected
-                .with_label_values(&["body_too_large"])
-                .inc();
-            return (
-                error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body is larger than the gateway accepts",
-                ),
-                None,
-            );
-        }
-    }
-
     let mut headers = parts.headers;
     http_util::strip_hop_by_hop(&mut headers);
     http_util::add_forwarded(
@@ -332,19 +364,8 @@ async fn forward(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     );
-    let replayable = idempotent && body.is_end_stream();
-    let mut body = if body.is_end_stream() {
-        Some(empty_body())
-    } else {
-        Some(
-            LimitedBody::new(
-                body,
-                config.limits.max_body_bytes,
-                config.limits.body_read_timeout,
-            )
-            .boxed_unsync(),
-        )
-    };
+    let replayable = idempotent && body_empty;
+    let mut body = Some(body);
     pool.budget.deposit();
     let upstream = pool.spec.name.as_str();
     let mut tried: Vec<usize> = Vec::with_capacity(1);
@@ -485,6 +506,260 @@ async fn forward(
     }
 }
 
+/// Refuses a declared-too-large body and wraps the rest in the size and stall limits.
+fn admit_body(
+    shared: &Shared,
+    config: &Config,
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<(ProxyBody, bool), Response<ProxyBody>> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > config.limits.max_body_bytes) {
+        shared
+            .metrics
+            .rejected
+            .with_label_values(&["body_too_large"])
+            .inc();
+        return Err(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than the gateway accepts",
+        ));
+    }
+    if body.is_end_stream() {
+        return Ok((empty_body(), true));
+    }
+    let limited = LimitedBody::new(
+        body,
+        config.limits.max_body_bytes,
+        config.limits.body_read_timeout,
+    );
+    Ok((limited.boxed_unsync(), false))
+}
+
+/// The result of a request that went through a plugin chain.
+struct PluginPass {
+    response: Response<ProxyBody>,
+    upstream: Option<usize>,
+    backend: Option<String>,
+    variant: Option<String>,
+}
+
+fn body_limit_response(
+    shared: &Shared,
+    err: &(dyn std::error::Error + 'static),
+) -> Response<ProxyBody> {
+    match http_util::find_body_limit_error(err) {
+        Some(BodyLimitError::TooLarge) => {
+            shared
+                .metrics
+                .rejected
+                .with_label_values(&["body_too_large"])
+                .inc();
+            error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body is larger than the gateway accepts",
+            )
+        }
+        Some(BodyLimitError::Timeout) => {
+            shared
+                .metrics
+                .rejected
+                .with_label_values(&["body_timeout"])
+                .inc();
+            error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body was not received in time",
+            )
+        }
+        None => error_response(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+        ),
+    }
+}
+
+/// Runs the route's plugin chain around the upstream exchange.
+#[allow(clippy::too_many_arguments)]
+async fn with_plugins(
+    shared: &Shared,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+    route: &Route,
+    chain: &RouteChain,
+    host: Option<&str>,
+    request_id: &HeaderValue,
+    mut parts: http::request::Parts,
+    body: ProxyBody,
+    body_empty: bool,
+) -> PluginPass {
+    let default_variant = route
+        .spec
+        .default_variant
+        .map(|i| route.spec.variants[i].0.clone());
+    let fail = |response| PluginPass {
+        response,
+        upstream: None,
+        backend: None,
+        variant: None,
+    };
+
+    // The request body, buffered when the route lets plugins read it.
+    let (body, seen_body) = match (chain.body_limit, body_empty) {
+        (Some(limit), false) => match http_util::buffer_body(body, limit).await {
+            Ok(http_util::Buffered::Whole(bytes)) => (full_body(bytes.clone()), Some(bytes)),
+            Ok(http_util::Buffered::Partial(rest)) => (rest, None),
+            Err(e) => return fail(body_limit_response(shared, e.as_ref())),
+        },
+        (Some(_), true) => (body, Some(Bytes::new())),
+        (None, _) => (body, None),
+    };
+    let original_path = parts.uri.path().to_string();
+    let method = parts.method.clone();
+    let state = RequestState {
+        method: parts.method.clone(),
+        path: original_path.clone(),
+        query: parts.uri.query().map(str::to_string),
+        headers: std::mem::take(&mut parts.headers),
+        client: conn.peer.ip().to_canonical(),
+        route: route.name.clone(),
+        variant: default_variant,
+        variants: chain.variants.clone(),
+        body: seen_body,
+        target_changed: false,
+    };
+    let (state, outcome) = chain.on_request(state).await;
+    parts.headers = state.headers;
+    let variant = state.variant;
+    if state.target_changed {
+        let target = match &state.query {
+            Some(q) => format!("{}?{q}", state.path),
+            None => state.path.clone(),
+        };
+        match target.parse::<Uri>() {
+            Ok(uri) => parts.uri = uri,
+            Err(_) => {
+                return fail(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "a plugin rewrote the path into an invalid one",
+                ))
+            }
+        }
+    }
+
+    let (mut response, ran, upstream, backend) = match outcome {
+        RequestOutcome::Forward { ran } => {
+            let upstream = variant
+                .as_ref()
+                .and_then(|v| route.spec.variants.iter().find(|(n, _)| n == v))
+                .map_or(route.spec.upstream, |(_, idx)| *idx);
+            let pool = &snapshot.pools[upstream];
+            let (resp, backend) = forward(
+                shared, conn, snapshot, route, pool, host, request_id, parts, body, body_empty,
+            )
+            .await;
+            (resp, ran, Some(upstream), backend)
+        }
+        RequestOutcome::Local { response, ran } => {
+            let mut resp = Response::new(full_body(response.body));
+            *resp.status_mut() = response.status;
+            *resp.headers_mut() = response.headers;
+            (resp, ran, None, None)
+        }
+        RequestOutcome::Failed {
+            plugin,
+            outcome,
+            ran,
+        } => (plugin_failure_response(&plugin, outcome), ran, None, None),
+    };
+
+    if ran > 0 {
+        response = plugin_response(
+            chain,
+            ran,
+            response,
+            &method,
+            original_path,
+            route,
+            variant.clone(),
+        )
+        .await;
+    }
+    PluginPass {
+        response,
+        upstream,
+        backend,
+        variant,
+    }
+}
+
+fn plugin_failure_response(plugin: &str, outcome: Outcome) -> Response<ProxyBody> {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &format!(
+            "plugin {plugin} failed ({}) and this route fails closed",
+            outcome.label()
+        ),
+    )
+}
+
+/// Runs response hooks and rebuilds the response from what they left.
+async fn plugin_response(
+    chain: &RouteChain,
+    ran: usize,
+    response: Response<ProxyBody>,
+    method: &Method,
+    request_path: String,
+    route: &Route,
+    variant: Option<String>,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    let (body, seen_body) = match chain.body_limit {
+        Some(limit) => match http_util::buffer_body(body, limit).await {
+            Ok(http_util::Buffered::Whole(bytes)) => (None, Some(bytes)),
+            Ok(http_util::Buffered::Partial(rest)) => (Some(rest), None),
+            Err(_) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "the upstream response body broke off",
+                )
+            }
+        },
+        None => (Some(body), None),
+    };
+    let state = ResponseState {
+        status: parts.status,
+        headers: std::mem::take(&mut parts.headers),
+        request_method: method.clone(),
+        request_path,
+        route: route.name.clone(),
+        variant,
+        body: seen_body,
+        body_access: chain.body_limit.is_some(),
+        body_limit: chain.body_limit.unwrap_or(0),
+        body_changed: false,
+    };
+    let (state, failed) = chain.on_response(ran, state).await;
+    if let Some((plugin, outcome)) = failed {
+        return plugin_failure_response(&plugin, outcome);
+    }
+    parts.status = state.status;
+    parts.headers = state.headers;
+    let body = match (body, state.body) {
+        (Some(stream), _) => stream,
+        (None, Some(bytes)) => {
+            if state.body_changed {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
+            full_body(bytes)
+        }
+        (None, None) => empty_body(),
+    };
+    Response::from_parts(parts, body)
+}
+
 fn upstream_path(uri: &Uri, route: &Route) -> http::uri::PathAndQuery {
     let original = uri
         .path_and_query()
@@ -560,6 +835,11 @@ mod tests {
             path_prefix: prefix.into(),
             upstream: 0,
             strip_prefix: true,
+            plugins: vec![],
+            plugin_failure: crate::config::FailurePolicy::Closed,
+            plugin_body_limit: None,
+            variants: vec![],
+            default_variant: None,
         }
     }
 
@@ -575,6 +855,7 @@ mod tests {
                 spec("exact-api", &["www.shop.test"], "/api/v2"),
             ],
             &metrics,
+            &[],
         );
         let name = |h: Option<&str>, p: &str| router.route(h, p).map(|r| r.spec.name.clone());
         assert_eq!(name(Some("other.test"), "/"), Some("any".into()));
@@ -592,7 +873,7 @@ mod tests {
     #[test]
     fn strip_prefix_keeps_query() {
         let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-        let router = Router::new(&[spec("r", &["*"], "/api")], &metrics);
+        let router = Router::new(&[spec("r", &["*"], "/api")], &metrics, &[]);
         let route = router.route(None, "/api/items").unwrap();
         assert_eq!(
             upstream_path(&"/api/items?q=1".parse().unwrap(), route),

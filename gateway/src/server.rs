@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Limits, ListenerKind};
 use crate::http_util::GuardedBody;
 use crate::metrics::{Metrics, MetricsError};
+use crate::plugin::{LoadedPlugin, PluginError, PluginRuntime};
 use crate::proxy::{self, ConnInfo, Shared, Snapshot};
 use crate::tls::{self, TlsError};
 use crate::upstream::{full_body, ProxyBody};
@@ -46,6 +47,9 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// A plugin could not be loaded.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
 }
 
 /// How the drain at shutdown ended.
@@ -59,6 +63,9 @@ pub enum DrainOutcome {
 
 struct ServeCtx {
     shared: Arc<Shared>,
+    /// Made on first use: only configurations with plugins pay for the engine.
+    plugin_runtime: tokio::sync::Mutex<Option<Arc<PluginRuntime>>>,
+    registry: Registry,
     tls: ArcSwap<rustls::ServerConfig>,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -84,6 +91,8 @@ impl Gateway {
     pub async fn start(config: Config, registry: Registry) -> Result<Gateway, StartError> {
         let metrics = Metrics::new(&registry)?;
         let tls_config = tls::server_config(&config.certificates)?;
+        let mut plugin_runtime = None;
+        let plugins = load_plugins(&mut plugin_runtime, &config, &registry).await?;
         let mut bound = Vec::new();
         for spec in &config.listeners {
             let listener =
@@ -111,11 +120,13 @@ impl Gateway {
         let drain_timeout = config.server.drain_timeout;
         let config = Arc::new(config);
         let shared = Arc::new(Shared {
-            state: ArcSwap::from_pointee(Snapshot::build(config.clone(), &metrics)),
+            state: ArcSwap::from_pointee(Snapshot::build(config.clone(), &metrics, &plugins)),
             metrics,
         });
         let ctx = Arc::new(ServeCtx {
             shared,
+            plugin_runtime: tokio::sync::Mutex::new(plugin_runtime),
+            registry: registry.clone(),
             tls: ArcSwap::new(tls_config),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             shutdown: CancellationToken::new(),
@@ -176,11 +187,16 @@ impl Gateway {
         self.ctx.shared.state.load().config.clone()
     }
 
-    /// Replaces routes, upstreams and certificates with those of `config`; listeners and
-    /// limits stay as started. On error nothing changes.
-    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+    /// Replaces routes, upstreams, plugins and certificates with those of `config`; listeners
+    /// and limits stay as started. Everything new is built (plugins compiled and their
+    /// instances started) before anything is swapped; on error nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<(), StartError> {
         let tls_config = tls::server_config(&config.certificates)?;
-        let snapshot = Snapshot::build(Arc::new(config), &self.ctx.shared.metrics);
+        let plugins = {
+            let mut runtime = self.ctx.plugin_runtime.lock().await;
+            load_plugins(&mut runtime, &config, &self.ctx.registry).await?
+        };
+        let snapshot = Snapshot::build(Arc::new(config), &self.ctx.shared.metrics, &plugins);
         self.ctx.shared.state.store(Arc::new(snapshot));
         self.ctx.tls.store(tls_config);
         Ok(())
@@ -210,6 +226,23 @@ impl Gateway {
         self.admin_shutdown.cancel();
         outcome
     }
+}
+
+async fn load_plugins(
+    runtime: &mut Option<Arc<PluginRuntime>>,
+    config: &Config,
+    registry: &Registry,
+) -> Result<Vec<Arc<LoadedPlugin>>, PluginError> {
+    if config.plugins.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rt = match runtime {
+        Some(rt) => rt.clone(),
+        None => runtime
+            .insert(PluginRuntime::new(&config.plugin_runtime, registry)?)
+            .clone(),
+    };
+    crate::plugin::load_all(&rt, &config.plugins).await
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {

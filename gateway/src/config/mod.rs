@@ -38,6 +38,61 @@ pub struct Config {
     pub upstreams: Vec<UpstreamSpec>,
     /// Routes, in file order.
     pub routes: Vec<RouteSpec>,
+    /// Plugin engine settings.
+    pub plugin_runtime: PluginRuntimeSettings,
+    /// Plugins, referred to by index from routes.
+    pub plugins: Vec<PluginSpec>,
+}
+
+/// `[plugin_runtime]`, validated.
+#[derive(Debug, Clone)]
+pub struct PluginRuntimeSettings {
+    /// Instances across all plugins.
+    pub max_instances: u32,
+    /// Deadline granularity.
+    pub epoch_tick: Duration,
+    /// Fuel metering on.
+    pub fuel: bool,
+}
+
+impl Default for PluginRuntimeSettings {
+    fn default() -> Self {
+        PluginRuntimeSettings {
+            max_instances: 256,
+            epoch_tick: Duration::from_millis(1),
+            fuel: false,
+        }
+    }
+}
+
+/// `[[plugins]]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginSpec {
+    /// Unique name.
+    pub name: String,
+    /// Component file.
+    pub path: PathBuf,
+    /// Configuration handed to `init`.
+    pub config: String,
+    /// Deadline per hook call.
+    pub deadline: Duration,
+    /// Linear memory cap per instance, bytes.
+    pub memory_limit: usize,
+    /// Fuel per hook call, when metered.
+    pub fuel_per_call: Option<u64>,
+    /// Bytes one call may add.
+    pub max_output_bytes: usize,
+    /// Ready instances kept.
+    pub instances: u32,
+}
+
+/// What a request gets when a plugin fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Answer 500 with the request id.
+    Closed,
+    /// Skip the failed plugin and carry on.
+    Open,
 }
 
 /// `[server]`, validated.
@@ -289,6 +344,16 @@ pub struct RouteSpec {
     pub upstream: usize,
     /// Remove the prefix before forwarding.
     pub strip_prefix: bool,
+    /// Plugin chain: indices into [`Config::plugins`], in request order.
+    pub plugins: Vec<usize>,
+    /// What a plugin failure does to the request.
+    pub plugin_failure: FailurePolicy,
+    /// Largest body plugins see or set; `None` when plugins get no body access.
+    pub plugin_body_limit: Option<usize>,
+    /// Canary variants: name and upstream index, in name order.
+    pub variants: Vec<(String, usize)>,
+    /// Index into `variants` used when no plugin chooses.
+    pub default_variant: Option<usize>,
 }
 
 /// One problem found in a configuration file.

@@ -36,6 +36,53 @@ pub struct RawConfig {
     /// Routes from (host, path prefix) to an upstream pool. At least one.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Settings of the WebAssembly plugin engine.
+    #[serde(default)]
+    pub plugin_runtime: RawPluginRuntime,
+    /// Plugins that routes can list in their chains.
+    #[serde(default)]
+    pub plugins: Vec<RawPlugin>,
+}
+
+/// `[plugin_runtime]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPluginRuntime {
+    /// Plugin instances that can exist at once across all plugins (the pooling allocator's
+    /// slots; each reserves address space, not memory). Default 256.
+    pub max_instances: Option<u32>,
+    /// Deadline granularity, in milliseconds: deadlines are counted in ticks of this length.
+    /// Default 1.
+    pub epoch_tick_ms: Option<u64>,
+    /// Meter fuel (instructions) so plugins can be given `fuel_per_call`. Slows every plugin
+    /// by roughly a quarter. Default false.
+    pub fuel: Option<bool>,
+}
+
+/// `[[plugins]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    /// Unique name that routes list in `plugins`.
+    pub name: String,
+    /// The plugin component (`.wasm`, built for the `plugin` world in `wit/`). Relative to the
+    /// config file.
+    pub path: String,
+    /// The plugin's own configuration: a string passed as is, or a table passed as TOML text.
+    pub config: Option<toml::Value>,
+    /// Wall-clock deadline of one hook call, in milliseconds; the call is aborted after it.
+    /// Default 20.
+    pub deadline_ms: Option<u64>,
+    /// Linear memory one instance may grow to, in bytes. Default 16777216 (16 MiB).
+    pub memory_limit_bytes: Option<u64>,
+    /// Fuel (roughly, wasm instructions) one hook call may burn; needs
+    /// `plugin_runtime.fuel = true`. Default: unmetered.
+    pub fuel_per_call: Option<u64>,
+    /// Bytes one hook call may add through headers, path, query and local responses.
+    /// Default 262144.
+    pub max_output_bytes: Option<u64>,
+    /// Ready instances kept for this plugin; more are made under load. Default 4.
+    pub instances: Option<u32>,
 }
 
 /// `[server]`
@@ -233,4 +280,22 @@ pub struct RawRoute {
     pub upstream: String,
     /// Remove the matched prefix before forwarding. Default false.
     pub strip_prefix: Option<bool>,
+    /// Plugin chain, by plugin name, in call order for requests (responses see them in
+    /// reverse). Default none.
+    pub plugins: Option<Vec<String>>,
+    /// What a request gets when one of its plugins fails (trap, deadline, memory, bad
+    /// output): `fail-closed` answers 500 with the request id, `fail-open` skips that plugin.
+    /// Default `fail-closed`.
+    pub plugin_failure: Option<String>,
+    /// Let plugins read the request body and read/replace the response body, buffered up to
+    /// `plugin_max_body_bytes`. Default false.
+    pub plugin_body_access: Option<bool>,
+    /// Largest body plugins see or set, in bytes; larger bodies stream past unseen.
+    /// Default 1048576.
+    pub plugin_max_body_bytes: Option<u64>,
+    /// Variants for canary routing: variant name to upstream name. A plugin picks one with
+    /// `set-variant`. Default none.
+    pub variants: Option<std::collections::BTreeMap<String, String>>,
+    /// Variant used when no plugin picks one; required with `variants`.
+    pub default_variant: Option<String>,
 }

@@ -518,6 +518,83 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         });
     }
 
+    // [plugin_runtime]
+    let pr = &raw.plugin_runtime;
+    let plugin_runtime = PluginRuntimeSettings {
+        max_instances: pr.max_instances.unwrap_or(256),
+        epoch_tick: ms(pr.epoch_tick_ms.unwrap_or(1)),
+        fuel: pr.fuel.unwrap_or(false),
+    };
+    if !(1..=100_000).contains(&plugin_runtime.max_instances) {
+        c.fail(
+            vec![Key("plugin_runtime"), Key("max_instances")],
+            "must be between 1 and 100000",
+        );
+    }
+    if !(1..=1000).contains(&pr.epoch_tick_ms.unwrap_or(1)) {
+        c.fail(
+            vec![Key("plugin_runtime"), Key("epoch_tick_ms")],
+            "must be between 1 and 1000 milliseconds",
+        );
+    }
+
+    // [[plugins]]
+    let mut plugins = Vec::new();
+    let mut plugin_names = HashMap::new();
+    for (i, rp) in raw.plugins.into_iter().enumerate() {
+        let at = |f: &'static str| vec![Key("plugins"), Index(i), Key(f)];
+        check_name(&mut c, at("name"), &rp.name, &mut plugin_names, i, "plugin");
+        let path = resolve(base_dir, &rp.path);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => c.fail(at("path"), format!("{} is not a file", path.display())),
+            Err(e) => c.fail(at("path"), format!("cannot read {}: {e}", path.display())),
+        }
+        let config = match rp.config {
+            None => String::new(),
+            Some(toml::Value::String(s)) => s,
+            Some(toml::Value::Table(t)) => toml::to_string(&t).unwrap_or_default(),
+            Some(_) => {
+                c.fail(at("config"), "must be a string or a table");
+                String::new()
+            }
+        };
+        let deadline_ms = rp.deadline_ms.unwrap_or(20);
+        if !(1..=60_000).contains(&deadline_ms) {
+            c.fail(
+                at("deadline_ms"),
+                "must be between 1 and 60000 milliseconds",
+            );
+        }
+        let memory_limit = rp.memory_limit_bytes.unwrap_or(16 << 20);
+        if !((1 << 16)..=(4u64 << 30)).contains(&memory_limit) {
+            c.fail(
+                at("memory_limit_bytes"),
+                "must be between 65536 (one wasm page) and 4294967296",
+            );
+        }
+        if rp.fuel_per_call.is_some() && !plugin_runtime.fuel {
+            c.fail(
+                at("fuel_per_call"),
+                "needs `fuel = true` in [plugin_runtime]",
+            );
+        }
+        let instances = rp.instances.unwrap_or(4);
+        if !(1..=1024).contains(&instances) {
+            c.fail(at("instances"), "must be between 1 and 1024");
+        }
+        plugins.push(PluginSpec {
+            name: rp.name,
+            path,
+            config,
+            deadline: ms(deadline_ms),
+            memory_limit: memory_limit as usize,
+            fuel_per_call: rp.fuel_per_call,
+            max_output_bytes: rp.max_output_bytes.unwrap_or(256 * 1024) as usize,
+            instances,
+        });
+    }
+
     // [[routes]]
     let mut routes = Vec::new();
     let mut route_names = HashMap::new();
@@ -578,12 +655,82 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
                 );
             }
         }
+        let mut chain = Vec::new();
+        for (j, name) in rr.plugins.iter().flatten().enumerate() {
+            match plugin_names.get(name) {
+                Some(&idx) if !chain.contains(&idx) => chain.push(idx),
+                Some(_) => c.fail(
+                    vec![Key("routes"), Index(i), Key("plugins"), Index(j)],
+                    format!("plugin {name:?} is listed twice"),
+                ),
+                None => c.fail(
+                    vec![Key("routes"), Index(i), Key("plugins"), Index(j)],
+                    format!("no plugin named {name:?}; add a [[plugins]] table for it"),
+                ),
+            }
+        }
+        let plugin_failure = match rr.plugin_failure.as_deref().unwrap_or("fail-closed") {
+            "fail-closed" => FailurePolicy::Closed,
+            "fail-open" => FailurePolicy::Open,
+            other => {
+                c.fail(
+                    at("plugin_failure"),
+                    format!("unknown policy {other:?}; use \"fail-closed\" or \"fail-open\""),
+                );
+                FailurePolicy::Closed
+            }
+        };
+        let body_limit = rr.plugin_max_body_bytes.unwrap_or(1 << 20);
+        if body_limit > 64 << 20 {
+            c.fail(
+                at("plugin_max_body_bytes"),
+                "must be at most 67108864 (64 MiB)",
+            );
+        }
+        let mut variants = Vec::new();
+        for (name, up) in rr.variants.iter().flatten() {
+            match upstream_names.get(up) {
+                Some(&idx) => variants.push((name.clone(), idx)),
+                None => c.fail(
+                    at("variants"),
+                    format!("variant {name:?} names upstream {up:?}, which is not defined"),
+                ),
+            }
+        }
+        let default_variant = match (&rr.default_variant, variants.is_empty()) {
+            (None, true) => None,
+            (None, false) => {
+                c.fail(
+                    at("default_variant"),
+                    "routes with `variants` need a `default_variant`",
+                );
+                None
+            }
+            (Some(d), _) => match variants.iter().position(|(n, _)| n == d) {
+                Some(p) => Some(p),
+                None => {
+                    c.fail(
+                        at("default_variant"),
+                        format!("{d:?} is not one of this route's variants"),
+                    );
+                    None
+                }
+            },
+        };
         routes.push(RouteSpec {
             name: rr.name,
             hosts,
             path_prefix: prefix,
             upstream,
             strip_prefix: rr.strip_prefix.unwrap_or(false),
+            plugins: chain,
+            plugin_failure,
+            plugin_body_limit: rr
+                .plugin_body_access
+                .unwrap_or(false)
+                .then_some(body_limit as usize),
+            variants,
+            default_variant,
         });
     }
 
@@ -598,6 +745,8 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             listeners,
             upstreams,
             routes,
+            plugin_runtime,
+            plugins,
         })
     } else {
         Err(c.problems)

@@ -1,0 +1,12 @@
+//! Rust bindings for the plugin world in the repository's `wit/` directory.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "plugin",
+    imports: { default: trappable },
+    exports: { default: async },
+    with: {
+        "storefront:gateway/http.request": super::host::RequestState,
+        "storefront:gateway/http.response": super::host::ResponseState,
+    },
+});
