@@ -543,3 +543,30 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     }
     cond()
 }
+
+/// Path of a plugin component built from `plugins/` (built once per test run with
+/// `plugins/build.sh`, which installs the wasm32-wasip2 target when missing).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dist = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = std::process::Command::new("bash")
+            .arg(root.join("plugins/build.sh"))
+            .current_dir(&root)
+            .status()
+            .expect("running plugins/build.sh");
+        assert!(status.success(), "plugins/build.sh failed");
+        root.join("plugins/dist")
+    });
+    let path = dist.join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// A `[[plugins]]` table for a built plugin.
+pub fn plugin_table(name: &str, wasm: &str, config: &str, extra: &str) -> String {
+    format!(
+        "[[plugins]]\nname = \"{name}\"\npath = \"{}\"\nconfig = '''\n{config}\n'''\n{extra}\n",
+        plugin_wasm(wasm).display()
+    )
+}

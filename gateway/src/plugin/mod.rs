@@ -19,7 +19,7 @@ use std::time::Instant;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
-use wasmtime::component::{Component, HasSelf, Linker, Resource};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceType};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use crate::config::{PluginRuntimeSettings, PluginSpec};
@@ -198,6 +198,17 @@ impl PluginRuntime {
         let engine = Engine::new(&cfg).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
+        // The world `use`s these types from `http`, so components also import them at the top
+        // level; they are the same host types.
+        let mut root = linker.root();
+        root.resource("request", ResourceType::host::<RequestState>(), |_, _| {
+            Ok(())
+        })
+        .map_err(engine_err)?;
+        root.resource("response", ResourceType::host::<ResponseState>(), |_, _| {
+            Ok(())
+        })
+        .map_err(engine_err)?;
 
         let tick = settings.epoch_tick;
         let weak = engine.weak();

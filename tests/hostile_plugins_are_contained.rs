@@ -1,0 +1,204 @@
+//! Hostile plugins (plugins/testing/hostile, wrong-world) are contained: each failure is
+//! answered by the route's policy, counted by kind, and the gateway keeps serving; bad files
+//! and refusing inits never replace what is serving.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+fn hostile_route(mode: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{mode}\"\npath_prefix = \"/{mode}\"\nupstream = \"app\"\nplugins = [\"{mode}\"]\nplugin_body_access = true\n{}",
+        plugin_table(mode, "hostile", mode, "instances = 1\ndeadline_ms = 50\nmemory_limit_bytes = 8388608")
+    )
+}
+
+#[tokio::test]
+async fn each_misbehaviour_gets_a_500_and_its_own_outcome() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let cases = [
+        ("loop", "on_request", "timeout"),
+        ("grow", "on_request", "memory"),
+        ("trap", "on_request", "trap"),
+        ("panic", "on_request", "trap"),
+        ("huge-header", "on_request", "bad_output"),
+        ("huge-body", "on_response", "memory"),
+    ];
+    let mut extra = String::new();
+    for (mode, _, _) in cases {
+        extra.push_str(&hostile_route(mode));
+    }
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", &extra), pki.path()).await;
+    let addr = gw.addr("https");
+    for (mode, hook, outcome) in cases {
+        for attempt in 1..=2 {
+            let started = Instant::now();
+            let r = fetch(
+                addr,
+                &pki.ca_der,
+                attempt == 2,
+                get("localhost", &format!("/{mode}")),
+            )
+            .await;
+            assert_eq!(r.status, 500, "{mode}: {}", r.text());
+            assert!(
+                r.text().contains(&format!("plugin {mode} failed")),
+                "{}",
+                r.text()
+            );
+            assert!(r.header("x-request-id").is_some());
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{mode} took {:?}",
+                started.elapsed()
+            );
+            // The gateway still serves everything else.
+            assert_eq!(
+                fetch(addr, &pki.ca_der, false, get("localhost", "/"))
+                    .await
+                    .status,
+                200
+            );
+        }
+        let counted = gw.metric(
+            "gateway_plugin_invocations_total",
+            &[("plugin", mode), ("hook", hook), ("outcome", outcome)],
+        );
+        assert_eq!(counted, 2.0, "{mode} counted as {outcome} on {hook}");
+    }
+}
+
+#[tokio::test]
+async fn fail_open_routes_skip_a_failing_plugin() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let extra = format!(
+        "plugins = [\"trap\"]\nplugin_failure = \"fail-open\"\n{}",
+        plugin_table("trap", "hostile", "trap", "instances = 1")
+    );
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", &extra), pki.path()).await;
+    for _ in 0..3 {
+        let r = fetch(gw.addr("https"), &pki.ca_der, false, get("localhost", "/")).await;
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "a"));
+    }
+    assert_eq!(
+        gw.metric(
+            "gateway_plugin_invocations_total",
+            &[("plugin", "trap"), ("outcome", "trap")]
+        ),
+        3.0
+    );
+}
+
+async fn start_error(extra: &str) -> String {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let toml = basic_config(&pki, &[up.addr], "", extra);
+    let config = gateway::Config::from_toml(&toml, "t.toml", pki.path()).unwrap();
+    match gateway::Gateway::start(config, prometheus::Registry::new()).await {
+        Ok(_) => panic!("gateway started with a bad plugin"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn bad_plugin_files_and_refusing_inits_are_load_errors() {
+    let err = start_error(&format!(
+        "plugins = [\"p\"]\n{}",
+        plugin_table("p", "hostile", "init-fail", "")
+    ))
+    .await;
+    assert!(
+        err.contains("init refused") && err.contains("hostile plugin refuses to start"),
+        "{err}"
+    );
+
+    let err = start_error(&format!(
+        "plugins = [\"p\"]\n{}",
+        plugin_table("p", "wrong-world", "", "")
+    ))
+    .await;
+    assert!(
+        err.contains("does not implement storefront:gateway/plugin@0.1.0"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for (file, bytes) in [
+        ("garbage.wasm", b"not wasm at all".to_vec()),
+        ("core.wasm", b"\0asm\x01\0\0\0".to_vec()),
+    ] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, bytes).unwrap();
+        let table = format!(
+            "plugins = [\"p\"]\n[[plugins]]\nname = \"p\"\npath = \"{}\"\n",
+            path.display()
+        );
+        let err = start_error(&table).await;
+        assert!(err.contains("not a WebAssembly component"), "{file}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_reload_keeps_the_serving_plugins() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let good = basic_config(
+        &pki,
+        &[up.addr],
+        "",
+        &format!("plugins = [\"p\"]\n{}", plugin_table("p", "noop", "", "")),
+    );
+    let gw = TestGateway::start(&good, pki.path()).await;
+    let bad = basic_config(
+        &pki,
+        &[up.addr],
+        "",
+        &format!(
+            "plugins = [\"p\"]\n{}",
+            plugin_table("p", "hostile", "init-fail", "")
+        ),
+    );
+    let err = gw
+        .gateway
+        .reload(gateway::Config::from_toml(&bad, "t.toml", pki.path()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refuses to start"), "{err}");
+    let r = fetch(gw.addr("https"), &pki.ca_der, false, get("localhost", "/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        gw.metric(
+            "gateway_plugin_invocations_total",
+            &[("plugin", "p"), ("hook", "on_request"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn plugin_check_reports_the_world_and_refuses_strangers() {
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "check"])
+        .arg(plugin_wasm("noop"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        out.contains("exports   on-request") && out.contains("init ok"),
+        "{out}"
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "check"])
+        .arg(plugin_wasm("wrong-world"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a plugin"));
+}
