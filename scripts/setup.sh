@@ -18,4 +18,9 @@ if [ "${#packages[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive "${apt_prefix[@]}" apt-get install -y -qq "${packages[@]}"
 fi
 
+# Plugins are WebAssembly components built for wasm32-wasip2.
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
 cargo fetch --locked
+# The first-party plugins (the demo runs them; the tests build them too if missing).
+"$(dirname "$0")/../plugins/build.sh" >/dev/null

@@ -17,8 +17,17 @@ fn sample_dir() -> (Pki, std::path::PathBuf) {
     );
     pki.issue("certs/cdn", &["*.cdn.shop.example.com"]);
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/gateway.toml");
+    let text = std::fs::read_to_string(sample).unwrap();
+    let dist = crate::support::plugin_wasm("noop")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let copy = pki.path().join("gateway.toml");
-    std::fs::copy(sample, &copy).unwrap();
+    std::fs::write(
+        &copy,
+        text.replace("../plugins/dist/", &format!("{}/", dist.display())),
+    )
+    .unwrap();
     (pki, copy)
 }
 
@@ -31,6 +40,9 @@ fn the_sample_config_is_valid_and_complete() {
     assert_eq!(c.upstreams[0].backends.len(), 2);
     assert!(c.upstreams[0].health_check.is_some());
     assert_eq!(c.routes[0].path_prefix, "/api/search");
+    assert_eq!(c.routes[1].plugins.len(), 3);
+    assert_eq!(c.routes[1].variants.len(), 2);
+    assert_eq!(c.plugins.len(), 3);
 }
 
 fn errors_for(toml: &str) -> Vec<String> {

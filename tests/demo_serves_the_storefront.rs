@@ -1,5 +1,6 @@
 //! The embedded demo: its configuration validates, and the storefront answers through the
-//! gateway over TLS with search and recommendation JSON.
+//! gateway over TLS with search and recommendation JSON, post-processed by the demo's plugin
+//! chain.
 
 use crate::support::*;
 
@@ -14,8 +15,14 @@ async fn demo_config_serves_search_and_recommendations() {
         "127.0.0.1:0".parse().unwrap(),
         "127.0.0.1:0".parse().unwrap(),
         store,
+        Some(plugin_wasm("hygiene").parent().unwrap()),
     )
     .unwrap();
+    assert_eq!(
+        config.plugins.len(),
+        3,
+        "the demo runs its plugin chain when the plugins are built"
+    );
     let registry = prometheus::Registry::new();
     let gw = gateway::Gateway::start(config, registry.clone())
         .await
@@ -28,6 +35,9 @@ async fn demo_config_serves_search_and_recommendations() {
     assert_eq!(r.status, 200);
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     let results = v["results"].as_array().unwrap();
+    assert_eq!(v["reranked_by"], "storefront-plugin", "{v}");
+    assert_eq!(results[0]["rank"], 1);
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
     assert!(
         !results.is_empty()
             && results
@@ -53,4 +63,13 @@ async fn demo_config_serves_search_and_recommendations() {
         "{metrics}"
     );
     assert_eq!(admin_get(gw.admin_addr(), "/healthz").await.status, 200);
+}
+
+#[test]
+fn demo_config_without_built_plugins_still_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = gateway::demo::demo_config(dir.path(), any, any, any, Some(dir.path())).unwrap();
+    assert!(config.plugins.is_empty());
+    assert!(config.routes[0].plugins.is_empty());
 }

@@ -41,13 +41,26 @@ pub enum DemoError {
     Storefront(std::io::Error),
 }
 
+/// Where the demo looks for built plugins: `$GATEWAY_PLUGINS_DIR`, else this checkout's
+/// `plugins/dist` (filled by `plugins/build.sh`).
+pub fn default_plugins_dir() -> PathBuf {
+    std::env::var_os("GATEWAY_PLUGINS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist"))
+}
+
+/// The plugins the demo chains, in order.
+pub const DEMO_PLUGINS: [&str; 3] = ["hygiene", "ratelimit", "storefront"];
+
 /// Writes a self-signed certificate for `localhost` into `dir` and returns the demo config
 /// that serves HTTPS on `https`, admin on `admin`, in front of the storefront at `upstream`.
+/// When `plugins_dir` holds the [`DEMO_PLUGINS`], the route runs them.
 pub fn demo_config(
     dir: &Path,
     https: SocketAddr,
     admin: SocketAddr,
     upstream: SocketAddr,
+    plugins_dir: Option<&Path>,
 ) -> Result<Config, DemoError> {
     let write_err = |source| DemoError::Write {
         dir: dir.to_path_buf(),
@@ -65,6 +78,31 @@ pub fn demo_config(
         .replace("@HTTPS@", &https.to_string())
         .replace("@ADMIN@", &admin.to_string())
         .replace("@UPSTREAM@", &upstream.to_string());
+    let plugins = plugins_dir.filter(|d| {
+        DEMO_PLUGINS
+            .iter()
+            .all(|p| d.join(format!("{p}.wasm")).is_file())
+    });
+    let text = match plugins {
+        Some(d) => {
+            let mut tables = String::new();
+            for p in DEMO_PLUGINS {
+                tables.push_str(&format!(
+                    "[[plugins]]\nname = \"{p}\"\npath = \"{}\"\n",
+                    d.join(format!("{p}.wasm")).display()
+                ));
+                if p == "ratelimit" {
+                    tables.push_str("config = { requests_per_second = 50.0, burst = 100 }\n");
+                }
+            }
+            text.replace(
+                "@ROUTE_PLUGINS@",
+                "plugins = [\"hygiene\", \"ratelimit\", \"storefront\"]\nplugin_body_access = true",
+            )
+            .replace("@PLUGINS@", &tables)
+        }
+        None => text.replace("@ROUTE_PLUGINS@", "").replace("@PLUGINS@", ""),
+    };
     Ok(Config::from_toml(&text, "<embedded demo config>", dir)?)
 }
 

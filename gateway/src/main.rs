@@ -228,8 +228,22 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
         .block_on(gateway::demo::start_storefront(([127, 0, 0, 1], 0).into()))
         .context("starting the demo storefront")?;
     let dir = std::env::temp_dir().join(format!("gateway-demo-{}", std::process::id()));
-    let config =
-        gateway::demo::demo_config(&dir, https, admin, upstream).context("preparing the demo")?;
+    let plugins_dir = gateway::demo::default_plugins_dir();
+    let config = gateway::demo::demo_config(&dir, https, admin, upstream, Some(&plugins_dir))
+        .context("preparing the demo")?;
+    let plugin_note = if config.plugins.is_empty() {
+        format!(
+            "none: {} has no built plugins (run plugins/build.sh)",
+            plugins_dir.display()
+        )
+    } else {
+        config
+            .plugins
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    };
     let banner = Box::new(move |g: &Gateway| {
         let https = g
             .listener_addr("https")
@@ -246,6 +260,7 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
             "  certificate           {} (self-signed)",
             dir.join("demo-cert.pem").display()
         );
+        println!("  plugin chain          {plugin_note}");
         println!();
         println!("try:");
         println!(

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# On-demand benchmark, not part of CI: what WebAssembly plugins add to a request.
+#
+#   bench/plugins.sh                         # 3 rounds of 6 s per chain length
+#   ROUNDS=1 DURATION=3 SKIP_BUILD=1 bench/plugins.sh
+#
+# One gateway (1 worker thread) in front of the nginx upstream from bench/nginx, with four
+# routes that differ only in their chain: /p0 (no plugin), /p1, /p3 and /p5 (that many no-op
+# plugins, each called on request and on response). In the same run, for each route:
+#   - latency at low load (wrk -t1 -c1 --latency): p50 and p99, and the p50 added per plugin
+#     call relative to /p0 (a plugin on a route makes 2 calls per request);
+#   - throughput at saturation (wrk -t1 -c64): requests/s and its ratio to /p0.
+# Then the gateway's own histogram of one hook call (gateway_plugin_hook_duration_seconds,
+# instance checkout included) is read from /metrics and its p50/p99 bucket bounds printed.
+# Medians over the rounds are reported. Compare within one run; absolute figures drift.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-6}
+SKIP_BUILD=${SKIP_BUILD:-0}
+UP_PORT=18080
+GW_PORT=18445
+GW_ADMIN=19902
+CERT=/tmp/bench-cert.pem
+KEY=/tmp/bench-key.pem
+GATEWAY=$ROOT/target/release/gateway
+
+die() { echo "plugins.sh: $*" >&2; exit 1; }
+for v in ROUNDS DURATION; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
+
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v openssl >/dev/null || missing+=(openssl)
+if ((${#missing[@]})); then
+  [[ $(id -u) == 0 ]] || die "missing packages ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 300 apt-get update -qq
+  timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [[ $SKIP_BUILD != 1 ]]; then
+  timeout 1800 cargo build --release -p gateway
+  timeout 1800 plugins/build.sh >/dev/null
+fi
+[[ -x $GATEWAY ]] || die "$GATEWAY not found"
+[[ -f plugins/dist/noop.wasm ]] || die "plugins/dist/noop.wasm not found: run plugins/build.sh"
+if [[ ! -s $CERT || ! -s $KEY ]]; then
+  timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$KEY" -out "$CERT" -days 30 -subj /CN=localhost 2>/dev/null
+fi
+
+WORK=$(mktemp -d /tmp/bench-plugins.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+{
+  cat <<EOF
+[server]
+worker_threads = 1
+[logging]
+level = "warn"
+access_log = false
+[proxy]
+forwarded = "none"
+[admin]
+bind = "127.0.0.1:$GW_ADMIN"
+[[tls.certificates]]
+cert = "$CERT"
+key = "$KEY"
+server_names = ["localhost"]
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:$GW_PORT"
+[[upstreams]]
+name = "store"
+backends = ["127.0.0.1:$UP_PORT"]
+pool_max_idle_per_backend = 256
+EOF
+  for i in 1 2 3 4 5; do
+    printf '[[plugins]]\nname = "noop%s"\npath = "%s"\ninstances = 8\n' "$i" "$ROOT/plugins/dist/noop.wasm"
+  done
+  for n in 0 1 3 5; do
+    chain=""
+    for ((i = 1; i <= n; i++)); do chain+="\"noop$i\","; done
+    printf '[[routes]]\nname = "p%s"\npath_prefix = "/p%s"\nupstream = "store"\nplugins = [%s]\n' "$n" "$n" "${chain%,}"
+  done
+} >"$WORK/gateway.toml"
+"$GATEWAY" check --config "$WORK/gateway.toml" >/dev/null
+
+timeout -k 5 3600 nginx -e /tmp/bench-up.err -c "$ROOT/bench/nginx/nginx-upstream.conf" &
+PIDS+=($!)
+timeout -k 5 3600 "$GATEWAY" run --config "$WORK/gateway.toml" >"$WORK/gw.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+  curl -sk -o /dev/null "https://127.0.0.1:$GW_PORT/p5" && break
+  sleep 0.1
+done
+curl -skf -o /dev/null "https://127.0.0.1:$GW_PORT/p5" || die "gateway did not come up: $(tail -5 "$WORK/gw.log")"
+
+# wrk's latency lines print units (us, ms, s); convert to microseconds.
+to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000000} else print v}'; }
+median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+for round in $(seq "$ROUNDS"); do
+  for n in 0 1 3 5; do
+    out=$(timeout $((DURATION + 30)) wrk -t1 -c1 -d"${DURATION}s" --latency "https://127.0.0.1:$GW_PORT/p$n/")
+    echo "$out" | awk '$1=="50%"{print $2}' | to_us >>"$WORK/p50_$n"
+    echo "$out" | awk '$1=="99%"{print $2}' | to_us >>"$WORK/p99_$n"
+    out=$(timeout $((DURATION + 30)) wrk -t1 -c64 -d"${DURATION}s" "https://127.0.0.1:$GW_PORT/p$n/")
+    echo "$out" | awk '/^Requests\/sec/{print $2}' >>"$WORK/rps_$n"
+    echo "  round $round  /p$n  p50 $(tail -1 "$WORK/p50_$n") us  rps $(tail -1 "$WORK/rps_$n")"
+  done
+done
+
+base_p50=$(median <"$WORK/p50_0")
+base_rps=$(median <"$WORK/rps_0")
+echo
+echo "gateway $("$GATEWAY" --version), 1 worker, nproc $(nproc); medians of $ROUNDS round(s) x ${DURATION}s; no-op plugins, 2 calls per plugin per request"
+printf '%-8s %12s %12s %22s %12s %10s\n' chain "p50 us" "p99 us" "added p50/plugin call" "req/s" "rps ratio"
+for n in 0 1 3 5; do
+  p50=$(median <"$WORK/p50_$n"); p99=$(median <"$WORK/p99_$n"); rps=$(median <"$WORK/rps_$n")
+  if ((n == 0)); then per="-"; else per=$(awk -v a="$p50" -v b="$base_p50" -v n="$n" 'BEGIN{printf "%.2f us", (a-b)/(2*n)}'); fi
+  ratio=$(awk -v a="$rps" -v b="$base_rps" 'BEGIN{printf "%.3f", a/b}')
+  printf '%-8s %12s %12s %22s %12s %10s\n' "$n" "$p50" "$p99" "$per" "$rps" "$ratio"
+done
+
+# One hook call as the gateway measures it (bucket upper bounds, so an upper estimate).
+metrics=$(curl -s "http://127.0.0.1:$GW_ADMIN/metrics")
+total=$(echo "$metrics" | awk '/^gateway_plugin_hook_duration_seconds_count/ {t += $2} END {print t + 0}')
+echo "$metrics" | awk '/^gateway_plugin_hook_duration_seconds_bucket/ && !/le="\+Inf"/ {
+    match($0, /le="[^"]*"/); cum[substr($0, RSTART + 4, RLENGTH - 5) + 0] += $2 } END { for (k in cum) print k, cum[k] }' |
+  sort -g | awk -v total="$total" '
+    !p50 && $2 >= total * 0.5 { p50 = $1 }
+    !p99 && $2 >= total * 0.99 { p99 = $1 }
+    END { printf "one hook call (gateway histogram, %d calls): p50 <= %.1f us, p99 <= %.1f us\n", total, p50 * 1e6, p99 * 1e6 }'
