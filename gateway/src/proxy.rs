@@ -210,7 +210,9 @@ pub async fn handle(
                         (resp, Some(pool.spec.name.as_str()), backend)
                     }
                     Some(chain) => {
-                        let out = with_plugins(
+                        // Boxed: the plugin path's state is large, and every request's
+                        // future would otherwise carry (and move) it.
+                        let out = Box::pin(with_plugins(
                             shared,
                             conn,
                             &snapshot,
@@ -221,7 +223,7 @@ pub async fn handle(
                             parts,
                             body,
                             body_empty,
-                        )
+                        ))
                         .await;
                         variant = out.variant;
                         (
@@ -824,6 +826,55 @@ pub fn redirect(req: &Request<Incoming>, https_port: u16) -> Response<ProxyBody>
 mod tests {
     use super::*;
     use crate::config::parse_host_pattern;
+
+    #[test]
+    fn request_future_stays_small() {
+        // Every request's future is moved into its task; keep it small.
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let config = crate::demo::demo_config(
+            &std::env::temp_dir().join(format!("gw-size-{}", std::process::id())),
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+        )
+        .unwrap();
+        let shared = Shared {
+            state: ArcSwap::from_pointee(Snapshot::build(Arc::new(config), &metrics, &[])),
+            metrics,
+        };
+        let conn = ConnInfo {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            proto: "https",
+        };
+        let (parts, _) = Request::new(()).into_parts();
+        let snapshot = shared.state.load();
+        let route = snapshot.router.route(None, "/").unwrap();
+        let pool = &snapshot.pools[0];
+        let rid = HeaderValue::from_static("x");
+        let fut = forward(
+            &shared,
+            &conn,
+            &snapshot,
+            route,
+            pool,
+            None,
+            &rid,
+            parts,
+            empty_body(),
+            true,
+        );
+        let n = size(&fut);
+        eprintln!("forward future: {n} bytes");
+        assert!(n < 2048, "forward future is {n} bytes");
+    }
 
     fn spec(name: &str, hosts: &[&str], prefix: &str) -> RouteSpec {
         RouteSpec {

@@ -148,7 +148,7 @@ impl Conns {
         req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, SendError> {
         if self.h2 {
-            return self.send_h2(req).await;
+            return Box::pin(self.send_h2(req)).await;
         }
         let mut req = req;
         while let Some(mut sender) = self.take_idle() {
@@ -164,6 +164,14 @@ impl Conns {
                 },
             }
         }
+        // A new connection is the rare path; boxing it keeps every request's future small.
+        Box::pin(self.send_on_new_connection(req)).await
+    }
+
+    async fn send_on_new_connection(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, SendError> {
         let stream = self.connect_tcp().await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
