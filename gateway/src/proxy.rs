@@ -177,8 +177,9 @@ pub async fn handle(
     };
     let host = http_util::request_host(&req);
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let route = snapshot.router.route(host.as_deref(), &path);
+    let route = snapshot.router.route(host.as_deref(), req.uri().path());
+    // Kept for the access log only.
+    let path = config.logging.access_log.then(|| req.uri().path().to_string());
 
     let mut variant = None;
     let (mut response, upstream_name, backend) = match route {
@@ -207,6 +208,7 @@ pub async fn handle(
                             body_empty,
                         )
                         .await;
+                        let backend = backend.map(|i| &pool.backends[i].authority);
                         (resp, Some(pool.spec.name.as_str()), backend)
                     }
                     Some(chain) => {
@@ -229,7 +231,7 @@ pub async fn handle(
                         (
                             out.response,
                             out.upstream.map(|i| snapshot.pools[i].spec.name.as_str()),
-                            out.backend,
+                            out.upstream.zip(out.backend).map(|(u, b)| &snapshot.pools[u].backends[b].authority),
                         )
                     }
                 },
@@ -263,12 +265,12 @@ pub async fn handle(
             client = %conn.peer.ip(),
             method = %method,
             host = host.as_deref().unwrap_or("-"),
-            path = %path,
+            path = path.as_deref().unwrap_or("-"),
             status = status.as_u16(),
             duration_us = elapsed.as_micros() as u64,
             route = route.map_or("-", |r| r.spec.name.as_str()),
             upstream = upstream_name.unwrap_or("-"),
-            backend = backend.as_deref().unwrap_or("-"),
+            backend = backend.map_or("-", |a| a.as_str()),
             variant = variant.as_deref().unwrap_or("-"),
             request_id = request_id.to_str().unwrap_or("-"),
         );
@@ -337,7 +339,7 @@ async fn forward(
     parts: http::request::Parts,
     body: ProxyBody,
     body_empty: bool,
-) -> (Response<ProxyBody>, Option<String>) {
+) -> (Response<ProxyBody>, Option<usize>) {
     let config = &snapshot.config;
     let metrics = &shared.metrics;
     let mut headers = parts.headers;
@@ -370,10 +372,13 @@ async fn forward(
     let mut body = Some(body);
     pool.budget.deposit();
     let upstream = pool.spec.name.as_str();
-    let mut tried: Vec<usize> = Vec::with_capacity(1);
+    // Attempts are bounded by max_retries (at most 10), so the tried list fits on the stack.
+    let mut tried_buf = [usize::MAX; 11];
+    let mut attempts = 0;
     let mut last_failure = None;
     loop {
-        let picked = pool.pick(&tried).or_else(|| {
+        let tried = &tried_buf[..attempts];
+        let picked = pool.pick(tried).or_else(|| {
             if tried.is_empty() {
                 None
             } else {
@@ -395,7 +400,8 @@ async fn forward(
                 None,
             );
         };
-        tried.push(index);
+        tried_buf[attempts] = index;
+        attempts += 1;
         let backend = &pool.backends[index];
         let request = pool.request_to(
             backend,
@@ -431,7 +437,7 @@ async fn forward(
                 let body = GuardedBody::new(body, in_flight).boxed_unsync();
                 return (
                     Response::from_parts(parts, body),
-                    Some(backend.authority.to_string()),
+                    Some(index),
                 );
             }
             Ok(Err(err)) => {
@@ -484,7 +490,7 @@ async fn forward(
         last_failure = Some(failure);
         let retryable = replayable
             && matches!(failure, Failure::Connect | Failure::Reset)
-            && tried.len() <= pool.spec.max_retries as usize;
+            && attempts <= pool.spec.max_retries as usize;
         if retryable {
             if pool.budget.try_withdraw() {
                 metrics
@@ -545,7 +551,7 @@ fn admit_body(
 struct PluginPass {
     response: Response<ProxyBody>,
     upstream: Option<usize>,
-    backend: Option<String>,
+    backend: Option<usize>,
     variant: Option<String>,
 }
 
