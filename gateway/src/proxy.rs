@@ -125,16 +125,24 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds pools (starting their health checks) and the router over loaded plugins.
+    /// Builds the router over loaded plugins, and the pools: a pool whose settings did not
+    /// change is carried over from `previous` with its connections and health state; new ones
+    /// start their health checks.
     pub fn build(
         config: Arc<Config>,
         metrics: &Metrics,
         plugins: &[Arc<LoadedPlugin>],
+        previous: Option<&Snapshot>,
     ) -> Snapshot {
         let pools = config
             .upstreams
             .iter()
-            .map(|u| Pool::new(u.clone(), metrics))
+            .map(|u| {
+                previous
+                    .and_then(|p| p.pools.iter().find(|old| old.spec == *u))
+                    .cloned()
+                    .unwrap_or_else(|| Pool::new(u.clone(), metrics))
+            })
             .collect();
         let router = Router::new(&config.routes, metrics, plugins);
         Snapshot {
@@ -142,6 +150,19 @@ impl Snapshot {
             router,
             pools,
         }
+    }
+
+    /// The loaded plugins this snapshot's routes use, by config index.
+    pub fn plugins(&self) -> Vec<Option<Arc<LoadedPlugin>>> {
+        let mut out = vec![None; self.config.plugins.len()];
+        for route in &self.router.routes {
+            if let Some(chain) = &route.chain {
+                for (&i, p) in route.spec.plugins.iter().zip(&chain.plugins) {
+                    out[i] = Some(p.clone());
+                }
+            }
+        }
+        out
     }
 }
 
@@ -179,7 +200,10 @@ pub async fn handle(
     let method = req.method().clone();
     let route = snapshot.router.route(host.as_deref(), req.uri().path());
     // Kept for the access log only.
-    let path = config.logging.access_log.then(|| req.uri().path().to_string());
+    let path = config
+        .logging
+        .access_log
+        .then(|| req.uri().path().to_string());
 
     let mut variant = None;
     let (mut response, upstream_name, backend) = match route {
@@ -231,7 +255,9 @@ pub async fn handle(
                         (
                             out.response,
                             out.upstream.map(|i| snapshot.pools[i].spec.name.as_str()),
-                            out.upstream.zip(out.backend).map(|(u, b)| &snapshot.pools[u].backends[b].authority),
+                            out.upstream
+                                .zip(out.backend)
+                                .map(|(u, b)| &snapshot.pools[u].backends[b].authority),
                         )
                     }
                 },
@@ -435,10 +461,7 @@ async fn forward(
                 let (mut parts, body) = resp.into_parts();
                 http_util::strip_hop_by_hop(&mut parts.headers);
                 let body = GuardedBody::new(body, in_flight).boxed_unsync();
-                return (
-                    Response::from_parts(parts, body),
-                    Some(index),
-                );
+                return (Response::from_parts(parts, body), Some(index));
             }
             Ok(Err(err)) => {
                 let failure = classify(&err);
@@ -853,7 +876,7 @@ mod tests {
         )
         .unwrap();
         let shared = Shared {
-            state: ArcSwap::from_pointee(Snapshot::build(Arc::new(config), &metrics, &[])),
+            state: ArcSwap::from_pointee(Snapshot::build(Arc::new(config), &metrics, &[], None)),
             metrics,
         };
         let conn = ConnInfo {

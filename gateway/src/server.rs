@@ -92,7 +92,7 @@ impl Gateway {
         let metrics = Metrics::new(&registry)?;
         let tls_config = tls::server_config(&config.certificates)?;
         let mut plugin_runtime = None;
-        let plugins = load_plugins(&mut plugin_runtime, &config, &registry).await?;
+        let plugins = load_plugins(&mut plugin_runtime, &config, &registry, &[]).await?;
         let mut bound = Vec::new();
         for spec in &config.listeners {
             let listener =
@@ -120,7 +120,7 @@ impl Gateway {
         let drain_timeout = config.server.drain_timeout;
         let config = Arc::new(config);
         let shared = Arc::new(Shared {
-            state: ArcSwap::from_pointee(Snapshot::build(config.clone(), &metrics, &plugins)),
+            state: ArcSwap::from_pointee(Snapshot::build(config.clone(), &metrics, &plugins, None)),
             metrics,
         });
         let ctx = Arc::new(ServeCtx {
@@ -192,11 +192,13 @@ impl Gateway {
     /// instances started) before anything is swapped; on error nothing changes.
     pub async fn reload(&self, config: Config) -> Result<(), StartError> {
         let tls_config = tls::server_config(&config.certificates)?;
+        let current = self.ctx.shared.state.load_full();
+        let previous: Vec<Arc<LoadedPlugin>> = current.plugins().into_iter().flatten().collect();
         let plugins = {
             let mut runtime = self.ctx.plugin_runtime.lock().await;
-            load_plugins(&mut runtime, &config, &self.ctx.registry).await?
+            load_plugins(&mut runtime, &config, &self.ctx.registry, &previous).await?
         };
-        let snapshot = Snapshot::build(Arc::new(config), &self.ctx.shared.metrics, &plugins);
+        let snapshot = Snapshot::build(Arc::new(config), &self.ctx.shared.metrics, &plugins, Some(&current));
         self.ctx.shared.state.store(Arc::new(snapshot));
         self.ctx.tls.store(tls_config);
         Ok(())
@@ -228,10 +230,13 @@ impl Gateway {
     }
 }
 
+/// Loads the config's plugins, reusing a loaded one from `previous` when its settings and
+/// file content are unchanged (so its warm instances carry over).
 async fn load_plugins(
     runtime: &mut Option<Arc<PluginRuntime>>,
     config: &Config,
     registry: &Registry,
+    previous: &[Arc<LoadedPlugin>],
 ) -> Result<Vec<Arc<LoadedPlugin>>, PluginError> {
     if config.plugins.is_empty() {
         return Ok(Vec::new());
@@ -242,7 +247,20 @@ async fn load_plugins(
             .insert(PluginRuntime::new(&config.plugin_runtime, registry)?)
             .clone(),
     };
-    crate::plugin::load_all(&rt, &config.plugins).await
+    let mut loaded = Vec::with_capacity(config.plugins.len());
+    for spec in &config.plugins {
+        let bytes = std::fs::read(&spec.path).map_err(|source| PluginError::Read {
+            name: spec.name.clone(),
+            path: spec.path.display().to_string(),
+            source,
+        })?;
+        let version = crate::plugin::content_version(&bytes);
+        match previous.iter().find(|p| p.spec == *spec && p.version == version) {
+            Some(p) => loaded.push(p.clone()),
+            None => loaded.push(rt.load_bytes(spec, bytes).await?),
+        }
+    }
+    Ok(loaded)
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {

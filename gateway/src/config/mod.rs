@@ -284,7 +284,7 @@ pub enum UpstreamProtocol {
 }
 
 /// `[upstreams.health_check]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheckSpec {
     /// Path requested with GET.
     pub path: String,
@@ -299,7 +299,7 @@ pub struct HealthCheckSpec {
 }
 
 /// `[[upstreams]]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSpec {
     /// Unique name.
     pub name: String,
