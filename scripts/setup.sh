@@ -8,9 +8,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# Debian packages the test suite needs. None yet beyond a C compiler for ring.
+# Debian packages the test suite needs: a C compiler for ring, and Mesa's Vulkan drivers for
+# lavapipe (software Vulkan), so the scoring kernels really run (and are tested) without a GPU.
 packages=()
 command -v cc >/dev/null 2>&1 || packages+=(gcc)
+dpkg-query -W -f='${Status}' mesa-vulkan-drivers 2>/dev/null | grep -q "install ok installed" ||
+  packages+=(mesa-vulkan-drivers)
 if [ "${#packages[@]}" -gt 0 ]; then
   apt_prefix=()
   [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)

@@ -10,6 +10,7 @@ pub mod http_util;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
+pub mod scoring;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -1,0 +1,49 @@
+//! The scoring engine: embedding and click-through (MLP) models in safetensors files, scored
+//! by WGSL compute kernels on a GPU (through wgpu's Vulkan backend) or by the CPU path.
+//!
+//! # Using it
+//!
+//! 1. **Device**, once per process: [`acquire_device`] with a [`BackendChoice`] (`auto`: a
+//!    real GPU, else the software Vulkan adapter lavapipe if allowed, else the CPU path;
+//!    or forced `gpu`, `software-gpu`, `cpu`). A caller with its own wgpu device wraps it
+//!    in [`GpuDevice::new`]. A [`ComputeDevice`] is cheap to clone and shared by all models.
+//! 2. **Load**: [`Model::load`] reads and validates the file ([`format`] describes it),
+//!    uploads the weights and creates every buffer, pipeline and bind group the model's
+//!    batches need, sized by [`BatchLimits`]. Nothing is allocated per request.
+//! 3. **Score a batch**: [`Model::rank`] (candidate lists per query, embedding models),
+//!    [`Model::top_k`] (full-catalog retrieval, embedding models; top-k selected on the GPU,
+//!    only k entries per query read back), [`Model::predict`] (MLP click probabilities).
+//!    All ids, dimensions and values are checked on the host first; a bad request is a
+//!    [`ScoringError`] naming the request, never a panic. Each batch is one submission
+//!    (top-k: the scan and its merge passes in one compute pass) and one readback
+//!    (`map_async` + one device poll). The calls block the thread until the result is back,
+//!    so async callers run them on a blocking thread (`spawn_blocking` or a batcher thread).
+//! 4. **Swap**: a [`Model`] is immutable and `Send + Sync`; keep `Arc<Model>` in an
+//!    `ArcSwap` and store a freshly loaded one to update. Batches on the old model finish on
+//!    it; its GPU memory is freed when the last `Arc` goes.
+//!
+//! The `*_cpu` twins ([`Model::rank_cpu`], ...) run the CPU path on any model: the oracle in
+//! tests and a fallback if a GPU batch fails. Results are identical in order (higher score
+//! first; equal scores: lower item id first) and equal in value within float rounding.
+//!
+//! Precision: f32 throughout. f16 storage (for adapters with `SHADER_F16`) is not implemented
+//! yet; the device is opened without optional features.
+
+mod config;
+mod cpu;
+mod device;
+mod error;
+pub mod format;
+mod gpu;
+mod model;
+pub mod sample;
+
+pub use config::{BackendChoice, BatchLimits, ModelLimits, ScoringConfig};
+pub use cpu::hit_order;
+pub use device::{
+    acquire_device, open_device, select_adapter, vulkan_adapters, ComputeDevice, GpuDevice,
+};
+pub use error::{GpuError, ModelError, ScoringError};
+pub use format::{inspect, Inspection, ModelInfo, ModelKind, Similarity, TensorSummary};
+pub use model::{CtrRow, ExecutionPath, Hit, Model, Query, RankRequest, MAX_TOP_K};
+pub use sample::{sample_model, SampleSpec};
