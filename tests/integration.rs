@@ -1,6 +1,9 @@
 //! End-to-end tests: the real gateway on 127.0.0.1:0, real upstream servers, real TLS clients.
 //! Each module is named for what it proves.
 
+// wgpu's types nest deeply; proving futures that hold a model Send takes more steps.
+#![recursion_limit = "256"]
+
 mod support;
 
 mod bad_config_files_give_located_errors;
@@ -12,6 +15,7 @@ mod reload_keeps_what_did_not_change;
 mod routing_by_host_and_prefix;
 mod scoring_kernels_match_the_cpu_path;
 mod scoring_rejects_bad_models;
+mod scoring_serves_and_swaps_without_mixing;
 mod shipped_plugins_work_end_to_end;
 mod timeouts_and_limits;
 mod tls_sni_alpn_and_versions;

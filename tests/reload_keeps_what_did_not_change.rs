@@ -9,7 +9,14 @@ use crate::support::*;
 #[tokio::test]
 async fn unchanged_pools_keep_their_health_state_across_a_reload() {
     let pki = Pki::new();
-    let sick = Upstream::with(|_| Reply::Respond(StatusCode::SERVICE_UNAVAILABLE, vec![], Bytes::from_static(b"sick"))).await;
+    let sick = Upstream::with(|_| {
+        Reply::Respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            vec![],
+            Bytes::from_static(b"sick"),
+        )
+    })
+    .await;
     let fine = Upstream::named("fine").await;
     let other = Upstream::named("other").await;
     let passive = "[upstreams.passive]\nconsecutive_failures = 1\nejection_ms = 60000";
@@ -27,16 +34,36 @@ async fn unchanged_pools_keep_their_health_state_across_a_reload() {
         "{before}\n[[routes]]\nname = \"other\"\npath_prefix = \"/other\"\nupstream = \"other\"\n[[upstreams]]\nname = \"other\"\nbackends = [\"{}\"]\n",
         other.addr
     );
-    gw.gateway.reload(gateway::Config::from_toml(&after, "t.toml", pki.path()).unwrap()).await.unwrap();
-    assert_eq!(fetch(addr, &pki.ca_der, true, get("localhost", "/other/x")).await.text(), "other");
+    gw.gateway
+        .reload(gateway::Config::from_toml(&after, "t.toml", pki.path()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        fetch(addr, &pki.ca_der, true, get("localhost", "/other/x"))
+            .await
+            .text(),
+        "other"
+    );
     for _ in 0..4 {
-        assert_eq!(fetch(addr, &pki.ca_der, false, get("localhost", "/")).await.text(), "fine");
+        assert_eq!(
+            fetch(addr, &pki.ca_der, false, get("localhost", "/"))
+                .await
+                .text(),
+            "fine"
+        );
     }
-    assert_eq!(sick.hits(), 1, "the ejected backend stays ejected: the pool was carried over");
+    assert_eq!(
+        sick.hits(),
+        1,
+        "the ejected backend stays ejected: the pool was carried over"
+    );
 
     // Changing the pool's settings makes a fresh pool (health state starts over).
     let changed = after.replace("ejection_ms = 60000", "ejection_ms = 50000");
-    gw.gateway.reload(gateway::Config::from_toml(&changed, "t.toml", pki.path()).unwrap()).await.unwrap();
+    gw.gateway
+        .reload(gateway::Config::from_toml(&changed, "t.toml", pki.path()).unwrap())
+        .await
+        .unwrap();
     for _ in 0..4 {
         fetch(addr, &pki.ca_der, false, get("localhost", "/")).await;
     }

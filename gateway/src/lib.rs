@@ -4,6 +4,8 @@
 //! Start one with [`Gateway::start`] from a validated [`config::Config`]; the `gateway` binary
 //! is a thin command line over this library.
 
+#![recursion_limit = "256"]
+
 pub mod config;
 pub mod demo;
 pub mod http_util;

@@ -15,9 +15,12 @@ use prometheus::{Histogram, IntCounter};
 use crate::config::{Config, HostPattern, RouteSpec};
 use crate::http_util::{self, BodyLimitError, GuardedBody, LimitedBody};
 use crate::metrics::Metrics;
+use std::collections::HashMap;
+
 use crate::plugin::chain::{RequestOutcome, RouteChain};
 use crate::plugin::host::{RequestState, ResponseState};
 use crate::plugin::{LoadedPlugin, Outcome};
+use crate::scoring::serving::ModelSlot;
 use crate::upstream::conn::SendError;
 use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
 
@@ -39,6 +42,9 @@ pub struct Router {
     routes: Vec<Route>,
     unmatched: [IntCounter; 5],
     unmatched_duration: Histogram,
+    /// The scoring endpoint's series (route label `_scoring`).
+    scoring: [IntCounter; 5],
+    scoring_duration: Histogram,
 }
 
 fn class_counters(metrics: &Metrics, route: &str) -> [IntCounter; 5] {
@@ -73,6 +79,8 @@ impl Router {
                 .collect(),
             unmatched: class_counters(metrics, "unmatched"),
             unmatched_duration: metrics.request_duration.with_label_values(&["unmatched"]),
+            scoring: class_counters(metrics, "_scoring"),
+            scoring_duration: metrics.request_duration.with_label_values(&["_scoring"]),
         }
     }
 
@@ -122,6 +130,8 @@ pub struct Snapshot {
     pub router: Router,
     /// Pools, indexed like `config.upstreams`.
     pub pools: Vec<Arc<Pool>>,
+    /// Served models by name.
+    pub models: HashMap<String, Arc<ModelSlot>>,
 }
 
 impl Snapshot {
@@ -149,6 +159,7 @@ impl Snapshot {
             config,
             router,
             pools,
+            models: HashMap::new(),
         }
     }
 
@@ -198,6 +209,29 @@ pub async fn handle(
     };
     let host = http_util::request_host(&req);
     let method = req.method().clone();
+    if !snapshot.models.is_empty() {
+        if let Some(rest) = req
+            .uri()
+            .path()
+            .strip_prefix(config.scoring.endpoint_prefix.as_str())
+        {
+            if rest.is_empty() || rest.starts_with('/') {
+                let rest = rest.to_string();
+                let mut response =
+                    crate::scoring::endpoint::handle(&snapshot.models, &rest, req).await;
+                let status = response.status();
+                snapshot.router.scoring[class_index(status)].inc();
+                snapshot
+                    .router
+                    .scoring_duration
+                    .observe(started.elapsed().as_secs_f64());
+                response
+                    .headers_mut()
+                    .insert(rid_header.clone(), request_id);
+                return response;
+            }
+        }
+    }
     let route = snapshot.router.route(host.as_deref(), req.uri().path());
     // Kept for the access log only.
     let path = config

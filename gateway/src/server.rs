@@ -25,8 +25,10 @@ use crate::http_util::GuardedBody;
 use crate::metrics::{Metrics, MetricsError};
 use crate::plugin::{LoadedPlugin, PluginError, PluginRuntime};
 use crate::proxy::{self, ConnInfo, Shared, Snapshot};
+use crate::scoring::serving::{ModelSlot, ServedModel};
 use crate::tls::{self, TlsError};
 use crate::upstream::{full_body, ProxyBody};
+use std::collections::HashMap;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,122 @@ pub enum StartError {
     /// A plugin could not be loaded.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// A model could not be loaded, or no device could be had for it.
+    #[error("model {name:?}: {message}")]
+    Model {
+        /// Model name (`*` for the device).
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The scoring device and series, made on first use.
+#[derive(Default)]
+struct ScoringState {
+    device: Option<crate::scoring::ComputeDevice>,
+    families: Option<crate::scoring::serving::ModelFamilies>,
+}
+
+/// Loads the config's models without touching what serves: unchanged files keep their slot;
+/// changed ones are loaded into new versions that [`apply_models`] swaps in once every load
+/// has succeeded.
+async fn load_models(
+    state: &mut ScoringState,
+    config: &Config,
+    registry: &Registry,
+    current: &HashMap<String, Arc<ModelSlot>>,
+) -> Result<Vec<(String, Result<Arc<ModelSlot>, ServedModel>)>, StartError> {
+    use crate::scoring::serving;
+    if config.models.is_empty() {
+        return Ok(Vec::new());
+    }
+    let fail = |name: &str, message: String| StartError::Model {
+        name: name.to_string(),
+        message,
+    };
+    let device = match &state.device {
+        Some(d) => d.clone(),
+        None => {
+            let (backend, allow) = (config.scoring.backend, config.scoring.allow_software_gpu);
+            let d =
+                tokio::task::spawn_blocking(move || crate::scoring::acquire_device(backend, allow))
+                    .await
+                    .map_err(|e| fail("*", e.to_string()))?
+                    .map_err(|e| fail("*", e.to_string()))?;
+            tracing::info!(device = ?d, "scoring device");
+            state.device.insert(d).clone()
+        }
+    };
+    if state.families.is_none() {
+        state.families =
+            Some(serving::ModelFamilies::new(registry).map_err(|e| fail("*", e.to_string()))?);
+    }
+    let mut cfg = crate::scoring::ScoringConfig {
+        backend: config.scoring.backend,
+        allow_software_gpu: config.scoring.allow_software_gpu,
+        ..Default::default()
+    };
+    cfg.batch.max_queries = config.scoring.policy.max_batch.max(cfg.batch.max_queries);
+    let mut out = Vec::new();
+    for spec in &config.models {
+        let bytes = std::fs::read(&spec.path).map_err(|e| {
+            fail(
+                &spec.name,
+                format!("cannot read {}: {e}", spec.path.display()),
+            )
+        })?;
+        let version = crate::plugin::content_version(&bytes);
+        if let Some(slot) = current
+            .get(&spec.name)
+            .filter(|s| s.live().version == version)
+        {
+            out.push((spec.name.clone(), Ok(slot.clone())));
+            continue;
+        }
+        let (cfg2, dev2) = (cfg.clone(), device.clone());
+        let model = tokio::task::spawn_blocking(move || {
+            crate::scoring::Model::from_bytes(&bytes, &cfg2, &dev2)
+        })
+        .await
+        .map_err(|e| fail(&spec.name, e.to_string()))?
+        .map_err(|e| fail(&spec.name, format!("{}: {e}", spec.path.display())))?;
+        tracing::info!(model = %spec.name, %version, path = ?model.execution_path(), "model loaded");
+        out.push((spec.name.clone(), Err(ServedModel { model, version })));
+    }
+    Ok(out)
+}
+
+/// Swaps new versions into existing slots (keeping their history) and starts new slots.
+fn apply_models(
+    state: &ScoringState,
+    config: &Config,
+    loaded: Vec<(String, Result<Arc<ModelSlot>, ServedModel>)>,
+    current: &HashMap<String, Arc<ModelSlot>>,
+) -> HashMap<String, Arc<ModelSlot>> {
+    let mut models = HashMap::new();
+    for (name, entry) in loaded {
+        let slot = match entry {
+            Ok(slot) => slot,
+            Err(served) => match current.get(&name) {
+                Some(slot) => {
+                    slot.swap(served);
+                    slot.clone()
+                }
+                None => ModelSlot::start(
+                    &name,
+                    served,
+                    config.scoring.policy,
+                    state
+                        .families
+                        .as_ref()
+                        .expect("families exist once a model is loaded"),
+                ),
+            },
+        };
+        models.insert(name, slot);
+    }
+    models
 }
 
 /// How the drain at shutdown ended.
@@ -63,6 +181,7 @@ pub enum DrainOutcome {
 
 struct ServeCtx {
     shared: Arc<Shared>,
+    scoring: tokio::sync::Mutex<ScoringState>,
     /// Made on first use: only configurations with plugins pay for the engine.
     plugin_runtime: tokio::sync::Mutex<Option<Arc<PluginRuntime>>>,
     registry: Registry,
@@ -93,6 +212,9 @@ impl Gateway {
         let tls_config = tls::server_config(&config.certificates)?;
         let mut plugin_runtime = None;
         let plugins = load_plugins(&mut plugin_runtime, &config, &registry, &[]).await?;
+        let mut scoring = ScoringState::default();
+        let loaded = load_models(&mut scoring, &config, &registry, &HashMap::new()).await?;
+        let models = apply_models(&scoring, &config, loaded, &HashMap::new());
         let mut bound = Vec::new();
         for spec in &config.listeners {
             let listener =
@@ -120,11 +242,15 @@ impl Gateway {
         let drain_timeout = config.server.drain_timeout;
         let config = Arc::new(config);
         let shared = Arc::new(Shared {
-            state: ArcSwap::from_pointee(Snapshot::build(config.clone(), &metrics, &plugins, None)),
+            state: ArcSwap::from_pointee(Snapshot {
+                models,
+                ..Snapshot::build(config.clone(), &metrics, &plugins, None)
+            }),
             metrics,
         });
         let ctx = Arc::new(ServeCtx {
             shared,
+            scoring: tokio::sync::Mutex::new(scoring),
             plugin_runtime: tokio::sync::Mutex::new(plugin_runtime),
             registry: registry.clone(),
             tls: ArcSwap::new(tls_config),
@@ -177,6 +303,11 @@ impl Gateway {
         &self.listeners
     }
 
+    /// A served model's slot, by name (for swaps and rollbacks).
+    pub fn model(&self, name: &str) -> Option<Arc<ModelSlot>> {
+        self.ctx.shared.state.load().models.get(name).cloned()
+    }
+
     /// The admin listener's bound address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
@@ -198,7 +329,18 @@ impl Gateway {
             let mut runtime = self.ctx.plugin_runtime.lock().await;
             load_plugins(&mut runtime, &config, &self.ctx.registry, &previous).await?
         };
-        let snapshot = Snapshot::build(Arc::new(config), &self.ctx.shared.metrics, &plugins, Some(&current));
+        let mut scoring = self.ctx.scoring.lock().await;
+        let loaded =
+            load_models(&mut scoring, &config, &self.ctx.registry, &current.models).await?;
+        // Everything new is loaded; from here on nothing can fail.
+        let models = apply_models(&scoring, &config, loaded, &current.models);
+        let mut snapshot = Snapshot::build(
+            Arc::new(config),
+            &self.ctx.shared.metrics,
+            &plugins,
+            Some(&current),
+        );
+        snapshot.models = models;
         self.ctx.shared.state.store(Arc::new(snapshot));
         self.ctx.tls.store(tls_config);
         Ok(())
@@ -255,7 +397,10 @@ async fn load_plugins(
             source,
         })?;
         let version = crate::plugin::content_version(&bytes);
-        match previous.iter().find(|p| p.spec == *spec && p.version == version) {
+        match previous
+            .iter()
+            .find(|p| p.spec == *spec && p.version == version)
+        {
             Some(p) => loaded.push(p.clone()),
             None => loaded.push(rt.load_bytes(spec, bytes).await?),
         }

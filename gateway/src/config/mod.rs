@@ -42,6 +42,32 @@ pub struct Config {
     pub plugin_runtime: PluginRuntimeSettings,
     /// Plugins, referred to by index from routes.
     pub plugins: Vec<PluginSpec>,
+    /// Scoring engine settings.
+    pub scoring: ScoringSettings,
+    /// Models to serve.
+    pub models: Vec<ModelSpec>,
+}
+
+/// `[scoring]`, validated.
+#[derive(Debug, Clone)]
+pub struct ScoringSettings {
+    /// Device choice.
+    pub backend: crate::scoring::BackendChoice,
+    /// Software Vulkan allowed under `auto`.
+    pub allow_software_gpu: bool,
+    /// Batching.
+    pub policy: crate::scoring::serving::BatchPolicy,
+    /// Endpoint prefix, no trailing `/`.
+    pub endpoint_prefix: String,
+}
+
+/// `[[models]]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Unique name.
+    pub name: String,
+    /// File.
+    pub path: PathBuf,
 }
 
 /// `[plugin_runtime]`, validated.

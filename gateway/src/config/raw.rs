@@ -42,6 +42,43 @@ pub struct RawConfig {
     /// Plugins that routes can list in their chains.
     #[serde(default)]
     pub plugins: Vec<RawPlugin>,
+    /// Settings of the model scoring engine.
+    #[serde(default)]
+    pub scoring: RawScoring,
+    /// Models served by the scoring engine.
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+}
+
+/// `[scoring]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScoring {
+    /// `auto` (a real GPU, else the software Vulkan adapter if allowed, else the CPU path),
+    /// `gpu`, `software-gpu` or `cpu`. Default `auto`.
+    pub backend: Option<String>,
+    /// With `auto` and no real GPU, use the software Vulkan adapter (lavapipe) instead of the
+    /// CPU path. Default true.
+    pub allow_software_gpu: Option<bool>,
+    /// Requests per dispatched batch at most. Default 64.
+    pub max_batch: Option<usize>,
+    /// How long the first request of a batch waits for others, in microseconds. Default 500.
+    pub max_queue_delay_us: Option<u64>,
+    /// Requests waiting per model at most; more get 503. Default 4096.
+    pub max_queue: Option<usize>,
+    /// Path prefix of the scoring JSON endpoint on the proxy listeners. Default
+    /// `/_gateway/models`.
+    pub endpoint_prefix: Option<String>,
+}
+
+/// `[[models]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// Unique name, used in the endpoint path and metrics.
+    pub name: String,
+    /// The model file (safetensors). Relative to the config file.
+    pub path: String,
 }
 
 /// `[plugin_runtime]`

@@ -595,6 +595,68 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         });
     }
 
+    // [scoring] and [[models]]
+    let rs = &raw.scoring;
+    let backend = match rs
+        .backend
+        .as_deref()
+        .unwrap_or("auto")
+        .parse::<crate::scoring::BackendChoice>()
+    {
+        Ok(b) => b,
+        Err(e) => {
+            c.fail(vec![Key("scoring"), Key("backend")], e.to_string());
+            crate::scoring::BackendChoice::Auto
+        }
+    };
+    let mut endpoint_prefix = rs
+        .endpoint_prefix
+        .clone()
+        .unwrap_or_else(|| "/_gateway/models".to_string());
+    while endpoint_prefix.len() > 1 && endpoint_prefix.ends_with('/') {
+        endpoint_prefix.pop();
+    }
+    if !endpoint_prefix.starts_with('/') || endpoint_prefix.len() < 2 {
+        c.fail(
+            vec![Key("scoring"), Key("endpoint_prefix")],
+            "must be a path such as \"/_gateway/models\" (not \"/\")",
+        );
+    }
+    let policy = crate::scoring::serving::BatchPolicy {
+        max_batch: rs.max_batch.unwrap_or(64),
+        max_queue_delay: std::time::Duration::from_micros(rs.max_queue_delay_us.unwrap_or(500)),
+        max_queue: rs.max_queue.unwrap_or(4096),
+    };
+    if !(1..=4096).contains(&policy.max_batch) {
+        c.fail(
+            vec![Key("scoring"), Key("max_batch")],
+            "must be between 1 and 4096",
+        );
+    }
+    if policy.max_queue == 0 {
+        c.fail(vec![Key("scoring"), Key("max_queue")], "must be at least 1");
+    }
+    let scoring = ScoringSettings {
+        backend,
+        allow_software_gpu: rs.allow_software_gpu.unwrap_or(true),
+        policy,
+        endpoint_prefix,
+    };
+    let mut models = Vec::new();
+    let mut model_names = HashMap::new();
+    for (i, rm) in raw.models.into_iter().enumerate() {
+        let at = |f: &'static str| vec![Key("models"), Index(i), Key(f)];
+        check_name(&mut c, at("name"), &rm.name, &mut model_names, i, "model");
+        let path = resolve(base_dir, &rm.path);
+        if !path.is_file() {
+            c.fail(at("path"), format!("cannot read {}", path.display()));
+        }
+        models.push(ModelSpec {
+            name: rm.name,
+            path,
+        });
+    }
+
     // [[routes]]
     let mut routes = Vec::new();
     let mut route_names = HashMap::new();
@@ -747,6 +809,8 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             routes,
             plugin_runtime,
             plugins,
+            scoring,
+            models,
         })
     } else {
         Err(c.problems)

@@ -32,11 +32,13 @@
 mod config;
 mod cpu;
 mod device;
+pub mod endpoint;
 mod error;
 pub mod format;
 mod gpu;
 mod model;
 pub mod sample;
+pub mod serving;
 
 pub use config::{BackendChoice, BatchLimits, ModelLimits, ScoringConfig};
 pub use cpu::hit_order;

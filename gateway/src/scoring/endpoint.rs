@@ -1,0 +1,156 @@
+//! The scoring JSON endpoint on the proxy listeners, for storefront backends:
+//!
+//! - `POST <prefix>/<model>/rank` with `{"user": 7, "candidates": [3, 1, 2]}` (or `"vector":
+//!   [...]` instead of `"user"`): the candidates scored and ordered best first;
+//! - `POST <prefix>/<model>/topk` with `{"user": 7, "k": 10}`: the best `k` of the catalog;
+//! - `GET <prefix>`: the models, their live versions and rollback history.
+//!
+//! Answers are `{"model", "version", "results": [{"item", "score"}, ...]}` with the version
+//! also in `x-model-version`; every number of one answer comes from that version.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::serving::{Ask, ModelSlot, OwnedQuery, ServeError};
+use crate::upstream::{full_body, ProxyBody};
+
+/// Largest request body the endpoint reads.
+pub const MAX_BODY: usize = 1 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    user: Option<u32>,
+    vector: Option<Vec<f32>>,
+    candidates: Option<Vec<u32>>,
+    k: Option<usize>,
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
+    let mut r = Response::new(full_body(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyBody> {
+    json_response(status, json!({ "error": message.to_string() }))
+}
+
+/// Answers a request whose path is under the endpoint prefix; `rest` is the path after it.
+pub async fn handle(
+    models: &HashMap<String, Arc<ModelSlot>>,
+    rest: &str,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let rest = rest.trim_start_matches('/');
+    if rest.is_empty() {
+        if req.method() != Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "use GET to list models");
+        }
+        let mut list: Vec<_> = models
+            .values()
+            .map(|slot| {
+                let live = slot.live();
+                json!({
+                    "name": slot.name,
+                    "version": live.version,
+                    "kind": live.model.info().kind.to_string(),
+                    "history": slot.history(),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        return json_response(StatusCode::OK, json!({ "models": list }));
+    }
+    let Some((name, op)) = rest.split_once('/') else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "use <prefix>/<model>/rank or <prefix>/<model>/topk",
+        );
+    };
+    let Some(slot) = models.get(name) else {
+        return error(StatusCode::NOT_FOUND, format!("no model named {name:?}"));
+    };
+    if req.method() != Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use POST with a JSON body");
+    }
+    let bytes = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body must be JSON of at most {MAX_BODY} bytes"),
+            )
+        }
+    };
+    let body: Body = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+    };
+    let query = match (body.user, body.vector) {
+        (Some(u), None) => OwnedQuery::User(u),
+        (None, Some(v)) => OwnedQuery::Vector(v),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of \"user\" and \"vector\"",
+            )
+        }
+    };
+    let ask = match (op, body.candidates, body.k) {
+        ("rank", Some(candidates), None) => Ask::Rank { query, candidates },
+        ("topk", None, Some(k)) if k > 0 => Ask::TopK { query, k },
+        ("rank", _, _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "rank takes \"candidates\" (a list of item ids) and no \"k\"",
+            )
+        }
+        ("topk", _, _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "topk takes \"k\" (at least 1) and no \"candidates\"",
+            )
+        }
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("unknown operation {op:?}; use rank or topk"),
+            )
+        }
+    };
+    match slot.ask(ask).await {
+        Ok(answer) => {
+            let results: Vec<_> = answer
+                .hits
+                .iter()
+                .map(|h| json!({ "item": h.item, "score": h.score }))
+                .collect();
+            let mut r = json_response(
+                StatusCode::OK,
+                json!({ "model": slot.name, "version": answer.version, "results": results }),
+            );
+            if let Ok(v) = HeaderValue::from_str(&answer.version) {
+                r.headers_mut().insert("x-model-version", v);
+            }
+            r
+        }
+        Err(ServeError::Bad(m)) => error(StatusCode::BAD_REQUEST, m),
+        Err(e @ ServeError::Closed(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e @ ServeError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
