@@ -263,3 +263,80 @@ async fn a_hundred_swaps_under_load_fail_nothing_and_never_mix_versions() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn predict_serves_click_models_and_readyz_names_the_device() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let path = pki.path().join("ctr.safetensors");
+    let spec = SampleSpec::mlp(20, 100, 7);
+    let n_dense = spec.n_dense;
+    std::fs::write(&path, sample_model(&spec)).unwrap();
+    let toml = basic_config(
+        &pki,
+        &[up.addr],
+        "",
+        &format!(
+            "[[models]]\nname = \"ctr\"\npath = \"{}\"\n",
+            path.display()
+        ),
+    );
+    let gw = TestGateway::start(&toml, pki.path()).await;
+    let addr = gw.addr("https");
+    let rows: Vec<_> = (0..5)
+        .map(|i| serde_json::json!({"user": i, "item": i * 3, "dense": vec![0.5; n_dense]}))
+        .collect();
+    let r = fetch(
+        addr,
+        &pki.ca_der,
+        true,
+        post(
+            "/_gateway/models/ctr/predict",
+            serde_json::json!({ "rows": rows }),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    for (i, hit) in results.iter().enumerate() {
+        assert_eq!(
+            hit["item"].as_u64().unwrap(),
+            i as u64 * 3,
+            "rows come back in request order"
+        );
+        let p = hit["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p), "a probability: {p}");
+    }
+    let bad = fetch(
+        addr,
+        &pki.ca_der,
+        false,
+        post(
+            "/_gateway/models/ctr/predict",
+            serde_json::json!({"rows": [{"user": 1, "item": 1, "dense": [1.0]}]}),
+        ),
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let wrong_op = fetch(
+        addr,
+        &pki.ca_der,
+        false,
+        post(
+            "/_gateway/models/ctr/rank",
+            serde_json::json!({"user": 1, "candidates": [1]}),
+        ),
+    )
+    .await;
+    assert_eq!(wrong_op.status, 400, "{}", wrong_op.text());
+
+    let ready = admin_get(gw.gateway.admin_addr(), "/readyz").await.text();
+    assert!(ready.contains("model ctr: version"), "{ready}");
+    let devices: f64 = ["gpu", "software-gpu", "cpu"]
+        .iter()
+        .map(|b| gw.metric("gateway_scoring_device_info", &[("backend", b)]))
+        .sum();
+    assert_eq!(devices, 1.0);
+}

@@ -100,8 +100,20 @@ async fn load_models(
         }
     };
     if state.families.is_none() {
-        state.families =
-            Some(serving::ModelFamilies::new(registry).map_err(|e| fail("*", e.to_string()))?);
+        let families =
+            serving::ModelFamilies::new(registry).map_err(|e| fail("*", e.to_string()))?;
+        let (backend, adapter) = match &device {
+            crate::scoring::ComputeDevice::Gpu(g) if g.is_software() => {
+                ("software-gpu", g.info().name.clone())
+            }
+            crate::scoring::ComputeDevice::Gpu(g) => ("gpu", g.info().name.clone()),
+            crate::scoring::ComputeDevice::Cpu => ("cpu", String::from("-")),
+        };
+        families
+            .device
+            .with_label_values(&[backend, adapter.as_str()])
+            .set(1);
+        state.families = Some(families);
     }
     let mut cfg = crate::scoring::ScoringConfig {
         backend: config.scoring.backend,
@@ -724,6 +736,17 @@ fn admin_response(
             }
             let snapshot = shared.state.load();
             let mut body = String::from("ready\n");
+            let mut models: Vec<_> = snapshot.models.values().collect();
+            models.sort_by(|a, b| a.name.cmp(&b.name));
+            for slot in models {
+                let live = slot.live();
+                body.push_str(&format!(
+                    "model {}: version {} on {:?}\n",
+                    slot.name,
+                    live.version,
+                    live.model.execution_path()
+                ));
+            }
             for pool in &snapshot.pools {
                 let up = pool
                     .backends

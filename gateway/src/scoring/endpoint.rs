@@ -3,6 +3,8 @@
 //! - `POST <prefix>/<model>/rank` with `{"user": 7, "candidates": [3, 1, 2]}` (or `"vector":
 //!   [...]` instead of `"user"`): the candidates scored and ordered best first;
 //! - `POST <prefix>/<model>/topk` with `{"user": 7, "k": 10}`: the best `k` of the catalog;
+//! - `POST <prefix>/<model>/predict` with `{"rows": [{"user": 7, "item": 3, "dense": [0.5]}]}`:
+//!   click probabilities from an MLP model, one per row in order;
 //! - `GET <prefix>`: the models, their live versions and rollback history.
 //!
 //! Answers are `{"model", "version", "results": [{"item", "score"}, ...]}` with the version
@@ -31,6 +33,16 @@ struct Body {
     vector: Option<Vec<f32>>,
     candidates: Option<Vec<u32>>,
     k: Option<usize>,
+    rows: Option<Vec<Row>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Row {
+    user: u32,
+    item: u32,
+    #[serde(default)]
+    dense: Vec<f32>,
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
@@ -101,36 +113,56 @@ pub async fn handle(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
     };
-    let query = match (body.user, body.vector) {
-        (Some(u), None) => OwnedQuery::User(u),
-        (None, Some(v)) => OwnedQuery::Vector(v),
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "give exactly one of \"user\" and \"vector\"",
-            )
+    let ask = if op == "predict" {
+        match (body.rows, body.user, body.vector, body.candidates, body.k) {
+            (Some(rows), None, None, None, None) if !rows.is_empty() => Ask::Predict {
+                rows: rows
+                    .into_iter()
+                    .map(|r| (r.user, r.item, r.dense))
+                    .collect(),
+            },
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "predict takes only \"rows\": a non-empty list of {user, item, dense}",
+                )
+            }
         }
-    };
-    let ask = match (op, body.candidates, body.k) {
-        ("rank", Some(candidates), None) => Ask::Rank { query, candidates },
-        ("topk", None, Some(k)) if k > 0 => Ask::TopK { query, k },
-        ("rank", _, _) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "rank takes \"candidates\" (a list of item ids) and no \"k\"",
-            )
+    } else {
+        if body.rows.is_some() {
+            return error(StatusCode::BAD_REQUEST, "\"rows\" belongs to predict");
         }
-        ("topk", _, _) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "topk takes \"k\" (at least 1) and no \"candidates\"",
-            )
-        }
-        _ => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("unknown operation {op:?}; use rank or topk"),
-            )
+        let query = match (body.user, body.vector) {
+            (Some(u), None) => OwnedQuery::User(u),
+            (None, Some(v)) => OwnedQuery::Vector(v),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "give exactly one of \"user\" and \"vector\"",
+                )
+            }
+        };
+        match (op, body.candidates, body.k) {
+            ("rank", Some(candidates), None) => Ask::Rank { query, candidates },
+            ("topk", None, Some(k)) if k > 0 => Ask::TopK { query, k },
+            ("rank", _, _) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "rank takes \"candidates\" (a list of item ids) and no \"k\"",
+                )
+            }
+            ("topk", _, _) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "topk takes \"k\" (at least 1) and no \"candidates\"",
+                )
+            }
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown operation {op:?}; use rank, topk or predict"),
+                )
+            }
         }
     };
     match slot.ask(ask).await {

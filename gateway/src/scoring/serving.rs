@@ -18,7 +18,7 @@ use prometheus::{
 };
 
 use super::{
-    ComputeDevice, Hit, Model, ModelError, Query, RankRequest, ScoringConfig, ScoringError,
+    ComputeDevice, CtrRow, Hit, Model, ModelError, Query, RankRequest, ScoringConfig, ScoringError,
 };
 
 /// Versions kept for rollback besides the live one.
@@ -67,6 +67,11 @@ pub enum Ask {
         /// How many.
         k: usize,
     },
+    /// Click probabilities of (user, item, dense features) rows (MLP models).
+    Predict {
+        /// The rows.
+        rows: Vec<(u32, u32, Vec<f32>)>,
+    },
 }
 
 /// What the model answered, and which version answered.
@@ -74,7 +79,8 @@ pub enum Ask {
 pub struct Answer {
     /// The version that produced every number here.
     pub version: String,
-    /// Items and scores, best first (for `Rank`, the candidates re-ordered).
+    /// Items and scores, best first (for `Rank`, the candidates re-ordered). For `Predict`,
+    /// one entry per row in request order, `item` being the row's item.
     pub hits: Vec<Hit>,
 }
 
@@ -106,6 +112,7 @@ pub struct ModelMetrics {
     queue: Histogram,
     compute: Histogram,
     loaded: IntGaugeVec,
+    cpu_fallbacks: prometheus::IntCounter,
     name: String,
 }
 
@@ -117,6 +124,9 @@ pub struct ModelFamilies {
     queue: HistogramVec,
     compute: HistogramVec,
     loaded: IntGaugeVec,
+    cpu_fallbacks: IntCounterVec,
+    /// `gateway_scoring_device_info{backend,adapter}`: 1 for the device in use.
+    pub device: IntGaugeVec,
 }
 
 impl ModelFamilies {
@@ -162,7 +172,17 @@ impl ModelFamilies {
                 ),
                 &["model", "version", "backend"],
             )?,
+            cpu_fallbacks: IntCounterVec::new(
+                Opts::new("gateway_model_cpu_fallbacks_total", "Batches answered on the CPU path after the GPU failed."),
+                &["model"],
+            )?,
+            device: IntGaugeVec::new(
+                Opts::new("gateway_scoring_device_info", "The scoring device in use (value 1): backend gpu, software-gpu or cpu, and the adapter."),
+                &["backend", "adapter"],
+            )?,
         };
+        registry.register(Box::new(f.cpu_fallbacks.clone()))?;
+        registry.register(Box::new(f.device.clone()))?;
         registry.register(Box::new(f.requests.clone()))?;
         registry.register(Box::new(f.batch_size.clone()))?;
         registry.register(Box::new(f.queue.clone()))?;
@@ -178,6 +198,7 @@ impl ModelFamilies {
             queue: self.queue.with_label_values(&[name]),
             compute: self.compute.with_label_values(&[name]),
             loaded: self.loaded.clone(),
+            cpu_fallbacks: self.cpu_fallbacks.with_label_values(&[name]),
             name: name.to_string(),
         }
     }
@@ -402,7 +423,14 @@ fn run(mut jobs: Vec<Job>, served: &Arc<ServedModel>, metrics: &ModelMetrics, op
             return;
         }
         let started = Instant::now();
-        let result = dispatch(&jobs, &served.model);
+        let mut result = dispatch(&jobs, &served.model, false);
+        if let Err(ScoringError::Gpu(e)) = &result {
+            // A GPU failure (device lost, out of memory) must not fail requests: the CPU path
+            // gives the same answers.
+            tracing::error!(model = %metrics.name, version = %served.version, error = %e, "GPU batch failed; answering on the CPU path");
+            metrics.cpu_fallbacks.inc();
+            result = dispatch(&jobs, &served.model, true);
+        }
         metrics.compute.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(all) => {
@@ -448,7 +476,7 @@ fn run(mut jobs: Vec<Job>, served: &Arc<ServedModel>, metrics: &ModelMetrics, op
     }
 }
 
-fn dispatch(jobs: &[Job], model: &Model) -> Result<Vec<Vec<Hit>>, ScoringError> {
+fn dispatch(jobs: &[Job], model: &Model, cpu: bool) -> Result<Vec<Vec<Hit>>, ScoringError> {
     match &jobs[0].ask {
         Ask::Rank { .. } => {
             let requests: Vec<RankRequest<'_>> = jobs
@@ -458,10 +486,14 @@ fn dispatch(jobs: &[Job], model: &Model) -> Result<Vec<Vec<Hit>>, ScoringError> 
                         query: query.as_query(),
                         candidates,
                     },
-                    Ask::TopK { .. } => unreachable!("jobs are partitioned by kind"),
+                    _ => unreachable!("jobs are partitioned by kind"),
                 })
                 .collect();
-            let scores = model.rank(&requests)?;
+            let scores = if cpu {
+                model.rank_cpu(&requests)?
+            } else {
+                model.rank(&requests)?
+            };
             Ok(requests
                 .iter()
                 .zip(scores)
@@ -478,27 +510,98 @@ fn dispatch(jobs: &[Job], model: &Model) -> Result<Vec<Vec<Hit>>, ScoringError> 
                 .collect())
         }
         Ask::TopK { .. } => {
-            let queries: Vec<Query<'_>> = jobs
-                .iter()
-                .map(|j| match &j.ask {
-                    Ask::TopK { query, .. } => query.as_query(),
-                    Ask::Rank { .. } => unreachable!("jobs are partitioned by kind"),
-                })
-                .collect();
-            let ks: Vec<usize> = jobs
-                .iter()
-                .map(|j| match &j.ask {
-                    Ask::TopK { k, .. } => *k,
-                    Ask::Rank { .. } => 0,
-                })
-                .collect();
+            let mut queries = Vec::with_capacity(jobs.len());
+            let mut ks = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                if let Ask::TopK { query, k } = &j.ask {
+                    queries.push(query.as_query());
+                    ks.push(*k);
+                }
+            }
             // One dispatch for the largest k; each answer is cut to its own k.
             let k = ks.iter().copied().max().unwrap_or(1);
-            let mut all = model.top_k(&queries, k)?;
+            let mut all = if cpu {
+                model.top_k_cpu(&queries, k)?
+            } else {
+                model.top_k(&queries, k)?
+            };
             for (hits, k) in all.iter_mut().zip(ks) {
                 hits.truncate(k);
             }
             Ok(all)
         }
+        Ask::Predict { .. } => {
+            // Every job's rows go into one dispatch; the request index an error names is the
+            // job's, so rows are mapped back to jobs.
+            let mut rows = Vec::new();
+            let mut owner = Vec::new();
+            for (i, j) in jobs.iter().enumerate() {
+                if let Ask::Predict { rows: r } = &j.ask {
+                    for (user, item, dense) in r {
+                        rows.push(CtrRow {
+                            user: *user,
+                            item: *item,
+                            dense,
+                        });
+                        owner.push(i);
+                    }
+                }
+            }
+            let probs = match if cpu {
+                model.predict_cpu(&rows)
+            } else {
+                model.predict(&rows)
+            } {
+                Ok(p) => p,
+                Err(e) => return Err(remap_request(e, &owner)),
+            };
+            let mut out: Vec<Vec<Hit>> = vec![Vec::new(); jobs.len()];
+            for ((row, p), i) in rows.iter().zip(probs).zip(owner) {
+                out[i].push(Hit {
+                    item: row.item,
+                    score: p,
+                });
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Points an error about row `r` of a merged predict batch at the job that sent that row.
+fn remap_request(e: ScoringError, owner: &[usize]) -> ScoringError {
+    let fix = |r: usize| owner.get(r).copied().unwrap_or(r);
+    match e {
+        ScoringError::UnknownItem {
+            request,
+            item,
+            n_items,
+        } => ScoringError::UnknownItem {
+            request: fix(request),
+            item,
+            n_items,
+        },
+        ScoringError::UnknownUser {
+            request,
+            user,
+            n_users,
+        } => ScoringError::UnknownUser {
+            request: fix(request),
+            user,
+            n_users,
+        },
+        ScoringError::NotFinite { request, what } => ScoringError::NotFinite {
+            request: fix(request),
+            what,
+        },
+        ScoringError::DenseLen {
+            request,
+            found,
+            expected,
+        } => ScoringError::DenseLen {
+            request: fix(request),
+            found,
+            expected,
+        },
+        other => other,
     }
 }
