@@ -22,6 +22,9 @@ fn sample_dir() -> (Pki, std::path::PathBuf) {
         .parent()
         .unwrap()
         .to_path_buf();
+    std::fs::create_dir_all(pki.path().join("models")).unwrap();
+    let model = gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(32, 8, 1));
+    std::fs::write(pki.path().join("models/recs.safetensors"), model).unwrap();
     let copy = pki.path().join("gateway.toml");
     std::fs::write(
         &copy,
@@ -43,6 +46,7 @@ fn the_sample_config_is_valid_and_complete() {
     assert_eq!(c.routes[1].plugins.len(), 3);
     assert_eq!(c.routes[1].variants.len(), 2);
     assert_eq!(c.plugins.len(), 3);
+    assert_eq!(c.models.len(), 1);
 }
 
 fn errors_for(toml: &str) -> Vec<String> {

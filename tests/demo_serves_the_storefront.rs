@@ -57,6 +57,13 @@ async fn demo_config_serves_search_and_recommendations() {
     assert_eq!(v["recommendations"].as_array().unwrap().len(), 5);
     assert_eq!(r.header("via"), Some("1.1 storefront-gateway"));
 
+    let rank = http::Request::post("https://localhost/_gateway/models/recs/rank")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"user": 42, "candidates": [2, 8, 14, 20]}"#)))
+        .unwrap();
+    let r = fetch(addr, &ca, true, rank).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-model-version").is_some());
+
     let metrics = admin_get(gw.admin_addr(), "/metrics").await.text();
     assert!(
         metrics.contains("gateway_requests_total{route=\"storefront\",status_class=\"2xx\"} 2"),

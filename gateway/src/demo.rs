@@ -78,6 +78,14 @@ pub fn demo_config(
         .replace("@HTTPS@", &https.to_string())
         .replace("@ADMIN@", &admin.to_string())
         .replace("@UPSTREAM@", &upstream.to_string());
+    // A small embedding model over the catalog's ids (1..=48; row 0 is unused) for the
+    // scoring endpoint.
+    let mut spec = crate::scoring::SampleSpec::embedding(49, 32, 42);
+    spec.name = "demo-recs".into();
+    spec.n_users = 100;
+    let model_path = dir.join("demo-recs.safetensors");
+    std::fs::write(&model_path, crate::scoring::sample_model(&spec)).map_err(write_err)?;
+    let text = text.replace("@MODEL@", &model_path.display().to_string());
     let plugins = plugins_dir.filter(|d| {
         DEMO_PLUGINS
             .iter()

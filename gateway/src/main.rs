@@ -163,14 +163,23 @@ fn check(path: &PathBuf) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     }
+    // Models are validated in full on the CPU path (no device needed to check a file).
+    for m in &c.models {
+        let cfg = gateway::scoring::ScoringConfig::default();
+        if let Err(e) = gateway::scoring::serving::load_served(&m.path, &cfg, &gateway::scoring::ComputeDevice::Cpu) {
+            eprintln!("{}: model {:?}: {}: {e}", path.display(), m.name, m.path.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     println!(
-        "{}: ok ({} listener(s), {} upstream(s), {} route(s), {} certificate(s), {} plugin(s))",
+        "{}: ok ({} listener(s), {} upstream(s), {} route(s), {} certificate(s), {} plugin(s), {} model(s))",
         path.display(),
         c.listeners.len(),
         c.upstreams.len(),
         c.routes.len(),
         c.certificates.len(),
-        c.plugins.len()
+        c.plugins.len(),
+        c.models.len()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -425,6 +434,10 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
         );
         println!(
             "  curl -sk --http2 https://localhost:{}/api/recommendations?user=42 -i",
+            https.port()
+        );
+        println!(
+            "  curl -sk https://localhost:{}/_gateway/models/recs/rank -d '{{\"user\": 42, \"candidates\": [2, 8, 14, 20]}}'",
             https.port()
         );
         println!("  curl -s http://{admin}/metrics | grep gateway_requests_total");
