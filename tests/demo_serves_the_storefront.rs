@@ -58,7 +58,9 @@ async fn demo_config_serves_search_and_recommendations() {
     assert_eq!(r.header("via"), Some("1.1 storefront-gateway"));
 
     let rank = http::Request::post("https://localhost/_gateway/models/recs/rank")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"user": 42, "candidates": [2, 8, 14, 20]}"#)))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"user": 42, "candidates": [2, 8, 14, 20]}"#,
+        )))
         .unwrap();
     let r = fetch(addr, &ca, true, rank).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -34,7 +34,11 @@ fn config(pki: &Pki, upstream: std::net::SocketAddr, model: &std::path::Path) ->
         pki,
         &[upstream],
         "",
-        &format!("[scoring]\nmax_batch = 16\nmax_queue_delay_us = 300\n[[models]]\nname = \"recs\"\npath = \"{}\"\n", model.display()),
+        // lavapipe when it is installed (CI), so batches really run the kernels; else the CPU.
+        &format!(
+            "[scoring]\nallow_software_gpu = true\nmax_batch = 16\nmax_queue_delay_us = 300\n[[models]]\nname = \"recs\"\npath = \"{}\"\n",
+            model.display()
+        ),
     )
 }
 

@@ -6,6 +6,7 @@
 
 #![recursion_limit = "256"]
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod http_util;

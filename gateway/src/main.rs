@@ -123,9 +123,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => Config::load(&config)
+        Command::Run { config: path } => Config::load(&path)
             .map_err(anyhow::Error::from)
-            .and_then(|c| run(c, None)),
+            .and_then(|c| run(c, Some(path), None)),
         Command::Demo { https, admin } => demo(https, admin),
         Command::Model { command } => model_command(command),
         Command::Plugin {
@@ -166,8 +166,17 @@ fn check(path: &PathBuf) -> anyhow::Result<ExitCode> {
     // Models are validated in full on the CPU path (no device needed to check a file).
     for m in &c.models {
         let cfg = gateway::scoring::ScoringConfig::default();
-        if let Err(e) = gateway::scoring::serving::load_served(&m.path, &cfg, &gateway::scoring::ComputeDevice::Cpu) {
-            eprintln!("{}: model {:?}: {}: {e}", path.display(), m.name, m.path.display());
+        if let Err(e) = gateway::scoring::serving::load_served(
+            &m.path,
+            &cfg,
+            &gateway::scoring::ComputeDevice::Cpu,
+        ) {
+            eprintln!(
+                "{}: model {:?}: {}: {e}",
+                path.display(),
+                m.name,
+                m.path.display()
+            );
             return Ok(ExitCode::FAILURE);
         }
     }
@@ -355,18 +364,25 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
-/// Serves until SIGTERM or SIGINT, then drains.
-fn run(config: Config, banner: Option<Box<dyn FnOnce(&Gateway)>>) -> anyhow::Result<ExitCode> {
+/// Serves until SIGTERM or SIGINT, then drains. SIGHUP reloads `path`, when given.
+fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    banner: Option<Box<dyn FnOnce(&Gateway)>>,
+) -> anyhow::Result<ExitCode> {
     init_logging(&config.logging);
     let rt = runtime(config.server.worker_threads)?;
     rt.block_on(async move {
         let gateway = Gateway::start(config, prometheus::Registry::new())
             .await
             .context("starting the gateway")?;
+        if let Some(path) = &path {
+            gateway.set_config_path(path);
+        }
         if let Some(banner) = banner {
             banner(&gateway);
         }
-        wait_for_signal().await?;
+        wait_for_signal(&gateway).await?;
         match gateway.shutdown().await {
             DrainOutcome::Complete => tracing::info!("drained, exiting"),
             DrainOutcome::DeadlineExceeded => tracing::warn!("drain deadline passed, exiting"),
@@ -375,15 +391,23 @@ fn run(config: Config, banner: Option<Box<dyn FnOnce(&Gateway)>>) -> anyhow::Res
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Returns on SIGTERM or SIGINT; each SIGHUP reloads the config file (a failed reload is
+/// logged and counted, and the running configuration stays).
+async fn wait_for_signal(gateway: &Gateway) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return Ok(()); }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received, reloading");
+                let _ = gateway.reload_from_file().await;
+            }
+        }
     }
-    Ok(())
 }
 
 fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
@@ -443,7 +467,7 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
         println!("  curl -s http://{admin}/metrics | grep gateway_requests_total");
         println!("Ctrl-C stops it (in-flight requests are drained first).");
     });
-    let code = run(config, Some(banner));
+    let code = run(config, None, Some(banner));
     drop(store_rt);
     code
 }

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,7 +26,6 @@ use crate::plugin::{LoadedPlugin, PluginError, PluginRuntime};
 use crate::proxy::{self, ConnInfo, Shared, Snapshot};
 use crate::scoring::serving::{ModelSlot, ServedModel};
 use crate::tls::{self, TlsError};
-use crate::upstream::{full_body, ProxyBody};
 use std::collections::HashMap;
 
 /// Why the gateway could not start.
@@ -191,8 +189,15 @@ pub enum DrainOutcome {
     DeadlineExceeded,
 }
 
-struct ServeCtx {
-    shared: Arc<Shared>,
+pub(crate) struct ServeCtx {
+    pub(crate) shared: Arc<Shared>,
+    /// Serializes reloads (admin API, SIGHUP, file watcher).
+    reload_lock: tokio::sync::Mutex<()>,
+    /// The file `reload_from_file` reads, when the gateway was started from one.
+    config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Outcome of the last reload.
+    pub(crate) last_reload: std::sync::Mutex<Option<ReloadReport>>,
+    reloads: prometheus::IntCounterVec,
     scoring: tokio::sync::Mutex<ScoringState>,
     /// Made on first use: only configurations with plugins pay for the engine.
     plugin_runtime: tokio::sync::Mutex<Option<Arc<PluginRuntime>>>,
@@ -260,8 +265,20 @@ impl Gateway {
             }),
             metrics,
         });
+        let reloads = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("gateway_reloads_total", "Configuration reloads by outcome (ok, or the kind of failure: config, tls, plugin, model)."),
+            &["outcome"],
+        )
+        .map_err(MetricsError::from)?;
+        registry
+            .register(Box::new(reloads.clone()))
+            .map_err(MetricsError::from)?;
         let ctx = Arc::new(ServeCtx {
             shared,
+            reload_lock: tokio::sync::Mutex::new(()),
+            config_path: std::sync::Mutex::new(None),
+            last_reload: std::sync::Mutex::new(None),
+            reloads,
             scoring: tokio::sync::Mutex::new(scoring),
             plugin_runtime: tokio::sync::Mutex::new(plugin_runtime),
             registry: registry.clone(),
@@ -285,10 +302,10 @@ impl Gateway {
         let draining = Arc::new(AtomicBool::new(false));
         let admin_shutdown = CancellationToken::new();
         tracing::info!(addr = %admin_addr, "admin listening");
-        tokio::spawn(admin_loop(
+        tokio::spawn(crate::admin::serve(
             admin_listener,
             registry,
-            ctx.shared.clone(),
+            ctx.clone(),
             draining.clone(),
             admin_shutdown.clone(),
         ));
@@ -334,28 +351,19 @@ impl Gateway {
     /// and limits stay as started. Everything new is built (plugins compiled and their
     /// instances started) before anything is swapped; on error nothing changes.
     pub async fn reload(&self, config: Config) -> Result<(), StartError> {
-        let tls_config = tls::server_config(&config.certificates)?;
-        let current = self.ctx.shared.state.load_full();
-        let previous: Vec<Arc<LoadedPlugin>> = current.plugins().into_iter().flatten().collect();
-        let plugins = {
-            let mut runtime = self.ctx.plugin_runtime.lock().await;
-            load_plugins(&mut runtime, &config, &self.ctx.registry, &previous).await?
-        };
-        let mut scoring = self.ctx.scoring.lock().await;
-        let loaded =
-            load_models(&mut scoring, &config, &self.ctx.registry, &current.models).await?;
-        // Everything new is loaded; from here on nothing can fail.
-        let models = apply_models(&scoring, &config, loaded, &current.models);
-        let mut snapshot = Snapshot::build(
-            Arc::new(config),
-            &self.ctx.shared.metrics,
-            &plugins,
-            Some(&current),
-        );
-        snapshot.models = models;
-        self.ctx.shared.state.store(Arc::new(snapshot));
-        self.ctx.tls.store(tls_config);
-        Ok(())
+        self.ctx.reload(config).await
+    }
+
+    /// Remembers the file the configuration came from, for [`Gateway::reload_from_file`],
+    /// the admin API and SIGHUP.
+    pub fn set_config_path(&self, path: &std::path::Path) {
+        *self.ctx.config_path.lock().expect("config path lock") = Some(path.to_path_buf());
+    }
+
+    /// Reads the configuration file again and applies it; on any error the serving state is
+    /// untouched, and the error is logged, counted and kept for the admin API.
+    pub async fn reload_from_file(&self) -> Result<(), ReloadError> {
+        self.ctx.reload_from_file().await
     }
 
     /// Stops accepting, lets in-flight requests finish until the drain deadline, then stops
@@ -418,6 +426,98 @@ async fn load_plugins(
         }
     }
     Ok(loaded)
+}
+
+/// Why a reload from the config file did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway was not started from a file.
+    #[error("the gateway was not started from a config file; nothing to reload")]
+    NoFile,
+    /// The file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Something in the new configuration could not be built.
+    #[error(transparent)]
+    Apply(#[from] StartError),
+}
+
+impl ReloadError {
+    /// Metric label for the failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReloadError::NoFile => "no_file",
+            ReloadError::Config(_) => "config",
+            ReloadError::Apply(StartError::Tls(_)) => "tls",
+            ReloadError::Apply(StartError::Plugin(_)) => "plugin",
+            ReloadError::Apply(StartError::Model { .. }) => "model",
+            ReloadError::Apply(_) => "other",
+        }
+    }
+}
+
+/// What the last reload did.
+#[derive(Debug, Clone)]
+pub struct ReloadReport {
+    /// When it finished.
+    pub at: std::time::SystemTime,
+    /// The error, when it failed.
+    pub error: Option<String>,
+}
+
+impl ServeCtx {
+    /// Builds everything the new configuration needs, then swaps it in.
+    pub(crate) async fn reload(&self, config: Config) -> Result<(), StartError> {
+        let _serial = self.reload_lock.lock().await;
+        let tls_config = tls::server_config(&config.certificates)?;
+        let current = self.shared.state.load_full();
+        let previous: Vec<Arc<LoadedPlugin>> = current.plugins().into_iter().flatten().collect();
+        let plugins = {
+            let mut runtime = self.plugin_runtime.lock().await;
+            load_plugins(&mut runtime, &config, &self.registry, &previous).await?
+        };
+        let mut scoring = self.scoring.lock().await;
+        let loaded = load_models(&mut scoring, &config, &self.registry, &current.models).await?;
+        // Everything new is loaded; from here on nothing can fail.
+        let models = apply_models(&scoring, &config, loaded, &current.models);
+        let mut snapshot = Snapshot::build(
+            Arc::new(config),
+            &self.shared.metrics,
+            &plugins,
+            Some(&current),
+        );
+        snapshot.models = models;
+        self.shared.state.store(Arc::new(snapshot));
+        self.tls.store(tls_config);
+        Ok(())
+    }
+
+    /// Reloads from the remembered file and records the outcome.
+    pub(crate) async fn reload_from_file(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.lock().expect("config path lock").clone();
+        let result = match path {
+            None => Err(ReloadError::NoFile),
+            Some(path) => match Config::load(&path) {
+                Ok(config) => self.reload(config).await.map_err(ReloadError::from),
+                Err(e) => Err(ReloadError::from(e)),
+            },
+        };
+        match &result {
+            Ok(()) => {
+                self.reloads.with_label_values(&["ok"]).inc();
+                tracing::info!("configuration reloaded");
+            }
+            Err(e) => {
+                self.reloads.with_label_values(&[e.kind()]).inc();
+                tracing::error!(error = %e, "reload failed; the previous configuration keeps serving");
+            }
+        }
+        *self.last_reload.lock().expect("reload report lock") = Some(ReloadReport {
+            at: std::time::SystemTime::now(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        });
+        result
+    }
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -650,120 +750,5 @@ impl Connection {
                 }
             }
         }
-    }
-}
-
-async fn admin_loop(
-    listener: TcpListener,
-    registry: Registry,
-    shared: Arc<Shared>,
-    draining: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-) {
-    let builder = Arc::new({
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10));
-        b
-    });
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let registry = registry.clone();
-        let shared = shared.clone();
-        let draining = draining.clone();
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let resp = admin_response(&req, &registry, &shared, &draining);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); let _ = conn.await; }
-            }
-        });
-    }
-}
-
-fn admin_response(
-    req: &Request<Incoming>,
-    registry: &Registry,
-    shared: &Shared,
-    draining: &AtomicBool,
-) -> Response<ProxyBody> {
-    let text = |status: StatusCode, body: String| {
-        let mut r = Response::new(full_body(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
-    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
-    }
-    match req.uri().path() {
-        "/metrics" => {
-            let mut buf = String::new();
-            let encoder = prometheus::TextEncoder::new();
-            if let Err(e) = encoder.encode_utf8(&registry.gather(), &mut buf) {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding metrics failed: {e}\n"),
-                );
-            }
-            let mut r = text(StatusCode::OK, buf);
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
-        }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => {
-            if draining.load(Ordering::SeqCst) {
-                return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
-            }
-            let snapshot = shared.state.load();
-            let mut body = String::from("ready\n");
-            let mut models: Vec<_> = snapshot.models.values().collect();
-            models.sort_by(|a, b| a.name.cmp(&b.name));
-            for slot in models {
-                let live = slot.live();
-                body.push_str(&format!(
-                    "model {}: version {} on {:?}\n",
-                    slot.name,
-                    live.version,
-                    live.model.execution_path()
-                ));
-            }
-            for pool in &snapshot.pools {
-                let up = pool
-                    .backends
-                    .iter()
-                    .filter(|b| pool.is_available(b))
-                    .count();
-                body.push_str(&format!(
-                    "upstream {}: {up}/{} backends available\n",
-                    pool.spec.name,
-                    pool.backends.len()
-                ));
-            }
-            text(StatusCode::OK, body)
-        }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "admin endpoints: /metrics /healthz /readyz\n".into(),
-        ),
     }
 }

@@ -570,3 +570,23 @@ pub fn plugin_table(name: &str, wasm: &str, config: &str, extra: &str) -> String
         plugin_wasm(wasm).display()
     )
 }
+
+/// A request to the admin listener with an optional bearer token.
+pub async fn admin_call(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+) -> Got {
+    let mut s = plain_connect(addr).await;
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    s.send(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap()
+}

@@ -198,6 +198,39 @@ pub struct ProxySettings {
 pub struct AdminSettings {
     /// Address of the admin listener.
     pub bind: SocketAddr,
+    /// Bearer token for `/admin/*`; without one those endpoints answer 403.
+    pub token: Option<AdminToken>,
+}
+
+/// A secret compared in constant time; its id (a hash prefix) is what logs show.
+#[derive(Clone)]
+pub struct AdminToken {
+    secret: Vec<u8>,
+    /// First 8 hex digits of the token's SHA-256.
+    pub id: String,
+}
+
+impl AdminToken {
+    /// Wraps a token.
+    pub fn new(secret: &str) -> AdminToken {
+        let id = crate::plugin::content_version(secret.as_bytes())[..8].to_string();
+        AdminToken {
+            secret: secret.as_bytes().to_vec(),
+            id,
+        }
+    }
+
+    /// Whether `presented` is the token, in time independent of where they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.secret.len() == presented.len() && bool::from(self.secret.ct_eq(presented))
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AdminToken({})", self.id)
+    }
 }
 
 /// A host name pattern, lower case.

@@ -58,7 +58,7 @@ pub struct RawScoring {
     /// `gpu`, `software-gpu` or `cpu`. Default `auto`.
     pub backend: Option<String>,
     /// With `auto` and no real GPU, use the software Vulkan adapter (lavapipe) instead of the
-    /// CPU path. Default true.
+    /// CPU path. Default false: lavapipe is slower than the CPU path (bench/scoring.sh).
     pub allow_software_gpu: Option<bool>,
     /// Requests per dispatched batch at most. Default 64.
     pub max_batch: Option<usize>,
@@ -192,8 +192,14 @@ pub struct RawProxy {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
-    /// Address of the admin listener. Default `127.0.0.1:9901`.
+    /// Address of the admin listener. Default `127.0.0.1:9901`. Without a token it must be a
+    /// loopback address.
     pub bind: Option<String>,
+    /// File holding the bearer token for `/admin/*` (whitespace trimmed). Relative to the
+    /// config file. Default: none.
+    pub token_file: Option<String>,
+    /// Environment variable holding the bearer token, when `token_file` is not set.
+    pub token_env: Option<String>,
 }
 
 /// `[tls]`

@@ -238,10 +238,49 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
 
     // [admin]
     let admin_bind = raw.admin.bind.as_deref().unwrap_or("127.0.0.1:9901");
-    let admin = AdminSettings {
-        bind: parse_addr(&mut c, vec![Key("admin"), Key("bind")], admin_bind)
-            .unwrap_or(([127, 0, 0, 1], 9901).into()),
+    let bind = parse_addr(&mut c, vec![Key("admin"), Key("bind")], admin_bind)
+        .unwrap_or(([127, 0, 0, 1], 9901).into());
+    let token = match (&raw.admin.token_file, &raw.admin.token_env) {
+        (Some(file), _) => match std::fs::read_to_string(resolve(base_dir, file)) {
+            Ok(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
+            Ok(_) => {
+                c.fail(
+                    vec![Key("admin"), Key("token_file")],
+                    "the token file is empty",
+                );
+                None
+            }
+            Err(e) => {
+                c.fail(
+                    vec![Key("admin"), Key("token_file")],
+                    format!("cannot read {file}: {e}"),
+                );
+                None
+            }
+        },
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
+            _ => {
+                c.fail(
+                    vec![Key("admin"), Key("token_env")],
+                    format!("environment variable {var} is unset or empty"),
+                );
+                None
+            }
+        },
+        (None, None) => None,
     };
+    if token.is_none()
+        && !bind.ip().is_loopback()
+        && raw.admin.token_file.is_none()
+        && raw.admin.token_env.is_none()
+    {
+        c.fail(
+            vec![Key("admin"), Key("bind")],
+            format!("{bind} is not a loopback address; set token_file or token_env so the admin API is not open to the network"),
+        );
+    }
+    let admin = AdminSettings { bind, token };
 
     // [[tls.certificates]]
     let mut certificates = Vec::new();
@@ -638,7 +677,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
     }
     let scoring = ScoringSettings {
         backend,
-        allow_software_gpu: rs.allow_software_gpu.unwrap_or(true),
+        allow_software_gpu: rs.allow_software_gpu.unwrap_or(false),
         policy,
         endpoint_prefix,
     };
