@@ -17,6 +17,7 @@ pub mod scoring;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use config::{Config, ConfigError};
 pub use server::{DrainOutcome, Gateway, StartError};

@@ -376,8 +376,17 @@ fn run(
         let gateway = Gateway::start(config, prometheus::Registry::new())
             .await
             .context("starting the gateway")?;
+        let mut _watch = None;
         if let Some(path) = &path {
             gateway.set_config_path(path);
+            if gateway.config().server.watch_files {
+                let debounce = gateway.config().server.watch_debounce;
+                _watch = Some(
+                    gateway
+                        .watch_config(debounce)
+                        .context("watching the config files")?,
+                );
+            }
         }
         if let Some(banner) = banner {
             banner(&gateway);

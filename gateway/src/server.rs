@@ -360,6 +360,24 @@ impl Gateway {
         *self.ctx.config_path.lock().expect("config path lock") = Some(path.to_path_buf());
     }
 
+    /// Watches the config file (set with [`Gateway::set_config_path`]) and the files it names,
+    /// reloading after `debounce` of quiet whenever their content changes.
+    pub fn watch_config(
+        &self,
+        debounce: Duration,
+    ) -> Result<crate::watch::FileWatch, crate::watch::WatchError> {
+        let path = self
+            .ctx
+            .config_path
+            .lock()
+            .expect("config path lock")
+            .clone()
+            .ok_or_else(|| {
+                crate::watch::WatchError::from(notify::Error::generic("no config file to watch"))
+            })?;
+        crate::watch::start(self.ctx.clone(), path, debounce)
+    }
+
     /// Reads the configuration file again and applies it; on any error the serving state is
     /// untouched, and the error is logged, counted and kept for the admin API.
     pub async fn reload_from_file(&self) -> Result<(), ReloadError> {

@@ -196,6 +196,7 @@ mod tests {
             default,
             key: Arc::new(certified_key_from_der(chain, key).unwrap()),
             cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
         }
     }
 

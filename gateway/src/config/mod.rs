@@ -128,6 +128,10 @@ pub struct ServerSettings {
     pub worker_threads: usize,
     /// Deadline for in-flight requests at shutdown.
     pub drain_timeout: Duration,
+    /// Reload when watched files change.
+    pub watch_files: bool,
+    /// Quiet time before a watched change is applied.
+    pub watch_debounce: Duration,
 }
 
 /// `[limits]`, validated.
@@ -287,6 +291,8 @@ pub struct CertificateSpec {
     pub key: Arc<CertifiedKey>,
     /// Where the chain was read from, for messages.
     pub cert_path: PathBuf,
+    /// Where the key was read from.
+    pub key_path: PathBuf,
 }
 
 impl fmt::Debug for CertificateSpec {

@@ -131,6 +131,11 @@ pub struct RawServer {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in milliseconds.
     /// Default 30000.
     pub drain_timeout_ms: Option<u64>,
+    /// `gateway run` reloads when the config file or a file it names (certificates, plugins,
+    /// models) changes, including atomic renames and ConfigMap symlink swaps. Default true.
+    pub watch_files: Option<bool>,
+    /// Quiet time after the last file event before reloading, in milliseconds. Default 250.
+    pub watch_debounce_ms: Option<u64>,
 }
 
 /// `[limits]`

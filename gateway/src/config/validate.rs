@@ -120,6 +120,8 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
     let server = ServerSettings {
         worker_threads: raw.server.worker_threads.unwrap_or(0),
         drain_timeout: ms(drain),
+        watch_files: raw.server.watch_files.unwrap_or(true),
+        watch_debounce: ms(raw.server.watch_debounce_ms.unwrap_or(250)),
     };
     if server.worker_threads > 1024 {
         c.fail(
@@ -322,6 +324,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
                 default,
                 key: Arc::new(key),
                 cert_path,
+                key_path: key_path.clone(),
             }),
             Err(e) => {
                 let field = if matches!(e, crate::tls::TlsError::Key { .. }) {
