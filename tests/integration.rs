@@ -21,5 +21,6 @@ mod scoring_serves_and_swaps_without_mixing;
 mod shipped_plugins_work_end_to_end;
 mod timeouts_and_limits;
 mod tls_sni_alpn_and_versions;
+mod uploads_are_validated_durable_and_reversible;
 mod upstream_failover_health_and_retries;
 mod upstream_protocols_and_balancing;

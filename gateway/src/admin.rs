@@ -6,6 +6,13 @@
 //! - `GET /admin/config`: the effective configuration;
 //! - `POST /admin/reload`, `GET /admin/reload`: reload the config file; the last outcome;
 //! - `POST /admin/models/{name}/rollback[?version=V]`: make an earlier model version live.
+//! - `GET /admin/plugins`, `GET /admin/models`: uploaded versions, which is active, who uses it;
+//! - `PUT /admin/plugins/{name}`, `PUT /admin/models/{name}` (body: the file): validate,
+//!   compile/load and warm it, store it durably, then activate it atomically — or answer 422
+//!   and change nothing;
+//! - `POST /admin/plugins/{name}/rollback[?version=SHA-PREFIX]`: activate an earlier upload;
+//! - `DELETE /admin/plugins/{name}`, `DELETE /admin/models/{name}`: forget the uploads of a
+//!   name no route or endpoint uses (the config file's path applies again).
 //!
 //! Every mutating call is logged with the token's id (a hash prefix, never the token).
 
@@ -25,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::ServeCtx;
+use crate::store::{Kind, Store};
 use crate::upstream::{full_body, ProxyBody};
 
 /// Accepts admin connections until `shutdown`.
@@ -235,13 +243,30 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Respon
                 Err(e) => error(StatusCode::CONFLICT, e),
             }
         }
-        (_, ["status" | "config" | "reload"]) | (_, ["models", _, "rollback"]) => error(
+        (Method::GET, [kind @ ("plugins" | "models")]) => artifacts(ctx, kind_of(kind)),
+        (Method::PUT, [kind @ ("plugins" | "models"), name]) => {
+            upload(req, ctx, kind_of(kind), name, &who).await
+        }
+        (Method::POST, ["plugins", name, "rollback"]) => {
+            let version = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("version=")))
+                .map(str::to_string);
+            rollback_upload(ctx, Kind::Plugin, name, version.as_deref(), &who).await
+        }
+        (Method::DELETE, [kind @ ("plugins" | "models"), name]) => {
+            forget(ctx, kind_of(kind), name, &who)
+        }
+        (_, ["status" | "config" | "reload" | "plugins" | "models"])
+        | (_, ["plugins" | "models", _])
+        | (_, ["plugins" | "models", _, "rollback"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed here"),
         ),
         _ => error(
             StatusCode::NOT_FOUND,
-            "admin API: GET status, GET config, GET|POST reload, POST models/{name}/rollback",
+            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback",
         ),
     }
 }
@@ -293,4 +318,234 @@ fn status(ctx: &ServeCtx) -> serde_json::Value {
         })
         .collect();
     json!({ "routes": routes, "plugins": plugins, "models": models, "last_reload": last_reload(ctx) })
+}
+
+fn kind_of(segment: &str) -> Kind {
+    if segment == "plugins" {
+        Kind::Plugin
+    } else {
+        Kind::Model
+    }
+}
+
+/// Uploads and rollbacks are applied one at a time.
+static UPLOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn open_store(ctx: &ServeCtx) -> Result<Store, Response<ProxyBody>> {
+    let dir = ctx.shared.state.load().config.store_dir.clone();
+    let Some(dir) = dir else {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "uploads need a [store] dir in the config",
+        ));
+    };
+    Store::open(&dir).map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+/// Which routes (plugins) or whether the endpoint (models) uses a name.
+fn users(config: &crate::config::Config, kind: Kind, name: &str) -> Vec<String> {
+    match kind {
+        Kind::Plugin => match config.plugins.iter().position(|p| p.name == name) {
+            Some(i) => config
+                .routes
+                .iter()
+                .filter(|r| r.plugins.contains(&i))
+                .map(|r| r.name.clone())
+                .collect(),
+            None => Vec::new(),
+        },
+        Kind::Model => {
+            if config.models.iter().any(|m| m.name == name) {
+                vec![config.scoring.endpoint_prefix.clone()]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+}
+
+fn artifacts(ctx: &ServeCtx, kind: Kind) -> Response<ProxyBody> {
+    let store = match open_store(ctx) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let manifest = match store.manifest() {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let config = ctx.shared.state.load().config.clone();
+    let list: Vec<_> = manifest
+        .entries(kind)
+        .iter()
+        .map(|(name, e)| json!({ "name": name, "active": e.active, "versions": e.versions, "used_by": users(&config, kind, name) }))
+        .collect();
+    json_response(StatusCode::OK, json!({ "artifacts": list }))
+}
+
+/// Applies the current configuration with `name` pointing at `path`; nothing changes on error.
+async fn apply_version(
+    ctx: &ServeCtx,
+    kind: Kind,
+    name: &str,
+    path: std::path::PathBuf,
+) -> Result<(), String> {
+    let mut config = (*ctx.shared.state.load().config).clone();
+    let found = match kind {
+        Kind::Plugin => config
+            .plugins
+            .iter_mut()
+            .find(|p| p.name == name)
+            .map(|p| p.path = path),
+        Kind::Model => config
+            .models
+            .iter_mut()
+            .find(|m| m.name == name)
+            .map(|m| m.path = path),
+    };
+    if found.is_none() {
+        return Err(format!(
+            "no {} named {name:?} in the config",
+            if kind == Kind::Plugin {
+                "plugin"
+            } else {
+                "model"
+            }
+        ));
+    }
+    ctx.reload(config).await.map_err(|e| e.to_string())
+}
+
+async fn upload(
+    req: Request<Incoming>,
+    ctx: &ServeCtx,
+    kind: Kind,
+    name: &str,
+    who: &str,
+) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    let store = match open_store(ctx) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let config = ctx.shared.state.load().config.clone();
+    let configured = match kind {
+        Kind::Plugin => config.plugins.iter().any(|p| p.name == name),
+        Kind::Model => config.models.iter().any(|m| m.name == name),
+    };
+    if !configured {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("{name:?} is not in the config; add its [[plugins]] or [[models]] entry first"),
+        );
+    }
+    let limit = config.admin.max_upload_bytes as usize;
+    let bytes = match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("uploads are limited to {limit} bytes"),
+            )
+        }
+    };
+    if bytes.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body must be the file to upload",
+        );
+    }
+    let _one_at_a_time = UPLOADS.lock().await;
+    let sha = match store.put(kind, &bytes) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    // Load, validate and warm it in a full reload; only then record it as active.
+    if let Err(e) = apply_version(ctx, kind, name, store.blob_path(kind, &sha)).await {
+        tracing::warn!(target: "admin", token = %who, name, sha256 = %sha, error = %e, "upload rejected");
+        return error(StatusCode::UNPROCESSABLE_ENTITY, e);
+    }
+    if let Err(e) = store.activate(kind, name, &sha) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("serving the new version, but recording it failed: {e}"),
+        );
+    }
+    tracing::info!(target: "admin", token = %who, name, sha256 = %sha, bytes = bytes.len(), "upload activated");
+    json_response(
+        StatusCode::OK,
+        json!({ "name": name, "sha256": sha, "version": &sha[..12] }),
+    )
+}
+
+async fn rollback_upload(
+    ctx: &ServeCtx,
+    kind: Kind,
+    name: &str,
+    version: Option<&str>,
+    who: &str,
+) -> Response<ProxyBody> {
+    let store = match open_store(ctx) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let _one_at_a_time = UPLOADS.lock().await;
+    let entry = match store.manifest() {
+        Ok(m) => m.entries(kind).get(name).cloned(),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let Some(entry) = entry else {
+        return error(StatusCode::NOT_FOUND, format!("no uploads of {name:?}"));
+    };
+    let target = match version {
+        Some(v) => entry
+            .versions
+            .iter()
+            .find(|s| s.starts_with(v) && **s != entry.active),
+        None => entry.versions.iter().find(|s| **s != entry.active),
+    };
+    let Some(target) = target.cloned() else {
+        return error(
+            StatusCode::CONFLICT,
+            format!("{name:?} has no other version to roll back to"),
+        );
+    };
+    if let Err(e) = apply_version(ctx, kind, name, store.blob_path(kind, &target)).await {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, e);
+    }
+    if let Err(e) = store.activate(kind, name, &target) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    tracing::info!(target: "admin", token = %who, name, sha256 = %target, "rolled back");
+    json_response(
+        StatusCode::OK,
+        json!({ "name": name, "sha256": target, "version": &target[..12] }),
+    )
+}
+
+fn forget(ctx: &ServeCtx, kind: Kind, name: &str, who: &str) -> Response<ProxyBody> {
+    let store = match open_store(ctx) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let used = users(&ctx.shared.state.load().config, kind, name);
+    if !used.is_empty() {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{name:?} is in use by {}; remove it from the config first",
+                used.join(", ")
+            ),
+        );
+    }
+    match store.remove(kind, name) {
+        Ok(true) => {
+            tracing::info!(target: "admin", token = %who, name, "uploads forgotten");
+            json_response(StatusCode::OK, json!({ "removed": name }))
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no uploads of {name:?}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }

@@ -15,6 +15,7 @@ pub mod plugin;
 pub mod proxy;
 pub mod scoring;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

@@ -50,6 +50,9 @@ pub enum StartError {
     /// A plugin could not be loaded.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// The artifact store could not be read.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A model could not be loaded, or no device could be had for it.
     #[error("model {name:?}: {message}")]
     Model {
@@ -224,7 +227,9 @@ pub struct Gateway {
 
 impl Gateway {
     /// Binds every listener (nothing serves unless all bind), then starts serving.
-    pub async fn start(config: Config, registry: Registry) -> Result<Gateway, StartError> {
+    pub async fn start(mut config: Config, registry: Registry) -> Result<Gateway, StartError> {
+        // Uploaded versions that were active before a restart are active again.
+        config.apply_store()?;
         let metrics = Metrics::new(&registry)?;
         let tls_config = tls::server_config(&config.certificates)?;
         let mut plugin_runtime = None;
@@ -516,7 +521,10 @@ impl ServeCtx {
         let result = match path {
             None => Err(ReloadError::NoFile),
             Some(path) => match Config::load(&path) {
-                Ok(config) => self.reload(config).await.map_err(ReloadError::from),
+                Ok(mut config) => match config.apply_store() {
+                    Ok(()) => self.reload(config).await.map_err(ReloadError::from),
+                    Err(e) => Err(ReloadError::Apply(StartError::from(e))),
+                },
                 Err(e) => Err(ReloadError::from(e)),
             },
         };

@@ -590,3 +590,22 @@ pub async fn admin_call(
         .await
         .unwrap()
 }
+
+/// A request with a body to the admin listener.
+pub async fn admin_send(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+    token: &str,
+    body: Vec<u8>,
+) -> Got {
+    let mut s = plain_connect(addr).await;
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    s.send(req).await.unwrap()
+}

@@ -46,6 +46,31 @@ pub struct Config {
     pub scoring: ScoringSettings,
     /// Models to serve.
     pub models: Vec<ModelSpec>,
+    /// Directory of uploaded artifacts, when uploads are enabled.
+    pub store_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Points plugins and models that have an active uploaded version at its stored file.
+    pub fn apply_store(&mut self) -> Result<(), crate::store::StoreError> {
+        let Some(dir) = &self.store_dir else {
+            return Ok(());
+        };
+        let store = crate::store::Store::open(dir)?;
+        let plugins = store.active(crate::store::Kind::Plugin)?;
+        for p in &mut self.plugins {
+            if let Some(path) = plugins.get(&p.name) {
+                p.path = path.clone();
+            }
+        }
+        let models = store.active(crate::store::Kind::Model)?;
+        for m in &mut self.models {
+            if let Some(path) = models.get(&m.name) {
+                m.path = path.clone();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[scoring]`, validated.
@@ -204,6 +229,8 @@ pub struct AdminSettings {
     pub bind: SocketAddr,
     /// Bearer token for `/admin/*`; without one those endpoints answer 403.
     pub token: Option<AdminToken>,
+    /// Largest upload, bytes.
+    pub max_upload_bytes: u64,
 }
 
 /// A secret compared in constant time; its id (a hash prefix) is what logs show.

@@ -48,6 +48,9 @@ pub struct RawConfig {
     /// Models served by the scoring engine.
     #[serde(default)]
     pub models: Vec<RawModel>,
+    /// Where uploaded artifacts are kept.
+    #[serde(default)]
+    pub store: RawStore,
 }
 
 /// `[scoring]`
@@ -205,6 +208,17 @@ pub struct RawAdmin {
     pub token_file: Option<String>,
     /// Environment variable holding the bearer token, when `token_file` is not set.
     pub token_env: Option<String>,
+    /// Largest plugin or model upload, in bytes. Default 268435456 (256 MiB).
+    pub max_upload_bytes: Option<u64>,
+}
+
+/// `[store]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Directory of uploaded plugins and models (content-addressed, with a manifest of the
+    /// active versions). Relative to the config file. Default: none (uploads disabled).
+    pub dir: Option<String>,
 }
 
 /// `[tls]`

@@ -282,7 +282,11 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             format!("{bind} is not a loopback address; set token_file or token_env so the admin API is not open to the network"),
         );
     }
-    let admin = AdminSettings { bind, token };
+    let admin = AdminSettings {
+        bind,
+        token,
+        max_upload_bytes: raw.admin.max_upload_bytes.unwrap_or(256 << 20),
+    };
 
     // [[tls.certificates]]
     let mut certificates = Vec::new();
@@ -853,6 +857,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             plugins,
             scoring,
             models,
+            store_dir: raw.store.dir.as_deref().map(|d| resolve(base_dir, d)),
         })
     } else {
         Err(c.problems)

@@ -1,0 +1,274 @@
+//! The durable artifact store: uploaded plugins and models, addressed by their SHA-256, with a
+//! small manifest of the versions of each name and which one is active.
+//!
+//! Every write is a temp file in the same directory, fsynced, renamed over the target, and the
+//! directory fsynced; the manifest is written the same way and last. A crash at any point
+//! leaves the previous manifest (the old version active) or the new one, never a half-written
+//! file in use: a blob that no manifest names is merely unused.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What kind of artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A plugin component.
+    Plugin,
+    /// A model file.
+    Model,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Plugin => "plugins",
+            Kind::Model => "models",
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Kind::Plugin => "wasm",
+            Kind::Model => "safetensors",
+        }
+    }
+}
+
+/// Why the store could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("artifact store {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The manifest is not valid JSON of the expected shape.
+    #[error("artifact store manifest {path} is corrupt: {reason}")]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The versions of one name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The active version's full SHA-256 (hex).
+    pub active: String,
+    /// Versions uploaded, newest first (the active one included).
+    pub versions: Vec<String>,
+}
+
+/// What the store holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Plugins by name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, Entry>,
+    /// Models by name.
+    #[serde(default)]
+    pub models: BTreeMap<String, Entry>,
+}
+
+impl Manifest {
+    /// The entries of a kind.
+    pub fn entries(&self, kind: Kind) -> &BTreeMap<String, Entry> {
+        match kind {
+            Kind::Plugin => &self.plugins,
+            Kind::Model => &self.models,
+        }
+    }
+
+    fn entries_mut(&mut self, kind: Kind) -> &mut BTreeMap<String, Entry> {
+        match kind {
+            Kind::Plugin => &mut self.plugins,
+            Kind::Model => &mut self.models,
+        }
+    }
+}
+
+/// Versions kept per name.
+pub const KEEP: usize = 5;
+
+/// A content-addressed directory of artifacts.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) a store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        for kind in [Kind::Plugin, Kind::Model] {
+            let d = dir.join(kind.dir());
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn manifest_path(&self) -> PathBuf {
+        self.dir.join("manifest.json")
+    }
+
+    /// The manifest (empty when none was written yet).
+    pub fn manifest(&self) -> Result<Manifest, StoreError> {
+        let path = self.manifest_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Manifest {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
+    /// Where the blob of a version lives.
+    pub fn blob_path(&self, kind: Kind, sha: &str) -> PathBuf {
+        self.dir
+            .join(kind.dir())
+            .join(format!("{sha}.{}", kind.extension()))
+    }
+
+    /// Stores `bytes` (if not already there) and returns its SHA-256; the manifest is
+    /// untouched, so nothing uses it yet.
+    pub fn put(&self, kind: Kind, bytes: &[u8]) -> Result<String, StoreError> {
+        let sha = sha256_hex(bytes);
+        let path = self.blob_path(kind, &sha);
+        if !path.is_file() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(sha)
+    }
+
+    /// Makes `sha` the active version of `name` and records it, keeping the last [`KEEP`].
+    pub fn activate(&self, kind: Kind, name: &str, sha: &str) -> Result<Manifest, StoreError> {
+        let mut manifest = self.manifest()?;
+        let entry = manifest
+            .entries_mut(kind)
+            .entry(name.to_string())
+            .or_default();
+        entry.versions.retain(|v| v != sha);
+        entry.versions.insert(0, sha.to_string());
+        entry.versions.truncate(KEEP);
+        entry.active = sha.to_string();
+        self.save(&manifest)?;
+        Ok(manifest)
+    }
+
+    /// Forgets `name` (its blobs stay until overwritten by nothing: they are small and
+    /// content-addressed).
+    pub fn remove(&self, kind: Kind, name: &str) -> Result<bool, StoreError> {
+        let mut manifest = self.manifest()?;
+        let removed = manifest.entries_mut(kind).remove(name).is_some();
+        if removed {
+            self.save(&manifest)?;
+        }
+        Ok(removed)
+    }
+
+    fn save(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
+        write_atomic(&self.manifest_path(), &bytes)
+    }
+
+    /// The active blob of each name of a kind.
+    pub fn active(&self, kind: Kind) -> Result<BTreeMap<String, PathBuf>, StoreError> {
+        Ok(self
+            .manifest()?
+            .entries(kind)
+            .iter()
+            .map(|(name, e)| (name.clone(), self.blob_path(kind, &e.active)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_activate_and_reopen() {
+        let dir = tempfile_dir();
+        let store = Store::open(&dir).unwrap();
+        let a = store.put(Kind::Plugin, b"version a").unwrap();
+        assert!(
+            store.manifest().unwrap().plugins.is_empty(),
+            "a put alone activates nothing"
+        );
+        store.activate(Kind::Plugin, "p", &a).unwrap();
+        let b = store.put(Kind::Plugin, b"version b").unwrap();
+        store.activate(Kind::Plugin, "p", &b).unwrap();
+        let reopened = Store::open(&dir).unwrap();
+        let m = reopened.manifest().unwrap();
+        assert_eq!(m.plugins["p"].active, b);
+        assert_eq!(m.plugins["p"].versions, vec![b.clone(), a.clone()]);
+        assert_eq!(
+            std::fs::read(reopened.blob_path(Kind::Plugin, &a)).unwrap(),
+            b"version a"
+        );
+        assert!(reopened.remove(Kind::Plugin, "p").unwrap());
+        assert!(reopened.manifest().unwrap().plugins.is_empty());
+        std::fs::write(dir.join("manifest.json"), "{not json").unwrap();
+        assert!(matches!(
+            reopened.manifest(),
+            Err(StoreError::Manifest { .. })
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "gw-store-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+}

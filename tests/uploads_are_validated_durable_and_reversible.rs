@@ -1,0 +1,232 @@
+//! Uploading plugins and models through the admin API: validated and warmed before anything
+//! changes, stored content-addressed, activated atomically, brought back by a restart, rolled
+//! back, and refused (with the serving version untouched) when bad, oversized or unauthorized.
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
+
+use crate::support::*;
+
+const TOKEN: &str = "upload-token";
+
+fn config(pki: &Pki, up: std::net::SocketAddr, model: &std::path::Path) -> String {
+    std::fs::write(pki.path().join("admin.token"), TOKEN).unwrap();
+    let extra = format!(
+        "plugins = [\"p\"]\n{}[[models]]\nname = \"recs\"\npath = \"{}\"\n[store]\ndir = \"store\"\n",
+        plugin_table("p", "noop", "", "instances = 1"),
+        model.display()
+    );
+    basic_config(pki, &[up], "", &extra).replace(
+        "[admin]\nbind = \"127.0.0.1:0\"",
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\nmax_upload_bytes = 1000000",
+    )
+}
+
+async fn internal_header_reaches_upstream(gw: &TestGateway, pki: &Pki, up: &Upstream) -> bool {
+    let req = Request::get("https://localhost/x")
+        .header("host", "localhost")
+        .header("x-internal-secret", "1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        fetch(gw.addr("https"), &pki.ca_der, false, req)
+            .await
+            .status,
+        200
+    );
+    up.last().headers.contains_key("x-internal-secret")
+}
+
+#[tokio::test]
+async fn plugin_uploads_activate_survive_restarts_and_roll_back() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let model = pki.path().join("recs.safetensors");
+    std::fs::write(
+        &model,
+        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
+    )
+    .unwrap();
+    let toml = config(&pki, up.addr, &model);
+    let gw = TestGateway::start(&toml, pki.path()).await;
+    let admin = gw.gateway.admin_addr();
+    assert!(
+        internal_header_reaches_upstream(&gw, &pki, &up).await,
+        "noop is serving"
+    );
+
+    let hygiene = std::fs::read(plugin_wasm("hygiene")).unwrap();
+    assert_eq!(
+        admin_send(
+            admin,
+            Method::PUT,
+            "/admin/plugins/p",
+            "wrong",
+            hygiene.clone()
+        )
+        .await
+        .status,
+        401
+    );
+    let r = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/plugins/p",
+        TOKEN,
+        hygiene.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !internal_header_reaches_upstream(&gw, &pki, &up).await,
+        "hygiene is serving"
+    );
+
+    // Rejections change nothing.
+    let r = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/plugins/p",
+        TOKEN,
+        b"\0asm not really".to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.text().contains("not a WebAssembly component"),
+        "{}",
+        r.text()
+    );
+    let r = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/plugins/p",
+        TOKEN,
+        std::fs::read(plugin_wasm("wrong-world")).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(
+        admin_send(
+            admin,
+            Method::PUT,
+            "/admin/plugins/p",
+            TOKEN,
+            vec![0; 1_200_000]
+        )
+        .await
+        .status,
+        413
+    );
+    assert_eq!(
+        admin_send(
+            admin,
+            Method::PUT,
+            "/admin/plugins/nope",
+            TOKEN,
+            hygiene.clone()
+        )
+        .await
+        .status,
+        404
+    );
+    assert!(
+        !internal_header_reaches_upstream(&gw, &pki, &up).await,
+        "hygiene still serving"
+    );
+    assert_eq!(
+        admin_send(admin, Method::DELETE, "/admin/plugins/p", TOKEN, vec![])
+            .await
+            .status,
+        409,
+        "in use by a route"
+    );
+
+    // A restart brings back what was active.
+    drop(gw);
+    let gw = TestGateway::start(&toml, pki.path()).await;
+    let admin = gw.gateway.admin_addr();
+    assert!(
+        !internal_header_reaches_upstream(&gw, &pki, &up).await,
+        "hygiene came back after the restart"
+    );
+
+    // Upload noop, then roll back to hygiene.
+    let noop = std::fs::read(plugin_wasm("noop")).unwrap();
+    assert_eq!(
+        admin_send(admin, Method::PUT, "/admin/plugins/p", TOKEN, noop)
+            .await
+            .status,
+        200
+    );
+    assert!(internal_header_reaches_upstream(&gw, &pki, &up).await);
+    let r = admin_send(
+        admin,
+        Method::POST,
+        "/admin/plugins/p/rollback",
+        TOKEN,
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !internal_header_reaches_upstream(&gw, &pki, &up).await,
+        "rolled back to hygiene"
+    );
+    let list = admin_call(admin, Method::GET, "/admin/plugins", Some(TOKEN)).await;
+    let v: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
+    assert_eq!(v["artifacts"][0]["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(v["artifacts"][0]["used_by"][0], "all");
+}
+
+#[tokio::test]
+async fn model_uploads_are_served_by_their_version() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let model = pki.path().join("recs.safetensors");
+    std::fs::write(
+        &model,
+        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
+    )
+    .unwrap();
+    let gw = TestGateway::start(&config(&pki, up.addr, &model), pki.path()).await;
+    let admin = gw.gateway.admin_addr();
+    let next = gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 2));
+    let r = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/models/recs",
+        TOKEN,
+        next.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let version = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(version, gateway::plugin::content_version(&next));
+    let rank = Request::post("https://localhost/_gateway/models/recs/rank")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from_static(
+            br#"{"user": 1, "candidates": [1, 2, 3]}"#,
+        )))
+        .unwrap();
+    let r = fetch(gw.addr("https"), &pki.ca_der, false, rank).await;
+    assert_eq!(r.header("x-model-version"), Some(version.as_str()));
+    let bad = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/models/recs",
+        TOKEN,
+        b"not a model".to_vec(),
+    )
+    .await;
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert_eq!(
+        gw.gateway.model("recs").unwrap().live().version,
+        version,
+        "the serving version is untouched"
+    );
+}
