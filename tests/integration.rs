@@ -19,6 +19,7 @@ mod scoring_kernels_match_the_cpu_path;
 mod scoring_rejects_bad_models;
 mod scoring_serves_and_swaps_without_mixing;
 mod shipped_plugins_work_end_to_end;
+mod swaps_under_load_lose_no_request;
 mod timeouts_and_limits;
 mod tls_sni_alpn_and_versions;
 mod uploads_are_validated_durable_and_reversible;

@@ -32,6 +32,8 @@ pub struct Route {
     pub name: Arc<str>,
     /// The plugin chain, when the route has one.
     pub chain: Option<RouteChain>,
+    /// `name@version,...` of the chain, for `x-plugin-versions`.
+    plugin_versions: Option<HeaderValue>,
     duration: Histogram,
     /// Counters for 1xx..5xx.
     by_class: [IntCounter; 5],
@@ -65,6 +67,16 @@ impl Router {
                 .map(|spec| Route {
                     spec: spec.clone(),
                     name: spec.name.as_str().into(),
+                    plugin_versions: (!spec.plugins.is_empty())
+                        .then(|| {
+                            let list: Vec<String> = spec
+                                .plugins
+                                .iter()
+                                .map(|&i| format!("{}@{}", plugins[i].name, plugins[i].version))
+                                .collect();
+                            HeaderValue::from_str(&list.join(",")).ok()
+                        })
+                        .flatten(),
                     chain: (!spec.plugins.is_empty()).then(|| RouteChain {
                         plugins: spec.plugins.iter().map(|&i| plugins[i].clone()).collect(),
                         policy: spec.plugin_failure,
@@ -132,6 +144,8 @@ pub struct Snapshot {
     pub pools: Vec<Arc<Pool>>,
     /// Served models by name.
     pub models: HashMap<String, Arc<ModelSlot>>,
+    /// Counts configurations applied since start (1 for the first).
+    pub generation: u64,
 }
 
 impl Snapshot {
@@ -160,6 +174,7 @@ impl Snapshot {
             router,
             pools,
             models: HashMap::new(),
+            generation: 1,
         }
     }
 
@@ -316,6 +331,15 @@ pub async fn handle(
     }
     let headers = response.headers_mut();
     headers.insert(rid_header.clone(), request_id.clone());
+    if config.proxy.version_headers {
+        headers.insert(
+            "x-gateway-generation",
+            HeaderValue::from(snapshot.generation),
+        );
+        if let Some(v) = route.and_then(|r| r.plugin_versions.clone()) {
+            headers.insert("x-plugin-versions", v);
+        }
+    }
     if let Some(via) = &config.proxy.via_name {
         http_util::append_via(headers, http::Version::HTTP_11, via);
     }

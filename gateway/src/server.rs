@@ -510,6 +510,7 @@ impl ServeCtx {
             Some(&current),
         );
         snapshot.models = models;
+        snapshot.generation = current.generation + 1;
         self.shared.state.store(Arc::new(snapshot));
         self.tls.store(tls_config);
         Ok(())

@@ -220,6 +220,8 @@ pub struct ProxySettings {
     pub via_name: Option<HeaderValue>,
     /// Header carrying the request id.
     pub request_id_header: HeaderName,
+    /// Expose the serving configuration generation and plugin versions in responses.
+    pub version_headers: bool,
 }
 
 /// `[admin]`, validated.

@@ -194,6 +194,10 @@ pub struct RawProxy {
     /// Header carrying the request id, kept when a client sends a valid one. Default
     /// `x-request-id`.
     pub request_id_header: Option<String>,
+    /// Add `x-gateway-generation` (the configuration generation that served the request)
+    /// and `x-plugin-versions` (`name@version,...` of the route's chain) to responses; model
+    /// answers always carry `x-model-version`. Default false.
+    pub version_headers: Option<bool>,
 }
 
 /// `[admin]`

@@ -236,6 +236,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         forwarded,
         via_name,
         request_id_header,
+        version_headers: raw.proxy.version_headers.unwrap_or(false),
     };
 
     // [admin]

@@ -169,7 +169,13 @@ pub struct PluginRuntime {
     families: Arc<PluginMetricFamilies>,
     /// Key-value stores by plugin name, kept across versions and reloads.
     kv: Mutex<HashMap<String, Arc<KvStore>>>,
+    /// Compiled components by content version, so a reload that brings back a version seen
+    /// recently (a rollback, a flip between two files) does not compile it again.
+    compiled: Mutex<Vec<(String, PluginPre<StoreState>)>>,
 }
+
+/// Compiled components kept for reuse.
+const COMPILED_CACHE: usize = 16;
 
 impl PluginRuntime {
     /// Builds the engine (pooling allocator, epoch interruption) and starts the epoch ticker.
@@ -251,6 +257,7 @@ impl PluginRuntime {
             series,
             families: PluginMetricFamilies::new(registry.clone()),
             kv: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(Vec::new()),
         }))
     }
 
@@ -310,10 +317,27 @@ impl PluginRuntime {
         let version = content_version(&bytes);
         let this = self.clone();
         let name = spec.name.clone();
-        // Compiling takes milliseconds to seconds: keep it off the async workers.
-        let (_component, pre) = tokio::task::spawn_blocking(move || this.compile(&name, &bytes))
-            .await
-            .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
+        let cached = self
+            .compiled
+            .lock()
+            .expect("compile cache lock")
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, p)| p.clone());
+        let pre = match cached {
+            Some(pre) => pre,
+            None => {
+                // Compiling takes milliseconds to seconds: keep it off the async workers.
+                let (_component, pre) =
+                    tokio::task::spawn_blocking(move || this.compile(&name, &bytes))
+                        .await
+                        .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
+                let mut cache = self.compiled.lock().expect("compile cache lock");
+                cache.insert(0, (version.clone(), pre.clone()));
+                cache.truncate(COMPILED_CACHE);
+                pre
+            }
+        };
         let kv = self
             .kv
             .lock()
