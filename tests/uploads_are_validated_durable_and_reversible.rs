@@ -230,3 +230,75 @@ async fn model_uploads_are_served_by_their_version() {
         "the serving version is untouched"
     );
 }
+
+#[tokio::test]
+async fn the_cli_pushes_and_reports_status() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let model = pki.path().join("recs.safetensors");
+    std::fs::write(
+        &model,
+        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
+    )
+    .unwrap();
+    let gw = TestGateway::start(&config(&pki, up.addr, &model), pki.path()).await;
+    let url = format!("http://{}", gw.gateway.admin_addr());
+    let token = pki.path().join("admin.token");
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+    let hygiene = plugin_wasm("hygiene").display().to_string();
+    let args = |cmd: &[&str]| -> Vec<String> {
+        cmd.iter()
+            .map(|s| s.to_string())
+            .chain([
+                "--admin".into(),
+                url.clone(),
+                "--token-file".into(),
+                token.display().to_string(),
+            ])
+            .collect()
+    };
+    let out = run(args(&["plugin", "push", &hygiene, "--name", "p"]))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("activated in") && stdout.contains("sha256"),
+        "{stdout}"
+    );
+    assert!(
+        !internal_header_reaches_upstream(&gw, &pki, &up).await,
+        "the pushed plugin serves"
+    );
+
+    let out = run(args(&[
+        "plugin",
+        "push",
+        &plugin_wasm("wrong-world").display().to_string(),
+        "--name",
+        "p",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("422"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = run(args(&["status"])).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["plugins"][0]["name"], "p");
+}

@@ -7,6 +7,7 @@
 #![recursion_limit = "256"]
 
 pub mod admin;
+pub mod admin_client;
 pub mod config;
 pub mod demo;
 pub mod http_util;

@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Print a running node's status: routes, plugin and model versions, last reload.
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Start a self-contained demo: a built-in storefront behind the gateway on HTTPS.
     Demo {
         /// HTTPS listener address.
@@ -51,8 +56,30 @@ enum Command {
     },
 }
 
+/// Where a running node's admin API is.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The node's admin URL.
+    #[arg(long, default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// File with the admin bearer token (default: $GATEWAY_ADMIN_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Upload a plugin to a running node: validated, stored and activated there, or refused
+    /// with the reason and nothing changed.
+    Push {
+        /// The component file.
+        file: PathBuf,
+        /// The plugin's name in the node's config.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Check that a .wasm file is a component for the plugin world, list what it imports and
     /// exports, and start one instance (running `init` with `--config`).
     Check {
@@ -66,6 +93,17 @@ enum PluginCommand {
 
 #[derive(Subcommand)]
 enum ModelCommand {
+    /// Upload a model to a running node: validated, loaded, warmed and activated there, or
+    /// refused with the reason and nothing changed.
+    Push {
+        /// The .safetensors file.
+        file: PathBuf,
+        /// The model's name in the node's config.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Print what a model file holds (kind, name, version, dims, tensors, parameters, size) and
     /// whether it loads: exit 0 when valid, 1 with the problem otherwise.
     Inspect {
@@ -127,6 +165,20 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|c| run(c, Some(path), None)),
         Command::Demo { https, admin } => demo(https, admin),
+        Command::Status { target } => client(&target, |node| async move {
+            println!("{}", node.status().await?);
+            Ok(())
+        }),
+        Command::Plugin {
+            command: PluginCommand::Push { file, name, target },
+        } => client(&target, |node| async move {
+            push(&node, "plugins", &name, &file).await
+        }),
+        Command::Model {
+            command: ModelCommand::Push { file, name, target },
+        } => client(&target, |node| async move {
+            push(&node, "models", &name, &file).await
+        }),
         Command::Model { command } => model_command(command),
         Command::Plugin {
             command: PluginCommand::Check { file, config },
@@ -245,6 +297,7 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
 fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
     use gateway::scoring::{self, ModelKind, SampleSpec, Similarity};
     match command {
+        ModelCommand::Push { .. } => unreachable!("push is dispatched in main"),
         ModelCommand::Inspect { file } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -335,6 +388,37 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs an admin client action on a small runtime.
+fn client<F, Fut>(target: &AdminTarget, action: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(gateway::admin_client::Node) -> Fut,
+    Fut: std::future::Future<Output = Result<(), gateway::admin_client::ClientError>>,
+{
+    let node = gateway::admin_client::Node::new(&target.admin, target.token_file.as_deref())?;
+    match runtime(1)?.block_on(action(node)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn push(
+    node: &gateway::admin_client::Node,
+    kind: &str,
+    name: &str,
+    file: &std::path::Path,
+) -> Result<(), gateway::admin_client::ClientError> {
+    let (answer, took) = node.push(kind, name, file).await?;
+    println!("{}", answer.trim());
+    println!(
+        "activated in {} ms (upload, validation, warm-up and swap)",
+        took.as_millis()
+    );
+    Ok(())
 }
 
 fn init_logging(settings: &LoggingSettings) {
