@@ -438,6 +438,13 @@ async fn upload(
             format!("{name:?} is not in the config; add its [[plugins]] or [[models]] entry first"),
         );
     }
+    if let Err(r) = upload_allowed(config.admin.max_uploads_per_minute) {
+        return r;
+    }
+    let signature = req
+        .headers()
+        .get("x-signature")
+        .map(|v| v.as_bytes().to_vec());
     let limit = config.admin.max_upload_bytes as usize;
     let bytes = match http_body_util::Limited::new(req.into_body(), limit)
         .collect()
@@ -456,6 +463,33 @@ async fn upload(
             StatusCode::BAD_REQUEST,
             "the body must be the file to upload",
         );
+    }
+    // Integrity first: nothing is stored unless the content is the pinned one and carries a
+    // valid signature when signatures are required.
+    let pin = match kind {
+        Kind::Plugin => config
+            .plugins
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.sha256.clone()),
+        Kind::Model => config
+            .models
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.sha256.clone()),
+    };
+    if let Some(pin) = pin {
+        let found = crate::store::sha256_hex(&bytes);
+        if found != pin {
+            return error(
+                StatusCode::CONFLICT,
+                format!("{name:?} is pinned to SHA-256 {pin}; this upload is {found}"),
+            );
+        }
+    }
+    if let Err(r) = check_signature(&config, signature.as_deref(), &bytes) {
+        tracing::warn!(target: "admin", token = %who, name, "upload refused: signature");
+        return r;
     }
     let _one_at_a_time = UPLOADS.lock().await;
     let sha = match store.put(kind, &bytes) {
@@ -547,5 +581,72 @@ fn forget(ctx: &ServeCtx, kind: Kind, name: &str, who: &str) -> Response<ProxyBo
         }
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no uploads of {name:?}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// Accepts at most `per_minute` uploads in any sliding minute.
+fn upload_allowed(per_minute: u32) -> Result<(), Response<ProxyBody>> {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static RECENT: Mutex<std::collections::VecDeque<Instant>> =
+        Mutex::new(std::collections::VecDeque::new());
+    let mut recent = RECENT.lock().expect("upload rate lock");
+    let now = Instant::now();
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+    {
+        recent.pop_front();
+    }
+    if recent.len() >= per_minute as usize {
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("at most {per_minute} uploads per minute"),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        return Err(r);
+    }
+    recent.push_back(now);
+    Ok(())
+}
+
+/// Verifies `x-signature` (hex Ed25519 over the body) against the trusted keys.
+fn check_signature(
+    config: &crate::config::Config,
+    signature: Option<&[u8]>,
+    body: &[u8],
+) -> Result<(), Response<ProxyBody>> {
+    let Some(sig) = signature else {
+        if config.require_signatures {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "uploads must carry x-signature: an Ed25519 signature of the body, in hex",
+            ));
+        }
+        return Ok(());
+    };
+    let parsed = std::str::from_utf8(sig)
+        .ok()
+        .and_then(|s| crate::config::decode_hex(s).ok())
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        .map(|b| ed25519_dalek::Signature::from_bytes(&b));
+    let Some(sig) = parsed else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "x-signature must be 128 hex digits",
+        ));
+    };
+    if config
+        .trusted_keys
+        .iter()
+        .any(|k| k.verify_strict(body, &sig).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::FORBIDDEN,
+            "x-signature does not verify with any trusted key",
+        ))
     }
 }

@@ -77,6 +77,17 @@ impl Node {
         body: Option<Bytes>,
         progress: Option<&indicatif::ProgressBar>,
     ) -> Result<(u16, String), ClientError> {
+        self.call_with(method, path, body, progress, None).await
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        progress: Option<&indicatif::ProgressBar>,
+        signature: Option<&str>,
+    ) -> Result<(u16, String), ClientError> {
         let authority = self
             .url
             .strip_prefix("http://")
@@ -106,12 +117,16 @@ impl Node {
             }
             Ok::<_, std::convert::Infallible>(Frame::data(c))
         }));
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", authority)
             .header("authorization", format!("Bearer {}", self.token))
-            .header("content-length", len)
+            .header("content-length", len);
+        if let Some(sig) = signature {
+            req = req.header("x-signature", sig);
+        }
+        let req = req
             .body(StreamBody::new(frames))
             .map_err(|e| transport(e.to_string()))?;
         let resp = sender
@@ -135,11 +150,16 @@ impl Node {
         kind: &str,
         name: &str,
         file: &Path,
+        sign_key: Option<&Path>,
     ) -> Result<(String, Duration), ClientError> {
         let bytes = std::fs::read(file).map_err(|source| ClientError::Read {
             path: file.display().to_string(),
             source,
         })?;
+        let signature = match sign_key {
+            Some(k) => Some(sign(k, &bytes)?),
+            None => None,
+        };
         let bar = indicatif::ProgressBar::new(bytes.len() as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -151,11 +171,12 @@ impl Node {
         bar.set_message(format!("uploading {name}"));
         let started = Instant::now();
         let result = self
-            .call(
+            .call_with(
                 Method::PUT,
                 &format!("/admin/{kind}/{name}"),
                 Some(Bytes::from(bytes)),
                 Some(&bar),
+                signature.as_deref(),
             )
             .await;
         bar.finish_and_clear();
@@ -174,4 +195,54 @@ impl Node {
         }
         Ok(body)
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Signs `bytes` with the Ed25519 key whose 32-byte seed is in `key_file` (hex); returns the
+/// signature in hex, as `x-signature` carries it.
+pub fn sign(key_file: &Path, bytes: &[u8]) -> Result<String, ClientError> {
+    use ed25519_dalek::Signer;
+    let read = |source| ClientError::Read {
+        path: key_file.display().to_string(),
+        source,
+    };
+    let text = std::fs::read_to_string(key_file).map_err(read)?;
+    let seed: [u8; 32] = crate::config::decode_hex(&text)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| {
+            read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "expected a 32-byte Ed25519 seed in hex",
+            ))
+        })?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    Ok(hex(&key.sign(bytes).to_bytes()))
+}
+
+/// Writes a new Ed25519 seed (hex) to `out`, readable by its owner only, and returns the
+/// public key in hex for `[store] trusted_keys`.
+pub fn generate_key(out: &Path) -> Result<String, ClientError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| ClientError::Read {
+        path: out.display().to_string(),
+        source,
+    };
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(io)?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(io)?;
+    std::io::Write::write_all(&mut f, hex(&seed).as_bytes()).map_err(io)?;
+    Ok(hex(key.verifying_key().as_bytes()))
 }

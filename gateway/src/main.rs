@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Signing keys for uploads.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Print a running node's status: routes, plugin and model versions, last reload.
     Status {
         #[command(flatten)]
@@ -56,6 +61,16 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new Ed25519 signing key and print its public key for `[store] trusted_keys`.
+    Generate {
+        /// Where to write the secret seed (created, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 /// Where a running node's admin API is.
 #[derive(clap::Args)]
 struct AdminTarget {
@@ -65,6 +80,9 @@ struct AdminTarget {
     /// File with the admin bearer token (default: $GATEWAY_ADMIN_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Ed25519 key (hex seed, from `gateway keys generate`) to sign uploads with.
+    #[arg(long)]
+    sign_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -165,20 +183,34 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|c| run(c, Some(path), None)),
         Command::Demo { https, admin } => demo(https, admin),
+        Command::Keys {
+            command: KeysCommand::Generate { out },
+        } => gateway::admin_client::generate_key(&out)
+            .map(|public| {
+                println!("{public}");
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
         Command::Status { target } => client(&target, |node| async move {
             println!("{}", node.status().await?);
             Ok(())
         }),
         Command::Plugin {
             command: PluginCommand::Push { file, name, target },
-        } => client(&target, |node| async move {
-            push(&node, "plugins", &name, &file).await
-        }),
+        } => {
+            let key = target.sign_key.clone();
+            client(&target, |node| async move {
+                push(&node, "plugins", &name, &file, key.as_deref()).await
+            })
+        }
         Command::Model {
             command: ModelCommand::Push { file, name, target },
-        } => client(&target, |node| async move {
-            push(&node, "models", &name, &file).await
-        }),
+        } => {
+            let key = target.sign_key.clone();
+            client(&target, |node| async move {
+                push(&node, "models", &name, &file, key.as_deref()).await
+            })
+        }
         Command::Model { command } => model_command(command),
         Command::Plugin {
             command: PluginCommand::Check { file, config },
@@ -266,6 +298,7 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let spec = gateway::config::PluginSpec {
+        sha256: None,
         name: file
             .file_stem()
             .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
@@ -411,8 +444,9 @@ async fn push(
     kind: &str,
     name: &str,
     file: &std::path::Path,
+    sign_key: Option<&std::path::Path>,
 ) -> Result<(), gateway::admin_client::ClientError> {
-    let (answer, took) = node.push(kind, name, file).await?;
+    let (answer, took) = node.push(kind, name, file, sign_key).await?;
     println!("{}", answer.trim());
     println!(
         "activated in {} ms (upload, validation, warm-up and swap)",

@@ -130,6 +130,15 @@ async fn load_models(
                 format!("cannot read {}: {e}", spec.path.display()),
             )
         })?;
+        if let Some(expected) = &spec.sha256 {
+            let found = crate::store::sha256_hex(&bytes);
+            if &found != expected {
+                return Err(fail(
+                    &spec.name,
+                    format!("content SHA-256 {found} does not match the pinned {expected}"),
+                ));
+            }
+        }
         let version = crate::plugin::content_version(&bytes);
         if let Some(slot) = current
             .get(&spec.name)
@@ -439,6 +448,7 @@ async fn load_plugins(
             path: spec.path.display().to_string(),
             source,
         })?;
+        crate::plugin::check_pin(spec, &bytes)?;
         let version = crate::plugin::content_version(&bytes);
         match previous
             .iter()

@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use rustls::sign::CertifiedKey;
 
-pub use validate::{parse_host_pattern, validate};
+pub use validate::{decode_hex, parse_host_pattern, validate};
 
 /// A validated configuration, ready to run.
 #[derive(Debug, Clone)]
@@ -48,6 +48,10 @@ pub struct Config {
     pub models: Vec<ModelSpec>,
     /// Directory of uploaded artifacts, when uploads are enabled.
     pub store_dir: Option<PathBuf>,
+    /// Keys whose signatures uploads may carry.
+    pub trusted_keys: Vec<ed25519_dalek::VerifyingKey>,
+    /// Uploads must be signed by one of `trusted_keys`.
+    pub require_signatures: bool,
 }
 
 impl Config {
@@ -93,6 +97,8 @@ pub struct ModelSpec {
     pub name: String,
     /// File.
     pub path: PathBuf,
+    /// Required SHA-256 (lower-case hex), when pinned.
+    pub sha256: Option<String>,
 }
 
 /// `[plugin_runtime]`, validated.
@@ -121,6 +127,8 @@ impl Default for PluginRuntimeSettings {
 pub struct PluginSpec {
     /// Unique name.
     pub name: String,
+    /// Required SHA-256 (lower-case hex), when pinned.
+    pub sha256: Option<String>,
     /// Component file.
     pub path: PathBuf,
     /// Configuration handed to `init`.
@@ -233,6 +241,8 @@ pub struct AdminSettings {
     pub token: Option<AdminToken>,
     /// Largest upload, bytes.
     pub max_upload_bytes: u64,
+    /// Uploads per minute.
+    pub max_uploads_per_minute: u32,
 }
 
 /// A secret compared in constant time; its id (a hash prefix) is what logs show.

@@ -82,6 +82,9 @@ pub struct RawModel {
     pub name: String,
     /// The model file (safetensors). Relative to the config file.
     pub path: String,
+    /// Pin: the SHA-256 (hex) the file must have; a file or upload with another content is
+    /// refused. Default: not pinned.
+    pub sha256: Option<String>,
 }
 
 /// `[plugin_runtime]`
@@ -105,6 +108,9 @@ pub struct RawPluginRuntime {
 pub struct RawPlugin {
     /// Unique name that routes list in `plugins`.
     pub name: String,
+    /// Pin: the SHA-256 (hex) the component must have; a file or upload with another content
+    /// is refused. Default: not pinned.
+    pub sha256: Option<String>,
     /// The plugin component (`.wasm`, built for the `plugin` world in `wit/`). Relative to the
     /// config file.
     pub path: String,
@@ -214,6 +220,8 @@ pub struct RawAdmin {
     pub token_env: Option<String>,
     /// Largest plugin or model upload, in bytes. Default 268435456 (256 MiB).
     pub max_upload_bytes: Option<u64>,
+    /// Uploads accepted per minute (all kinds together); more get 429. Default 30.
+    pub max_uploads_per_minute: Option<u32>,
 }
 
 /// `[store]`
@@ -223,6 +231,11 @@ pub struct RawStore {
     /// Directory of uploaded plugins and models (content-addressed, with a manifest of the
     /// active versions). Relative to the config file. Default: none (uploads disabled).
     pub dir: Option<String>,
+    /// Ed25519 public keys (hex, 32 bytes) allowed to sign uploads. Default: none.
+    pub trusted_keys: Option<Vec<String>>,
+    /// Refuse uploads without a valid `x-signature` by a trusted key. Default: true when
+    /// `trusted_keys` is set.
+    pub require_signatures: Option<bool>,
 }
 
 /// `[tls]`

@@ -287,6 +287,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         bind,
         token,
         max_upload_bytes: raw.admin.max_upload_bytes.unwrap_or(256 << 20),
+        max_uploads_per_minute: raw.admin.max_uploads_per_minute.unwrap_or(30),
     };
 
     // [[tls.certificates]]
@@ -630,7 +631,9 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         if !(1..=1024).contains(&instances) {
             c.fail(at("instances"), "must be between 1 and 1024");
         }
+        let sha256 = check_pin(&mut c, at("sha256"), rp.sha256.as_deref());
         plugins.push(PluginSpec {
+            sha256,
             name: rp.name,
             path,
             config,
@@ -698,9 +701,11 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         if !path.is_file() {
             c.fail(at("path"), format!("cannot read {}", path.display()));
         }
+        let sha256 = check_pin(&mut c, at("sha256"), rm.sha256.as_deref());
         models.push(ModelSpec {
             name: rm.name,
             path,
+            sha256,
         });
     }
 
@@ -843,6 +848,32 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         });
     }
 
+    let store_dir = raw.store.dir.as_deref().map(|d| resolve(base_dir, d));
+    let mut trusted_keys = Vec::new();
+    for (i, k) in raw.store.trusted_keys.iter().flatten().enumerate() {
+        match decode_hex(k)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+        {
+            Some(key) => trusted_keys.push(key),
+            None => c.fail(
+                vec![Key("store"), Key("trusted_keys"), Index(i)],
+                "not an Ed25519 public key in hex (64 hex digits)",
+            ),
+        }
+    }
+    let require_signatures = raw
+        .store
+        .require_signatures
+        .unwrap_or(!trusted_keys.is_empty());
+    if require_signatures && trusted_keys.is_empty() {
+        c.fail(
+            vec![Key("store"), Key("require_signatures")],
+            "needs at least one key in trusted_keys",
+        );
+    }
+
     if c.problems.is_empty() {
         Ok(Config {
             server,
@@ -858,7 +889,9 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             plugins,
             scoring,
             models,
-            store_dir: raw.store.dir.as_deref().map(|d| resolve(base_dir, d)),
+            store_dir,
+            trusted_keys,
+            require_signatures,
         })
     } else {
         Err(c.problems)
@@ -945,4 +978,25 @@ pub fn parse_host_pattern(s: &str, allow_any: bool) -> Result<HostPattern, Strin
     } else {
         HostPattern::Exact(name.to_string())
     })
+}
+
+/// Decodes lower- or upper-case hex.
+pub fn decode_hex(s: &str) -> Result<Vec<u8>, ()> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return Err(());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or(())?, 16).map_err(|_| ()))
+        .collect()
+}
+
+fn check_pin(c: &mut Checker, path: Vec<Seg>, pin: Option<&str>) -> Option<String> {
+    let pin = pin?.trim().to_ascii_lowercase();
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        c.fail(path, "must be a SHA-256 in hex (64 hex digits)");
+        return None;
+    }
+    Some(pin)
 }

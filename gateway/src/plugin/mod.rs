@@ -46,6 +46,16 @@ pub enum PluginError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The file's content is not the one the config pins.
+    #[error("plugin {name:?}: content SHA-256 {found} does not match the pinned {expected}")]
+    PinMismatch {
+        /// Plugin name.
+        name: String,
+        /// The pin.
+        expected: String,
+        /// What the file hashes to.
+        found: String,
+    },
     /// The bytes are not a valid WebAssembly component.
     #[error("plugin {name:?}: not a WebAssembly component: {reason}")]
     NotAComponent {
@@ -314,6 +324,7 @@ impl PluginRuntime {
         spec: &PluginSpec,
         bytes: Vec<u8>,
     ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        check_pin(spec, &bytes)?;
         let version = content_version(&bytes);
         let this = self.clone();
         let name = spec.name.clone();
@@ -438,6 +449,21 @@ fn first_line(e: &wasmtime::Error) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// Refuses content that is not what the spec pins.
+pub fn check_pin(spec: &PluginSpec, bytes: &[u8]) -> Result<(), PluginError> {
+    if let Some(expected) = &spec.sha256 {
+        let found = crate::store::sha256_hex(bytes);
+        if &found != expected {
+            return Err(PluginError::PinMismatch {
+                name: spec.name.clone(),
+                expected: expected.clone(),
+                found,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A short, stable version id: the first 12 hex digits of the content's SHA-256.
