@@ -134,33 +134,12 @@ async fn reload_through_the_api_applies_good_files_and_reports_bad_ones() {
 
 #[tokio::test]
 async fn sighup_reloads_the_running_binary() {
-    use tokio::io::AsyncBufReadExt;
     let pki = Pki::new();
     let (a, b) = (Upstream::named("a").await, Upstream::named("b").await);
     let file = pki.path().join("gateway.toml");
     let first = basic_config(&pki, &[a.addr], "", "");
     std::fs::write(&file, &first).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: std::net::SocketAddr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("log line");
-        if let Some(rest) = line.split("listener=https addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (mut child, addr) = spawn_gateway_binary(&file).await;
     assert_eq!(
         fetch(addr, &pki.ca_der, false, get("localhost", "/b/x"))
             .await

@@ -78,34 +78,13 @@ async fn drain_deadline_bounds_the_wait() {
 
 #[tokio::test]
 async fn the_binary_drains_and_exits_zero_on_sigterm() {
-    use tokio::io::AsyncBufReadExt;
     let pki = Pki::new();
     let slow =
         Upstream::with(|_| Reply::Delay(Duration::from_millis(600), Bytes::from_static(b"done")))
             .await;
     let path = pki.path().join("gw.toml");
     std::fs::write(&path, basic_config(&pki, &[slow.addr], "", "")).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    // The log names the bound address of the https listener.
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: std::net::SocketAddr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .expect("gateway log line");
-        if let Some(rest) = line.split("listener=https addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let (mut child, addr) = spawn_gateway_binary(&path).await;
     let ca = pki.ca_der.clone();
     let in_flight =
         tokio::spawn(async move { fetch(addr, &ca, true, get("localhost", "/")).await });
