@@ -64,7 +64,7 @@ async fn atomic_saves_and_certificate_changes_are_applied() {
             .text(),
         "b"
     );
-    assert!(gw.metric("gateway_reloads_total", &[("outcome", "config")]) >= 1.0);
+    assert!(gw.metric("gateway_reload_failures_total", &[("kind", "config")]) >= 1.0);
 
     // A renewed certificate is served to new connections.
     atomic_write(&file, &with_route_b(&first, b.addr));

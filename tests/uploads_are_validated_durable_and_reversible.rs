@@ -229,6 +229,36 @@ async fn model_uploads_are_served_by_their_version() {
         version,
         "the serving version is untouched"
     );
+    let blobs = std::fs::read_dir(pki.path().join("store/models"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 1, "a rejected upload leaves no file behind");
+
+    // A second upload, then a rollback through the store: it survives a restart.
+    let third = gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 3));
+    assert_eq!(
+        admin_send(admin, Method::PUT, "/admin/models/recs", TOKEN, third)
+            .await
+            .status,
+        200
+    );
+    let r = admin_send(
+        admin,
+        Method::POST,
+        "/admin/models/recs/rollback",
+        TOKEN,
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(gw.gateway.model("recs").unwrap().live().version, version);
+    drop(gw);
+    let gw = TestGateway::start(&config(&pki, up.addr, &model), pki.path()).await;
+    assert_eq!(
+        gw.gateway.model("recs").unwrap().live().version,
+        version,
+        "the rollback survived the restart"
+    );
 }
 
 #[tokio::test]

@@ -228,6 +228,15 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Respon
                 .uri()
                 .query()
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("version=")));
+            // A model deployed by upload rolls back through the store, so the rollback
+            // survives a restart; otherwise through the versions held in memory.
+            let uploaded = ctx.shared.state.load().config.store_dir.as_ref().is_some_and(|d| {
+                Store::open(d).and_then(|s| s.manifest()).is_ok_and(|m| m.models.contains_key(*name))
+            });
+            if uploaded {
+                let version = version.map(str::to_string);
+                return rollback_upload(ctx, Kind::Model, name, version.as_deref(), &who).await;
+            }
             let slot = ctx.shared.state.load().models.get(*name).cloned();
             let Some(slot) = slot else {
                 return error(StatusCode::NOT_FOUND, format!("no model named {name:?}"));
@@ -492,13 +501,17 @@ async fn upload(
         return r;
     }
     let _one_at_a_time = UPLOADS.lock().await;
-    let sha = match store.put(kind, &bytes) {
+    let (sha, created) = match store.put(kind, &bytes) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
     // Load, validate and warm it in a full reload; only then record it as active.
     if let Err(e) = apply_version(ctx, kind, name, store.blob_path(kind, &sha)).await {
         tracing::warn!(target: "admin", token = %who, name, sha256 = %sha, error = %e, "upload rejected");
+        // Leave the store as it was: a blob this upload created goes again.
+        if created {
+            let _ = std::fs::remove_file(store.blob_path(kind, &sha));
+        }
         return error(StatusCode::UNPROCESSABLE_ENTITY, e);
     }
     if let Err(e) = store.activate(kind, name, &sha) {

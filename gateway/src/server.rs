@@ -210,6 +210,7 @@ pub(crate) struct ServeCtx {
     /// Outcome of the last reload.
     pub(crate) last_reload: std::sync::Mutex<Option<ReloadReport>>,
     reloads: prometheus::IntCounterVec,
+    reloads_ok: prometheus::IntCounter,
     scoring: tokio::sync::Mutex<ScoringState>,
     /// Made on first use: only configurations with plugins pay for the engine.
     plugin_runtime: tokio::sync::Mutex<Option<Arc<PluginRuntime>>>,
@@ -280,12 +281,18 @@ impl Gateway {
             metrics,
         });
         let reloads = prometheus::IntCounterVec::new(
-            prometheus::Opts::new("gateway_reloads_total", "Configuration reloads by outcome (ok, or the kind of failure: config, tls, plugin, model)."),
-            &["outcome"],
+            prometheus::Opts::new("gateway_reload_failures_total", "Configuration reloads that failed and left the old state serving, by kind (config, tls, plugin, model, store)."),
+            &["kind"],
         )
         .map_err(MetricsError::from)?;
         registry
             .register(Box::new(reloads.clone()))
+            .map_err(MetricsError::from)?;
+        let reloads_ok =
+            prometheus::IntCounter::new("gateway_reloads_total", "Configuration reloads applied.")
+                .map_err(MetricsError::from)?;
+        registry
+            .register(Box::new(reloads_ok.clone()))
             .map_err(MetricsError::from)?;
         let ctx = Arc::new(ServeCtx {
             shared,
@@ -293,6 +300,7 @@ impl Gateway {
             config_path: std::sync::Mutex::new(None),
             last_reload: std::sync::Mutex::new(None),
             reloads,
+            reloads_ok,
             scoring: tokio::sync::Mutex::new(scoring),
             plugin_runtime: tokio::sync::Mutex::new(plugin_runtime),
             registry: registry.clone(),
@@ -484,6 +492,7 @@ impl ReloadError {
             ReloadError::Apply(StartError::Tls(_)) => "tls",
             ReloadError::Apply(StartError::Plugin(_)) => "plugin",
             ReloadError::Apply(StartError::Model { .. }) => "model",
+            ReloadError::Apply(StartError::Store(_)) => "store",
             ReloadError::Apply(_) => "other",
         }
     }
@@ -541,7 +550,7 @@ impl ServeCtx {
         };
         match &result {
             Ok(()) => {
-                self.reloads.with_label_values(&["ok"]).inc();
+                self.reloads_ok.inc();
                 tracing::info!("configuration reloaded");
             }
             Err(e) => {

@@ -175,15 +175,16 @@ impl Store {
             .join(format!("{sha}.{}", kind.extension()))
     }
 
-    /// Stores `bytes` (if not already there) and returns its SHA-256; the manifest is
-    /// untouched, so nothing uses it yet.
-    pub fn put(&self, kind: Kind, bytes: &[u8]) -> Result<String, StoreError> {
+    /// Stores `bytes` (if not already there) and returns its SHA-256 and whether this call
+    /// wrote it; the manifest is untouched, so nothing uses it yet.
+    pub fn put(&self, kind: Kind, bytes: &[u8]) -> Result<(String, bool), StoreError> {
         let sha = sha256_hex(bytes);
         let path = self.blob_path(kind, &sha);
-        if !path.is_file() {
-            write_atomic(&path, bytes)?;
+        if path.is_file() {
+            return Ok((sha, false));
         }
-        Ok(sha)
+        write_atomic(&path, bytes)?;
+        Ok((sha, true))
     }
 
     /// Makes `sha` the active version of `name` and records it, keeping the last [`KEEP`].
@@ -236,13 +237,18 @@ mod tests {
     fn put_activate_and_reopen() {
         let dir = tempfile_dir();
         let store = Store::open(&dir).unwrap();
-        let a = store.put(Kind::Plugin, b"version a").unwrap();
+        let (a, created) = store.put(Kind::Plugin, b"version a").unwrap();
+        assert!(created);
+        assert!(
+            !store.put(Kind::Plugin, b"version a").unwrap().1,
+            "content-addressed: stored once"
+        );
         assert!(
             store.manifest().unwrap().plugins.is_empty(),
             "a put alone activates nothing"
         );
         store.activate(Kind::Plugin, "p", &a).unwrap();
-        let b = store.put(Kind::Plugin, b"version b").unwrap();
+        let (b, _) = store.put(Kind::Plugin, b"version b").unwrap();
         store.activate(Kind::Plugin, "p", &b).unwrap();
         let reopened = Store::open(&dir).unwrap();
         let m = reopened.manifest().unwrap();
