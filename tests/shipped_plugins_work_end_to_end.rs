@@ -305,3 +305,41 @@ async fn a_chain_of_five_noop_plugins_passes_requests_through() {
         }
     }
 }
+
+#[tokio::test]
+async fn plugins_see_request_bodies_within_the_limit_and_bodies_arrive_intact() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let extra = format!(
+        "plugins = [\"ok\"]\nplugin_body_access = true\nplugin_max_body_bytes = 1000\n{}",
+        plugin_table("ok", "hostile", "ok", "")
+    );
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", &extra), pki.path()).await;
+    for (size, h2) in [(5usize, false), (5, true), (3000, false), (3000, true)] {
+        let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+        let req = Request::post("https://localhost/upload")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        let r = fetch(gw.addr("https"), &pki.ca_der, h2, req).await;
+        assert_eq!(r.status, 200);
+        let seen = up.last();
+        assert_eq!(
+            seen.body,
+            Bytes::from(body),
+            "the upstream gets the whole body (size {size}, h2 {h2})"
+        );
+        let shown = seen
+            .headers
+            .get("x-body-bytes")
+            .map(|v| v.to_str().unwrap().to_string());
+        if size <= 1000 {
+            assert_eq!(shown.as_deref(), Some("5"), "the plugin saw the body");
+        } else {
+            assert_eq!(
+                shown, None,
+                "a body over the limit streams past the plugin unseen"
+            );
+        }
+    }
+}

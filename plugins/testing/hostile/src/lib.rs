@@ -13,7 +13,8 @@
 //! | `huge-header` | `on-request` sets `x-hostile` to a 1 MiB value, then continues   |
 //! | `huge-body`   | `on-response` calls `set-body` with 64 MiB                       |
 //! | `init-fail`   | `init` returns `Err("hostile plugin refuses to start")`          |
-//! | `ok`          | behaves: continues, leaves responses alone                       |
+//! | `ok`          | behaves: continues (telling the upstream the size of the request |
+//! |               | body it was shown, in `x-body-bytes`), leaves responses alone    |
 //!
 //! Any other mode makes `init` fail.
 
@@ -78,7 +79,13 @@ impl Plugin for Hostile {
                 }
                 Action::Continue
             }
-            Mode::HugeBody | Mode::Ok => Action::Continue,
+            Mode::Ok => {
+                if let Some(body) = req.body() {
+                    let _ = req.set_header("x-body-bytes", &body.len().to_string());
+                }
+                Action::Continue
+            }
+            Mode::HugeBody => Action::Continue,
         }
     }
 
