@@ -197,20 +197,7 @@ fn main() -> ExitCode {
         }),
         Command::Plugin {
             command: PluginCommand::Push { file, name, target },
-        } => {
-            let key = target.sign_key.clone();
-            client(&target, |node| async move {
-                push(&node, "plugins", &name, &file, key.as_deref()).await
-            })
-        }
-        Command::Model {
-            command: ModelCommand::Push { file, name, target },
-        } => {
-            let key = target.sign_key.clone();
-            client(&target, |node| async move {
-                push(&node, "models", &name, &file, key.as_deref()).await
-            })
-        }
+        } => push_file(&target, "plugins", &name, &file),
         Command::Model { command } => model_command(command),
         Command::Plugin {
             command: PluginCommand::Check { file, config },
@@ -330,7 +317,7 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
 fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
     use gateway::scoring::{self, ModelKind, SampleSpec, Similarity};
     match command {
-        ModelCommand::Push { .. } => unreachable!("push is dispatched in main"),
+        ModelCommand::Push { file, name, target } => push_file(&target, "models", &name, &file),
         ModelCommand::Inspect { file } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -437,6 +424,20 @@ where
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `gateway plugin push` / `gateway model push`.
+fn push_file(
+    target: &AdminTarget,
+    kind: &'static str,
+    name: &str,
+    file: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let key = target.sign_key.clone();
+    let (name, file) = (name.to_string(), file.to_path_buf());
+    client(target, |node| async move {
+        push(&node, kind, &name, &file, key.as_deref()).await
+    })
 }
 
 async fn push(
