@@ -183,6 +183,9 @@ pin_project_lite::pin_project! {
         inner: B,
         remaining: u64,
         timeout: Duration,
+        // The stall clock starts at the first read, not when the body is wrapped: the upstream
+        // may take a while to be ready to read it.
+        started: bool,
         #[pin]
         sleep: tokio::time::Sleep,
     }
@@ -195,6 +198,7 @@ impl<B> LimitedBody<B> {
             inner,
             remaining: max_bytes,
             timeout,
+            started: false,
             sleep: tokio::time::sleep(timeout),
         }
     }
@@ -213,6 +217,11 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if !*this.started {
+            *this.started = true;
+            let deadline = tokio::time::Instant::now() + *this.timeout;
+            this.sleep.as_mut().reset(deadline);
+        }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -368,6 +377,53 @@ impl Body for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body fed through a channel, for timing tests.
+    struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn body_stall_clock_starts_at_the_first_read() {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut body = Box::pin(LimitedBody::new(
+            ChannelBody(rx),
+            1024,
+            Duration::from_millis(100),
+        ));
+        // The upstream takes longer than the stall timeout before it starts reading.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(Bytes::from_static(b"late but in time"))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(tx);
+        });
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            first.into_data().unwrap(),
+            Bytes::from_static(b"late but in time")
+        );
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(
+            find_body_limit_error(err.as_ref()),
+            Some(BodyLimitError::Timeout),
+            "a real stall still times out"
+        );
+        feeder.abort();
+    }
 
     #[test]
     fn strips_fixed_and_connection_listed_headers() {
