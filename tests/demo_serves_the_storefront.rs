@@ -54,7 +54,18 @@ async fn demo_config_serves_search_and_recommendations() {
     )
     .await;
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["recommendations"].as_array().unwrap().len(), 5);
+    let recs = v["recommendations"].as_array().unwrap();
+    assert_eq!(recs.len(), 5);
+    // The storefront plugin re-ranked them with the served model, best first.
+    assert!(
+        v["reranked_by"].as_str().unwrap().starts_with("recs@"),
+        "{v}"
+    );
+    let scores: Vec<f64> = recs
+        .iter()
+        .map(|r| r["model_score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     assert_eq!(r.header("via"), Some("1.1 storefront-gateway"));
 
     let rank = http::Request::post("https://localhost/_gateway/models/recs/rank")

@@ -99,6 +99,10 @@ pub fn demo_config(
                     "[[plugins]]\nname = \"{p}\"\npath = \"{}\"\n",
                     d.join(format!("{p}.wasm")).display()
                 ));
+                if p == "storefront" {
+                    // Re-rank recommendations with the demo's model.
+                    tables.push_str("config = { model = \"recs\" }\n");
+                }
                 if p == "ratelimit" {
                     tables.push_str("config = { requests_per_second = 50.0, burst = 100 }\n");
                 }

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use std::collections::HashMap;
 
 use crate::plugin::chain::{RequestOutcome, RouteChain};
-use crate::plugin::host::{RequestState, ResponseState};
+use crate::plugin::host::{Ranker, RequestState, ResponseState};
 use crate::plugin::{LoadedPlugin, Outcome};
 use crate::scoring::serving::ModelSlot;
 use crate::upstream::conn::SendError;
@@ -146,6 +146,8 @@ pub struct Snapshot {
     pub models: HashMap<String, Arc<ModelSlot>>,
     /// Counts configurations applied since start (1 for the first).
     pub generation: u64,
+    /// The served models as plugins' `ranking` import sees them.
+    pub ranker: Option<Arc<dyn Ranker>>,
 }
 
 impl Snapshot {
@@ -175,6 +177,7 @@ impl Snapshot {
             pools,
             models: HashMap::new(),
             generation: 1,
+            ranker: None,
         }
     }
 
@@ -706,6 +709,7 @@ async fn with_plugins(
         (None, _) => (body, None),
     };
     let original_path = parts.uri.path().to_string();
+    let original_query = parts.uri.query().map(str::to_string);
     let method = parts.method.clone();
     let state = RequestState {
         method: parts.method.clone(),
@@ -718,6 +722,7 @@ async fn with_plugins(
         variants: chain.variants.clone(),
         body: seen_body,
         target_changed: false,
+        ranker: snapshot.ranker.clone(),
     };
     let (state, outcome) = chain.on_request(state).await;
     parts.headers = state.headers;
@@ -771,8 +776,10 @@ async fn with_plugins(
             response,
             &method,
             original_path,
+            original_query,
             route,
             variant.clone(),
+            snapshot.ranker.clone(),
         )
         .await;
     }
@@ -801,8 +808,10 @@ async fn plugin_response(
     response: Response<ProxyBody>,
     method: &Method,
     request_path: String,
+    request_query: Option<String>,
     route: &Route,
     variant: Option<String>,
+    ranker: Option<Arc<dyn Ranker>>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     let (body, seen_body) = match chain.body_limit {
@@ -823,12 +832,14 @@ async fn plugin_response(
         headers: std::mem::take(&mut parts.headers),
         request_method: method.clone(),
         request_path,
+        request_query,
         route: route.name.clone(),
         variant,
         body: seen_body,
         body_access: chain.body_limit.is_some(),
         body_limit: chain.body_limit.unwrap_or(0),
         body_changed: false,
+        ranker,
     };
     let (state, failed) = chain.on_response(ran, state).await;
     if let Some((plugin, outcome)) = failed {

@@ -160,6 +160,15 @@ async fn load_models(
     Ok(out)
 }
 
+fn ranker_for(
+    models: &HashMap<String, Arc<ModelSlot>>,
+) -> Option<Arc<dyn crate::plugin::host::Ranker>> {
+    (!models.is_empty()).then(|| {
+        Arc::new(crate::scoring::serving::ModelsRanker(models.clone()))
+            as Arc<dyn crate::plugin::host::Ranker>
+    })
+}
+
 /// Swaps new versions into existing slots (keeping their history) and starts new slots.
 fn apply_models(
     state: &ScoringState,
@@ -275,6 +284,7 @@ impl Gateway {
         let config = Arc::new(config);
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(Snapshot {
+                ranker: ranker_for(&models),
                 models,
                 ..Snapshot::build(config.clone(), &metrics, &plugins, None)
             }),
@@ -528,6 +538,7 @@ impl ServeCtx {
             &plugins,
             Some(&current),
         );
+        snapshot.ranker = ranker_for(&models);
         snapshot.models = models;
         snapshot.generation = current.generation + 1;
         self.shared.state.store(Arc::new(snapshot));

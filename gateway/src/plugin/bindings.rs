@@ -3,7 +3,11 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
-    imports: { default: trappable },
+    imports: {
+        // Ranking waits for a model batch, so it is the one import that suspends the plugin.
+        "storefront:gateway/ranking.rank": async | trappable,
+        default: trappable,
+    },
     exports: { default: async },
     with: {
         "storefront:gateway/http.request": super::host::RequestState,

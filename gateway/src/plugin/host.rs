@@ -14,7 +14,7 @@ use prometheus::{
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result};
 
-use super::bindings::storefront::gateway::{host, http as wit_http};
+use super::bindings::storefront::gateway::{host, http as wit_http, ranking};
 
 /// Headers plugins may not touch: the gateway owns framing and the connection.
 const PROTECTED: [&str; 5] = [
@@ -37,6 +37,26 @@ pub struct StoreState {
     pub output_left: usize,
     /// Set when a call went over `output_left`; the call is aborted.
     pub output_exceeded: bool,
+    /// The models the current call may rank with.
+    pub ranker: Option<Arc<dyn Ranker>>,
+}
+
+/// What the `ranking` import calls: the served models of the configuration in force.
+pub trait Ranker: Send + Sync {
+    /// Scores `candidates` for `user` with `model`: the version and one score per candidate,
+    /// in order.
+    fn rank<'a>(
+        &'a self,
+        model: &'a str,
+        user: u32,
+        candidates: Vec<u32>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::result::Result<(String, Vec<f32>), String>>
+                + Send
+                + 'a,
+        >,
+    >;
 }
 
 impl StoreState {
@@ -51,6 +71,7 @@ impl StoreState {
             plugin,
             output_left: 0,
             output_exceeded: false,
+            ranker: None,
         }
     }
 
@@ -223,6 +244,8 @@ pub struct RequestState {
     pub body: Option<Bytes>,
     /// A plugin changed path or query.
     pub target_changed: bool,
+    /// Served models, for the `ranking` import during this call.
+    pub ranker: Option<Arc<dyn Ranker>>,
 }
 
 /// The upstream (or local) response as a plugin sees and edits it.
@@ -235,6 +258,8 @@ pub struct ResponseState {
     pub request_method: Method,
     /// Path of the request answered, as received.
     pub request_path: String,
+    /// Query of the request answered.
+    pub request_query: Option<String>,
     /// Matched route.
     pub route: Arc<str>,
     /// Variant that served it.
@@ -247,6 +272,8 @@ pub struct ResponseState {
     pub body_limit: usize,
     /// A plugin replaced the body.
     pub body_changed: bool,
+    /// Served models, for the `ranking` import during this call.
+    pub ranker: Option<Arc<dyn Ranker>>,
 }
 
 fn header_edit(
@@ -363,6 +390,23 @@ impl StoreState {
 }
 
 impl wit_http::Host for StoreState {}
+
+impl ranking::Host for StoreState {
+    async fn rank(
+        &mut self,
+        model: String,
+        user: u32,
+        candidates: Vec<u32>,
+    ) -> Result<std::result::Result<ranking::Scores, String>> {
+        let Some(ranker) = self.ranker.clone() else {
+            return Ok(Err("no models are served".to_string()));
+        };
+        Ok(ranker
+            .rank(&model, user, candidates)
+            .await
+            .map(|(version, values)| ranking::Scores { version, values }))
+    }
+}
 
 impl wit_http::HostRequest for StoreState {
     fn method(&mut self, r: Resource<RequestState>) -> Result<String> {
@@ -488,6 +532,9 @@ impl wit_http::HostResponse for StoreState {
     }
     fn request_path(&mut self, r: Resource<ResponseState>) -> Result<String> {
         Ok(self.table.get(&r)?.request_path.clone())
+    }
+    fn request_query(&mut self, r: Resource<ResponseState>) -> Result<Option<String>> {
+        Ok(self.table.get(&r)?.request_query.clone())
     }
     fn route(&mut self, r: Resource<ResponseState>) -> Result<String> {
         Ok(self.table.get(&r)?.route.to_string())

@@ -610,6 +610,7 @@ impl LoadedPlugin {
             return (state, Err(Outcome::Unavailable));
         };
         self.prepare_call(&mut instance);
+        instance.store.data_mut().ranker = state.ranker.clone();
         let handle = match instance.store.data_mut().table.push(state) {
             Ok(h) => h,
             Err(_) => unreachable!("a fresh resource table has room"),
@@ -668,6 +669,7 @@ impl LoadedPlugin {
             return (state, Err(Outcome::Unavailable));
         };
         self.prepare_call(&mut instance);
+        instance.store.data_mut().ranker = state.ranker.clone();
         let handle = match instance.store.data_mut().table.push(state) {
             Ok(h) => h,
             Err(_) => unreachable!("a fresh resource table has room"),

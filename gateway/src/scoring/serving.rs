@@ -605,3 +605,36 @@ fn remap_request(e: ScoringError, owner: &[usize]) -> ScoringError {
         other => other,
     }
 }
+
+/// The served models as the plugins' `ranking` import sees them.
+pub struct ModelsRanker(pub std::collections::HashMap<String, Arc<ModelSlot>>);
+
+impl crate::plugin::host::Ranker for ModelsRanker {
+    fn rank<'a>(
+        &'a self,
+        model: &'a str,
+        user: u32,
+        candidates: Vec<u32>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(String, Vec<f32>), String>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let slot = self
+                .0
+                .get(model)
+                .ok_or_else(|| format!("no model named {model:?}"))?;
+            let order = candidates.clone();
+            let answer = slot
+                .ask(Ask::Rank {
+                    query: OwnedQuery::User(user),
+                    candidates,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            // The answer is best first; give the scores back in the caller's order.
+            let by_item: std::collections::HashMap<u32, f32> =
+                answer.hits.iter().map(|h| (h.item, h.score)).collect();
+            Ok((answer.version, order.iter().map(|i| by_item[i]).collect()))
+        })
+    }
+}

@@ -408,3 +408,14 @@ mod tests {
         assert_eq!(find_cookie(&headers, "c"), None);
     }
 }
+
+/// The gateway's served models (`[[models]]` in its config), for re-ranking.
+pub mod ranking {
+    use crate::bindings::storefront::gateway::ranking as raw;
+
+    /// Scores item ids `candidates` for user `user` with the model `model`: the model version
+    /// and one score per candidate, in the order given. Waits for the model's next batch.
+    pub fn rank(model: &str, user: u32, candidates: &[u32]) -> Result<(String, Vec<f32>), String> {
+        raw::rank(model, user, candidates).map(|s| (s.version, s.values))
+    }
+}
