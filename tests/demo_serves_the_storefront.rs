@@ -93,3 +93,52 @@ fn demo_config_without_built_plugins_still_validates() {
     assert!(config.plugins.is_empty());
     assert!(config.routes[0].plugins.is_empty());
 }
+
+#[tokio::test]
+async fn the_demo_command_serves_the_storefront_through_its_plugins() {
+    use tokio::io::AsyncBufReadExt;
+    plugin_wasm("storefront");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["demo", "--https", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut port, mut cert) = (None, None);
+    while port.is_none() || cert.is_none() {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("banner line");
+        if let Some(rest) = line.trim().strip_prefix("gateway (HTTPS)") {
+            port = rest
+                .trim()
+                .trim_start_matches("https://localhost:")
+                .trim_end_matches('/')
+                .parse::<u16>()
+                .ok();
+        }
+        if let Some(rest) = line.trim().strip_prefix("certificate") {
+            cert = rest.split_whitespace().next().map(std::path::PathBuf::from);
+        }
+    }
+    let ca = rustls::pki_types::pem::PemObject::from_pem_file(cert.unwrap()).unwrap();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port.unwrap()).into();
+    let r = fetch(
+        addr,
+        &ca,
+        false,
+        get("localhost", "/api/recommendations?user=42&limit=3"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(
+        v["reranked_by"].as_str().unwrap().starts_with("recs@"),
+        "{v}"
+    );
+    let _ = child.kill().await;
+}

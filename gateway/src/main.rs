@@ -539,8 +539,14 @@ async fn wait_for_signal(gateway: &Gateway) -> anyhow::Result<()> {
 }
 
 fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
-    // The storefront needs a runtime of its own so it keeps serving while the gateway drains.
-    let store_rt = runtime(1)?;
+    // The storefront needs a runtime of its own so it keeps serving while the gateway drains,
+    // with a worker thread of its own (a current-thread runtime would only run inside
+    // block_on).
+    let store_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the storefront runtime")?;
     let upstream = store_rt
         .block_on(gateway::demo::start_storefront(([127, 0, 0, 1], 0).into()))
         .context("starting the demo storefront")?;
