@@ -90,17 +90,11 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
-    let mut r = Response::new(full_body(Bytes::from(format!("{value:#}\n"))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    crate::http_util::json_response(status, &value)
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyBody> {
-    json_response(status, json!({ "error": message.to_string() }))
+    crate::http_util::json_error(status, message)
 }
 
 async fn respond(

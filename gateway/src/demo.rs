@@ -5,8 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -14,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError};
-use crate::upstream::{full_body, ProxyBody};
+use crate::upstream::ProxyBody;
 
 /// The embedded demo configuration; `@...@` placeholders are filled in by [`demo_config`].
 pub const DEMO_TOML: &str = include_str!("../../config/demo.toml");
@@ -188,13 +187,7 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
 }
 
 fn json_response(status: StatusCode, v: Value) -> Response<ProxyBody> {
-    let mut r = Response::new(full_body(Bytes::from(v.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    crate::http_util::json_response(status, &v)
 }
 
 /// The storefront's answer to one request.

@@ -297,6 +297,28 @@ impl<B: Body, G> Body for GuardedBody<B, G> {
     }
 }
 
+/// A JSON answer the gateway gives itself (scoring endpoint, admin API, demo storefront).
+pub fn json_response(
+    status: http::StatusCode,
+    value: &serde_json::Value,
+) -> http::Response<crate::upstream::ProxyBody> {
+    let mut r = http::Response::new(crate::upstream::full_body(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `{"error": message}` with `status`.
+pub fn json_error(
+    status: http::StatusCode,
+    message: impl std::fmt::Display,
+) -> http::Response<crate::upstream::ProxyBody> {
+    json_response(status, &serde_json::json!({ "error": message.to_string() }))
+}
+
 /// A body read into memory up to a limit.
 pub enum Buffered {
     /// The whole body.

@@ -598,6 +598,54 @@ impl LoadedPlugin {
         self.durations[hook as usize].observe(started.elapsed().as_secs_f64());
     }
 
+    /// Prepares `instance` for a call on `state` (limits reset, ranking service lent) and
+    /// lends the state to it; returns the handle the guest borrows.
+    fn lend<S: Send + 'static>(
+        &self,
+        instance: &mut Instance,
+        state: S,
+        ranker: Option<Arc<dyn host::Ranker>>,
+    ) -> Resource<S> {
+        self.prepare_call(instance);
+        let data = instance.store.data_mut();
+        data.ranker = ranker;
+        match data.table.push(state) {
+            Ok(h) => h,
+            Err(_) => unreachable!("a fresh resource table has room"),
+        }
+    }
+
+    /// Takes the state back after a call, and the ranking service with it, so a pooled
+    /// instance holds no served model alive.
+    fn take_back<S: 'static>(&self, instance: &mut Instance, handle: Resource<S>) -> S {
+        let data = instance.store.data_mut();
+        data.ranker = None;
+        data.table
+            .delete(handle)
+            .expect("the lent handle is still in the table")
+    }
+
+    /// Classifies, logs and counts a failed call; the instance is dropped by the caller.
+    fn failed(
+        &self,
+        hook: Hook,
+        instance: &Instance,
+        err: &wasmtime::Error,
+        started: Instant,
+    ) -> Outcome {
+        let outcome = classify(instance.store.data(), err);
+        tracing::warn!(
+            plugin = %self.name,
+            version = %self.version,
+            hook = hook.label(),
+            outcome = outcome.label(),
+            error = %describe_failure(instance.store.data(), err),
+            "plugin call failed; instance discarded"
+        );
+        self.record(hook, outcome, started);
+        outcome
+    }
+
     /// Runs `on-request`. The request state comes back whatever happened (edits included,
     /// even on failure: the caller decides what to keep).
     pub async fn on_request(
@@ -609,53 +657,40 @@ impl LoadedPlugin {
             self.record(Hook::Request, Outcome::Unavailable, started);
             return (state, Err(Outcome::Unavailable));
         };
-        self.prepare_call(&mut instance);
-        instance.store.data_mut().ranker = state.ranker.clone();
-        let handle = match instance.store.data_mut().table.push(state) {
-            Ok(h) => h,
-            Err(_) => unreachable!("a fresh resource table has room"),
-        };
+        let ranker = state.ranker.clone();
+        let handle = self.lend(&mut instance, state, ranker);
         let borrowed = Resource::<RequestState>::new_borrow(handle.rep());
         let result = instance
             .plugin
             .call_on_request(&mut instance.store, borrowed)
             .await;
-        let state = instance
-            .store
-            .data_mut()
-            .table
-            .delete(handle)
-            .expect("the request handle is still in the table");
-        match result {
-            Ok(action) => {
-                let outcome = match &action {
-                    RequestAction::Continue => Outcome::Ok,
-                    RequestAction::Respond(local) => {
-                        let size: usize = local.body.len()
-                            + local
-                                .headers
-                                .iter()
-                                .map(|(k, v)| k.len() + v.len())
-                                .sum::<usize>();
-                        if size > self.spec.max_output_bytes || !(100..=599).contains(&local.status)
-                        {
-                            self.record(Hook::Request, Outcome::BadOutput, started);
-                            return (state, Err(Outcome::BadOutput));
-                        }
-                        Outcome::LocalResponse
-                    }
-                };
-                self.put_back(instance);
-                self.record(Hook::Request, outcome, started);
-                (state, Ok(action))
-            }
+        let state = self.take_back(&mut instance, handle);
+        let action = match result {
+            Ok(action) => action,
             Err(e) => {
-                let outcome = classify(instance.store.data(), &e);
-                tracing::warn!(plugin = %self.name, version = %self.version, hook = "on_request", outcome = outcome.label(), error = %describe_failure(instance.store.data(), &e), "plugin call failed; instance discarded");
-                self.record(Hook::Request, outcome, started);
-                (state, Err(outcome))
+                let outcome = self.failed(Hook::Request, &instance, &e, started);
+                return (state, Err(outcome));
             }
-        }
+        };
+        let outcome = match &action {
+            RequestAction::Continue => Outcome::Ok,
+            RequestAction::Respond(local) => {
+                let size: usize = local.body.len()
+                    + local
+                        .headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
+                if size > self.spec.max_output_bytes || !(100..=599).contains(&local.status) {
+                    self.record(Hook::Request, Outcome::BadOutput, started);
+                    return (state, Err(Outcome::BadOutput));
+                }
+                Outcome::LocalResponse
+            }
+        };
+        self.put_back(instance);
+        self.record(Hook::Request, outcome, started);
+        (state, Ok(action))
     }
 
     /// Runs `on-response`; the response state comes back whatever happened.
@@ -668,36 +703,21 @@ impl LoadedPlugin {
             self.record(Hook::Response, Outcome::Unavailable, started);
             return (state, Err(Outcome::Unavailable));
         };
-        self.prepare_call(&mut instance);
-        instance.store.data_mut().ranker = state.ranker.clone();
-        let handle = match instance.store.data_mut().table.push(state) {
-            Ok(h) => h,
-            Err(_) => unreachable!("a fresh resource table has room"),
-        };
+        let ranker = state.ranker.clone();
+        let handle = self.lend(&mut instance, state, ranker);
         let borrowed = Resource::<ResponseState>::new_borrow(handle.rep());
         let result = instance
             .plugin
             .call_on_response(&mut instance.store, borrowed)
             .await;
-        let state = instance
-            .store
-            .data_mut()
-            .table
-            .delete(handle)
-            .expect("the response handle is still in the table");
-        match result {
-            Ok(()) => {
-                self.put_back(instance);
-                self.record(Hook::Response, Outcome::Ok, started);
-                (state, Ok(()))
-            }
-            Err(e) => {
-                let outcome = classify(instance.store.data(), &e);
-                tracing::warn!(plugin = %self.name, version = %self.version, hook = "on_response", outcome = outcome.label(), error = %describe_failure(instance.store.data(), &e), "plugin call failed; instance discarded");
-                self.record(Hook::Response, outcome, started);
-                (state, Err(outcome))
-            }
+        let state = self.take_back(&mut instance, handle);
+        if let Err(e) = result {
+            let outcome = self.failed(Hook::Response, &instance, &e, started);
+            return (state, Err(outcome));
         }
+        self.put_back(instance);
+        self.record(Hook::Response, Outcome::Ok, started);
+        (state, Ok(()))
     }
 
     /// Ready instances now pooled.

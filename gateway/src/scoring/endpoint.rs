@@ -13,15 +13,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::serving::{Ask, ModelSlot, OwnedQuery, ServeError};
-use crate::upstream::{full_body, ProxyBody};
+use crate::upstream::ProxyBody;
 
 /// Largest request body the endpoint reads.
 pub const MAX_BODY: usize = 1 << 20;
@@ -46,17 +45,11 @@ struct Row {
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
-    let mut r = Response::new(full_body(Bytes::from(value.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    crate::http_util::json_response(status, &value)
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyBody> {
-    json_response(status, json!({ "error": message.to_string() }))
+    crate::http_util::json_error(status, message)
 }
 
 /// Answers a request whose path is under the endpoint prefix; `rest` is the path after it.
