@@ -19,7 +19,9 @@
 # not know it. Without it the %peak column stays blank.
 # Every argument is passed through to the example; `bench/scoring.sh --help` lists them
 # (--backend auto|gpu|software-gpu|cpu, --iters, --max-seconds, --items, --dim, --k, --batches,
-# --scan-groups, --skip-rank, --skip-retrieval, --skip-cpu, --peak-gbps, ...).
+# --scan-groups, --skip-rank, --skip-retrieval, --skip-cpu, --peak-gbps, --f16, ...).
+# --f16 holds the item tables as f16 (f16_storage): on a GPU with SHADER_F16 a scan reads half
+# the bytes.
 # The CPU path is single-threaded: compare it per core. The full-size run needs about 2 GB of host
 # memory (model bytes, host copy of the weights, upload).
 set -euo pipefail

@@ -6,6 +6,9 @@
 // before dispatch. The grid may be two-dimensional when there are more than 65535 workgroups:
 // the flat workgroup index is `wg.y * groups_x + wg.x`.
 
+// `Stored` is the element type of the embedding tables: f32, or f16 (with `enable f16;`) for
+// f16 table storage; the host prepends the alias. Arithmetic is f32 either way.
+
 struct Params {
     n_pairs: u32,
     dim: u32,
@@ -14,7 +17,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> items: array<f32>;
+@group(0) @binding(1) var<storage, read> items: array<Stored>;
 @group(0) @binding(2) var<storage, read> queries: array<f32>;
 @group(0) @binding(3) var<storage, read> pairs: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;
@@ -32,7 +35,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let it = pair.y * params.dim;
     var acc = 0.0;
     for (var d = 0u; d < params.dim; d = d + 1u) {
-        acc = acc + queries[q + d] * items[it + d];
+        acc = acc + queries[q + d] * f32(items[it + d]);
     }
     scores[p] = acc;
 }

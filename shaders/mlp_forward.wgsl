@@ -7,6 +7,9 @@
 // (input included) is at most 1024; the loader enforces that. `layers[l]` = (in, out, weight
 // offset, bias offset) into the flat `weights` buffer. Ids were checked on the host.
 
+// `Stored` is the element type of the embedding tables: f32, or f16 (with `enable f16;`) for
+// f16 table storage; the host prepends the alias. Arithmetic is f32 either way.
+
 struct Params {
     n_rows: u32,
     n_layers: u32,
@@ -19,8 +22,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> users: array<f32>;
-@group(0) @binding(2) var<storage, read> items: array<f32>;
+@group(0) @binding(1) var<storage, read> users: array<Stored>;
+@group(0) @binding(2) var<storage, read> items: array<Stored>;
 @group(0) @binding(3) var<storage, read> weights: array<f32>;
 @group(0) @binding(4) var<storage, read> layers: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> rows: array<vec2<u32>>;
@@ -46,9 +49,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = lid; i < width0; i = i + WG) {
         var v = 0.0;
         if (i < ud) {
-            v = users[ids.x * ud + i];
+            v = f32(users[ids.x * ud + i]);
         } else if (i < ud + id) {
-            v = items[ids.y * id + (i - ud)];
+            v = f32(items[ids.y * id + (i - ud)]);
         } else {
             v = dense[row * params.n_dense + (i - ud - id)];
         }

@@ -6,6 +6,9 @@
 // Rows past the span or the catalog are sentinels. topk_merge.wgsl reduces the per-group
 // lists. Needs topk_common.wgsl prepended.
 
+// `Stored` is the element type of the embedding tables: f32, or f16 (with `enable f16;`) for
+// f16 table storage; the host prepends the alias. Arithmetic is f32 either way.
+
 struct ScanParams {
     n_items: u32,
     dim: u32,
@@ -18,7 +21,7 @@ struct ScanParams {
 }
 
 @group(0) @binding(0) var<uniform> params: ScanParams;
-@group(0) @binding(1) var<storage, read> items: array<f32>;
+@group(0) @binding(1) var<storage, read> items: array<Stored>;
 @group(0) @binding(2) var<storage, read> queries: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<Entry>;
 
@@ -33,7 +36,7 @@ fn fill(lid: u32, qoff: u32, first_slot: u32, base: u32, end: u32) {
             if (item < end) {
                 let row = item * params.dim;
                 for (var d = 0u; d < params.dim; d = d + 1u) {
-                    s = s + queries[qoff + d] * items[row + d];
+                    s = s + queries[qoff + d] * f32(items[row + d]);
                 }
                 id = item;
             }

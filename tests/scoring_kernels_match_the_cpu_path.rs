@@ -11,7 +11,7 @@ use gateway::scoring::sample::SplitMix64;
 use gateway::scoring::{
     acquire_device, hit_order, sample_model, BackendChoice, ComputeDevice, CtrRow, ExecutionPath,
     GpuDevice, Hit, Model, ModelKind, Query, RankRequest, SampleSpec, ScoringConfig, ScoringError,
-    Similarity,
+    Similarity, TableStorage,
 };
 
 /// The shared test device: any Vulkan adapter (real GPU preferred, lavapipe accepted).
@@ -432,4 +432,99 @@ fn batch_limits_beyond_the_device_are_refused_at_load() {
     assert!(e.to_string().contains("100000 queries"), "{e}");
     // The same file on the CPU path has no such limit.
     Model::from_bytes(&bytes, &cfg, &ComputeDevice::Cpu).unwrap();
+}
+
+#[test]
+fn f16_tables_match_the_cpu_path_and_take_half_the_memory() {
+    let Some(dev) = gpu("f16_tables_match_the_cpu_path_and_take_half_the_memory") else {
+        return;
+    };
+    if !dev.has_f16() {
+        eprintln!("SKIP: {} has no SHADER_F16", dev.describe());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(100);
+    cfg.storage = TableStorage::F16;
+    let f32_cfg = config(100);
+    let (n_items, dim) = (2049, 16);
+    let spec = SampleSpec {
+        similarity: Similarity::Cosine,
+        ..SampleSpec::embedding(n_items, dim, 5)
+    };
+    let (g, c) = load_both(dir.path(), &spec, &dev, &cfg);
+    let (g32, c32) = load_both(dir.path(), &spec, &dev, &f32_cfg);
+    assert!(matches!(
+        g.execution_path(),
+        ExecutionPath::Gpu {
+            f16_tables: true,
+            ..
+        }
+    ));
+    assert_eq!(g.table_storage(), TableStorage::F16);
+    assert_eq!(
+        g32.held_bytes() - g.held_bytes(),
+        (n_items * dim * 2) as u64,
+        "the item table is held at 2 bytes per value"
+    );
+    assert_eq!(c.held_bytes(), c32.held_bytes(), "the CPU path holds f32");
+
+    let mut rng = SplitMix64(3);
+    let vs: Vec<Vec<f32>> = (0..4).map(|_| random_vec(&mut rng, dim)).collect();
+    let queries: Vec<Query<'_>> = vs.iter().map(|v| Query::Vector(v)).collect();
+    let got = g.top_k(&queries, 100).unwrap();
+    let want = c.top_k(&queries, 100).unwrap();
+    for (q, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_same_hits(a, b, &format!("f16 top-k query {q}"));
+    }
+    let candidates: Vec<u32> = (0..600).map(|_| rng.below(n_items as u64) as u32).collect();
+    let batch = [RankRequest {
+        query: Query::Vector(&vs[0]),
+        candidates: &candidates,
+    }];
+    let (gs, cs) = (g.rank(&batch).unwrap(), c.rank(&batch).unwrap());
+    for (j, (a, b)) in gs[0].iter().zip(&cs[0]).enumerate() {
+        assert!(close(*a, *b), "candidate {j}: gpu {a} cpu {b}");
+    }
+    // The rounding happened: f16 scores differ from f32 ones, by no more than f16's precision.
+    let full = c32.rank(&batch).unwrap();
+    let mut differ = 0;
+    for (a, b) in cs[0].iter().zip(&full[0]) {
+        assert!(
+            (a - b).abs() <= 4e-3 * (1.0 + b.abs()),
+            "f16 {a} vs f32 {b}"
+        );
+        differ += usize::from(a != b);
+    }
+    assert!(differ > 0, "no score changed: the tables were not rounded");
+
+    // Integer values are exact in f16: identical answers, ties included.
+    let ints = SampleSpec {
+        integer_values: true,
+        n_users: 3,
+        ..SampleSpec::embedding(3000, 2, 77)
+    };
+    let (g, c) = load_both(dir.path(), &ints, &dev, &cfg);
+    let v1 = [1.0f32, -1.0];
+    let q = [Query::Vector(&v1), Query::User(1)];
+    assert_eq!(g.top_k(&q, 100).unwrap(), c.top_k(&q, 100).unwrap());
+
+    // MLP: user and item tables in f16.
+    let spec = SampleSpec {
+        n_dense: 3,
+        ..SampleSpec::mlp(13, 201, 8)
+    };
+    let (g, c) = load_both(dir.path(), &spec, &dev, &cfg);
+    let dense = random_vec(&mut rng, 50 * 3);
+    let rows: Vec<CtrRow<'_>> = (0..50)
+        .map(|r| CtrRow {
+            user: (r % 13) as u32,
+            item: (r * 4 % 201) as u32,
+            dense: &dense[r * 3..r * 3 + 3],
+        })
+        .collect();
+    let (a, b) = (g.predict(&rows).unwrap(), c.predict(&rows).unwrap());
+    for (r, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(close(*x, *y), "row {r}: gpu {x} cpu {y}");
+    }
 }

@@ -2,7 +2,9 @@
 //! expected and found shape, the metadata key, the limit. (Host-side checks: the CPU device.)
 
 use gateway::scoring::format::encode;
-use gateway::scoring::{sample_model, ComputeDevice, Model, ModelError, SampleSpec, ScoringConfig};
+use gateway::scoring::{
+    sample_model, ComputeDevice, Model, ModelError, SampleSpec, ScoringConfig, TableStorage,
+};
 
 fn load(bytes: &[u8]) -> Result<Model, ModelError> {
     Model::from_bytes(bytes, &ScoringConfig::default(), &ComputeDevice::Cpu)
@@ -245,4 +247,24 @@ fn models_over_the_limits_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("/nonexistent/model.safetensors"), "{e}");
+}
+
+#[test]
+fn values_beyond_f16_are_refused_only_with_f16_storage() {
+    let items = [1.0f32, -2.5, 70000.0, 0.0];
+    let bytes = encode(&embedding_meta(2, 2), &[("items", vec![2, 2], &items)]);
+    // f32 storage holds it.
+    load(&bytes).unwrap();
+    let cfg = ScoringConfig {
+        storage: TableStorage::F16,
+        ..ScoringConfig::default()
+    };
+    let e = Model::from_bytes(&bytes, &cfg, &ComputeDevice::Cpu)
+        .expect_err("70000 does not fit f16")
+        .to_string();
+    assert!(
+        e.contains("`items`") && e.contains("70000") && e.contains("element 2"),
+        "{e}"
+    );
+    assert!(e.contains("f16"), "{e}");
 }

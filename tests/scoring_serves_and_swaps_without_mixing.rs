@@ -344,3 +344,64 @@ async fn predict_serves_click_models_and_readyz_names_the_device() {
         .sum();
     assert_eq!(devices, 1.0);
 }
+
+#[tokio::test]
+async fn f16_storage_is_a_per_model_switch_that_a_reload_flips() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let path = pki.path().join("recs.safetensors");
+    std::fs::write(&path, sample(4)).unwrap();
+    let f32_toml = config(&pki, up.addr, &path);
+    let f16_toml = f32_toml.replace(
+        "[[models]]\nname = \"recs\"\n",
+        "[[models]]\nname = \"recs\"\nf16_storage = true\n",
+    );
+    assert_ne!(f16_toml, f32_toml);
+    let gw = TestGateway::start(&f16_toml, pki.path()).await;
+    let addr = gw.addr("https");
+    let admin = gw.gateway.admin_addr();
+    let version = gateway::plugin::content_version(&std::fs::read(&path).unwrap());
+    let ask = || {
+        post(
+            "/_gateway/models/recs/rank",
+            serde_json::json!({"user": 3, "candidates": [5, 1, 9, 250]}),
+        )
+    };
+    let scores = |r: &Got| -> Vec<(u64, f64)> {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let mut s: Vec<(u64, f64)> = v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["item"].as_u64().unwrap(), h["score"].as_f64().unwrap()))
+            .collect();
+        s.sort_by_key(|p| p.0);
+        s
+    };
+    let half = fetch(addr, &pki.ca_der, true, ask()).await;
+    assert_eq!(half.status, 200, "{}", half.text());
+    let ready = admin_get(admin, "/readyz").await.text();
+    assert!(ready.contains("(f16 tables)"), "{ready}");
+
+    // Same file, f16 off: the reload loads it again (not kept as unchanged) at f32.
+    gw.gateway
+        .reload(gateway::Config::from_toml(&f32_toml, "t.toml", pki.path()).unwrap())
+        .await
+        .unwrap();
+    let ready = admin_get(admin, "/readyz").await.text();
+    assert!(ready.contains("(f32 tables)"), "{ready}");
+    let full = fetch(addr, &pki.ca_der, true, ask()).await;
+    assert_eq!(full.header("x-model-version"), Some(version.as_str()));
+    let (h, f) = (scores(&half), scores(&full));
+    assert_eq!(h.len(), 4);
+    let mut differ = false;
+    for ((hi, hs), (fi, fs)) in h.iter().zip(&f) {
+        assert_eq!(hi, fi);
+        assert!(
+            (hs - fs).abs() <= 4e-3 * (1.0 + fs.abs()),
+            "f16 {hs} vs f32 {fs}"
+        );
+        differ |= hs != fs;
+    }
+    assert!(differ, "f16 rounding changed no score: {h:?}");
+}

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use gateway::scoring::sample::SplitMix64;
 use gateway::scoring::{
-    acquire_device, sample_model, BackendChoice, BatchLimits, ComputeDevice, Model, ModelKind,
-    ModelLimits, Query, RankRequest, SampleSpec, ScoringConfig, Similarity,
+    acquire_device, sample_model, BackendChoice, BatchLimits, ComputeDevice, ExecutionPath, Model,
+    ModelKind, ModelLimits, Query, RankRequest, SampleSpec, ScoringConfig, Similarity,
+    TableStorage,
 };
 
 #[derive(Parser, Debug)]
@@ -86,6 +87,10 @@ struct Args {
     /// it the fraction-of-peak column stays blank.
     #[arg(long)]
     peak_gbps: Option<f64>,
+    /// Hold the item tables as f16 (`f16_storage`; needs SHADER_F16 on the GPU, else they stay
+    /// f32 there). The GPU's GB/s then counts 2 bytes per value.
+    #[arg(long)]
+    f16: bool,
     /// Seed of the synthetic models and requests.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -150,9 +155,9 @@ fn random_vec(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
 
 /// Loads an in-memory sample embedding model on `device`, with limits raised to fit it.
 fn build_model(
+    args: &Args,
     n_items: usize,
     dim: usize,
-    seed: u64,
     batch: BatchLimits,
     device: &ComputeDevice,
 ) -> Result<(Model, Duration), String> {
@@ -160,7 +165,7 @@ fn build_model(
         kind: ModelKind::Embedding,
         similarity: Similarity::Dot,
         n_users: 0,
-        ..SampleSpec::embedding(n_items, dim, seed)
+        ..SampleSpec::embedding(n_items, dim, args.seed)
     };
     let bytes = sample_model(&spec);
     let d = ModelLimits::default();
@@ -175,6 +180,11 @@ fn build_model(
     let config = ScoringConfig {
         limits,
         batch,
+        storage: if args.f16 {
+            TableStorage::F16
+        } else {
+            TableStorage::F32
+        },
         ..ScoringConfig::default()
     };
     let t = Instant::now();
@@ -209,7 +219,7 @@ fn bench_rank(args: &Args, device: Option<&ComputeDevice>) -> Result<(), String>
         ..BatchLimits::default()
     };
     let on = device.unwrap_or(&ComputeDevice::Cpu);
-    let (model, load) = build_model(n_items, dim, args.seed, batch, on)?;
+    let (model, load) = build_model(args, n_items, dim, batch, on)?;
     println!("model load: {:.0} ms on {}", ms(load), on.describe());
 
     // A few different batches, rotated, so consecutive calls do not replay the same ids.
@@ -311,12 +321,12 @@ fn bench_retrieval(args: &Args, device: Option<&ComputeDevice>) -> Result<(), St
         ..BatchLimits::default()
     };
     let mut on = device.cloned().unwrap_or(ComputeDevice::Cpu);
-    let (model, load) = match build_model(n_items, dim, args.seed, batch.clone(), &on) {
+    let (model, load) = match build_model(args, n_items, dim, batch.clone(), &on) {
         Ok(m) => m,
         Err(e) if device.is_some() => {
             println!("GPU load failed ({e}); GPU part skipped, CPU path only");
             on = ComputeDevice::Cpu;
-            build_model(n_items, dim, args.seed, batch, &on)?
+            build_model(args, n_items, dim, batch, &on)?
         }
         Err(e) => return Err(e),
     };
@@ -354,8 +364,8 @@ fn bench_retrieval(args: &Args, device: Option<&ComputeDevice>) -> Result<(), St
             .map(|c| c.iter().map(|v| Query::Vector(v)).collect())
             .collect();
         let bytes = matrix_bytes * b as f64;
-        let row = |path: &str, s: &Stats, peak: Option<f64>| {
-            let gbps = bytes / s.p50.as_secs_f64() / 1e9;
+        let row = |path: &str, s: &Stats, peak: Option<f64>, value_bytes: f64| {
+            let gbps = bytes * value_bytes / 4.0 / s.p50.as_secs_f64() / 1e9;
             let frac = peak.map_or(String::new(), |p| format!("{:.1}%", 100.0 * gbps / p));
             format!(
                 "{:<5} {:>5} {:>6} {:>11.1} {:>10.3} {:>10.3} {:>10.3} {:>9.2} {:>7}",
@@ -388,7 +398,13 @@ fn bench_retrieval(args: &Args, device: Option<&ComputeDevice>) -> Result<(), St
                 let out = model.top_k(&sets[i % sets.len()], k).expect("GPU top_k");
                 std::hint::black_box(out);
             });
-            table.push(row("gpu", &s, args.peak_gbps));
+            let value_bytes = match model.execution_path() {
+                ExecutionPath::Gpu {
+                    f16_tables: true, ..
+                } => 2.0,
+                _ => 4.0,
+            };
+            table.push(row("gpu", &s, args.peak_gbps, value_bytes));
             g_rate = Some(s.per_s());
         }
         if !args.skip_cpu {
@@ -399,7 +415,7 @@ fn bench_retrieval(args: &Args, device: Option<&ComputeDevice>) -> Result<(), St
                 std::hint::black_box(out);
             });
             // --peak-gbps is the GPU's figure: no fraction for the CPU row.
-            table.push(row("cpu", &s, None));
+            table.push(row("cpu", &s, None, 4.0));
             if let Some(g) = g_rate {
                 ratios.push((b, g / s.per_s()));
             }
@@ -412,8 +428,13 @@ fn bench_retrieval(args: &Args, device: Option<&ComputeDevice>) -> Result<(), St
         println!("GPU/CPU throughput ratio, batch {b}: {r:.2}x");
     }
     println!(
-        "GB/s = {:.0} MB x batch / p50 batch time; %peak = GB/s / --peak-gbps{}",
+        "GB/s = {:.0} MB (f32 matrix{}) x batch / p50 batch time; %peak = GB/s / --peak-gbps{}",
         matrix_bytes / 1e6,
+        if gpu && args.f16 {
+            "; half that for the GPU's f16 tables"
+        } else {
+            ""
+        },
         if args.peak_gbps.is_none() {
             " (not given: blank)"
         } else {

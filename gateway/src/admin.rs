@@ -139,9 +139,10 @@ async fn respond(
             for slot in models {
                 let live = slot.live();
                 body.push_str(&format!(
-                    "model {}: version {} on {:?}\n",
+                    "model {}: version {} ({} tables) on {:?}\n",
                     slot.name,
                     live.version,
+                    live.model.table_storage(),
                     live.model.execution_path()
                 ));
             }
@@ -303,6 +304,8 @@ fn status(ctx: &ServeCtx) -> serde_json::Value {
                 "version": live.version,
                 "kind": live.model.info().kind.to_string(),
                 "device": format!("{:?}", live.model.execution_path()),
+                "storage": live.model.table_storage().to_string(),
+                "held_bytes": live.model.held_bytes(),
                 "history": slot.history(),
             })
         })

@@ -140,14 +140,15 @@ async fn load_models(
             }
         }
         let version = crate::plugin::content_version(&bytes);
-        if let Some(slot) = current
-            .get(&spec.name)
-            .filter(|s| s.live().version == version)
-        {
+        if let Some(slot) = current.get(&spec.name).filter(|s| {
+            let live = s.live();
+            live.version == version && live.model.table_storage() == spec.storage
+        }) {
             out.push((spec.name.clone(), Ok(slot.clone())));
             continue;
         }
-        let (cfg2, dev2) = (cfg.clone(), device.clone());
+        let (mut cfg2, dev2) = (cfg.clone(), device.clone());
+        cfg2.storage = spec.storage;
         let model = tokio::task::spawn_blocking(move || {
             crate::scoring::Model::from_bytes(&bytes, &cfg2, &dev2)
         })

@@ -99,6 +99,8 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Required SHA-256 (lower-case hex), when pinned.
     pub sha256: Option<String>,
+    /// How its embedding tables are held.
+    pub storage: crate::scoring::TableStorage,
 }
 
 /// `[plugin_runtime]`, validated.

@@ -85,6 +85,11 @@ pub struct RawModel {
     /// Pin: the SHA-256 (hex) the file must have; a file or upload with another content is
     /// refused. Default: not pinned.
     pub sha256: Option<String>,
+    /// Hold the embedding tables (`items`, and an MLP's `users`) as f16: values are rounded
+    /// to half precision at load (on every path, so answers do not depend on the device) and
+    /// take half the GPU memory and scan bandwidth where the adapter has `SHADER_F16`. A
+    /// table value beyond ±65504 refuses the model. Default false (f32).
+    pub f16_storage: Option<bool>,
 }
 
 /// `[plugin_runtime]`

@@ -706,6 +706,11 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             name: rm.name,
             path,
             sha256,
+            storage: if rm.f16_storage.unwrap_or(false) {
+                crate::scoring::TableStorage::F16
+            } else {
+                crate::scoring::TableStorage::F32
+            },
         });
     }
 

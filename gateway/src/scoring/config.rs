@@ -46,6 +46,29 @@ impl fmt::Display for BackendChoice {
     }
 }
 
+/// How a model's embedding tables (`items`, and the MLP's `users`) are held for scoring.
+/// Dense layer weights and all arithmetic stay f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TableStorage {
+    /// 4 bytes per value, as in the file.
+    #[default]
+    F32,
+    /// Values rounded to IEEE half precision at load, 2 bytes per value on a GPU whose adapter
+    /// has `SHADER_F16` (half the memory and the bandwidth of a catalog scan). The CPU path
+    /// and adapters without `SHADER_F16` use the same rounded values held as f32, so every
+    /// path gives the same answers. A value beyond ±65504 refuses the model.
+    F16,
+}
+
+impl fmt::Display for TableStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TableStorage::F32 => "f32",
+            TableStorage::F16 => "f16",
+        })
+    }
+}
+
 /// Limits a model file must stay within to be loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelLimits {
@@ -116,6 +139,8 @@ pub struct ScoringConfig {
     pub allow_software_gpu: bool,
     pub limits: ModelLimits,
     pub batch: BatchLimits,
+    /// How embedding tables are stored. Default [`TableStorage::F32`].
+    pub storage: TableStorage,
 }
 
 impl Default for ScoringConfig {
@@ -125,6 +150,7 @@ impl Default for ScoringConfig {
             allow_software_gpu: true,
             limits: ModelLimits::default(),
             batch: BatchLimits::default(),
+            storage: TableStorage::F32,
         }
     }
 }

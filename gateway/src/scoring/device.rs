@@ -41,6 +41,11 @@ impl GpuDevice {
         &self.info
     }
 
+    /// Whether kernels may use f16 (the device was opened with `SHADER_F16`).
+    pub fn has_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
+    }
+
     /// True for a software adapter (lavapipe).
     pub fn is_software(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
@@ -144,13 +149,14 @@ pub fn select_adapter(
 }
 
 /// Opens a device on `adapter` with the adapter's own limits (so large catalogs fit where the
-/// hardware allows) and no optional features. Uncaptured wgpu errors are logged rather than
+/// hardware allows) and, of the optional features, only `SHADER_F16` where the adapter has it
+/// (for f16 table storage). Uncaptured wgpu errors are logged rather than
 /// panicking; every operation is validated on the host before it reaches the device anyway.
 pub fn open_device(adapter: &wgpu::Adapter) -> Result<GpuDevice, GpuError> {
     let info = adapter.get_info();
     let desc = wgpu::DeviceDescriptor {
         label: Some("gateway scoring"),
-        required_features: wgpu::Features::empty(),
+        required_features: adapter.features() & wgpu::Features::SHADER_F16,
         required_limits: adapter.limits(),
         ..Default::default()
     };

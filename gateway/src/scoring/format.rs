@@ -115,6 +115,17 @@ pub(crate) enum Weights {
     },
 }
 
+impl Weights {
+    /// Values in the tables that go to the device as embedding tables (f16 storage applies
+    /// to these).
+    pub(crate) fn table_len(&self) -> usize {
+        match self {
+            Weights::Embedding { items, .. } => items.len(),
+            Weights::Mlp { users, items, .. } => users.len() + items.len(),
+        }
+    }
+}
+
 /// A tensor as listed by [`inspect`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorSummary {

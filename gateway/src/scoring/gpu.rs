@@ -29,6 +29,50 @@ const SENTINEL: u32 = u32::MAX;
 /// Bytes of one top-k entry (score f32, item u32).
 const ENTRY: u64 = 8;
 
+/// Element type of the embedding tables in device memory (the kernels' `Stored` alias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    F32,
+    /// Needs a device with `SHADER_F16`.
+    F16,
+}
+
+/// A kernel's full source: the `Stored` alias (and `enable f16;`), then `parts` in order.
+fn kernel_source(stored: Stored, parts: &[&str]) -> String {
+    let mut src = String::from(match stored {
+        Stored::F32 => "alias Stored = f32;\n",
+        Stored::F16 => "enable f16;\nalias Stored = f16;\n",
+    });
+    for part in parts {
+        src.push_str(part);
+        src.push('\n');
+    }
+    src
+}
+
+/// Uploads an embedding table as `stored` (values already rounded to f16 for `F16`).
+fn upload_table(
+    dev: &GpuDevice,
+    label: &str,
+    values: &[f32],
+    stored: Stored,
+) -> Result<wgpu::Buffer, GpuError> {
+    match stored {
+        Stored::F32 => storage_init(dev, label, bytemuck::cast_slice(values)),
+        Stored::F16 => {
+            let mut bits: Vec<u16> = values
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect();
+            // Buffer sizes are multiples of 4 bytes.
+            if bits.len() % 2 == 1 {
+                bits.push(0);
+            }
+            storage_init(dev, label, bytemuck::cast_slice(&bits))
+        }
+    }
+}
+
 fn pipeline(
     dev: &GpuDevice,
     kernel: &'static str,
@@ -263,6 +307,7 @@ impl EmbeddingGpu {
         items: &[f32],
         dim: usize,
         cap: Capacity,
+        stored: Stored,
     ) -> Result<EmbeddingGpu, GpuError> {
         let n_items = items.len() / dim;
         let n_groups = n_items.div_ceil(WINDOW).min(cap.scan_groups);
@@ -275,15 +320,23 @@ impl EmbeddingGpu {
                 limit: max_dim as u64,
             });
         }
-        let rank_pipeline = pipeline(dev, "gather_score", GATHER_SCORE)?;
-        let scan_pipeline = pipeline(dev, "topk_scan", &format!("{TOPK_COMMON}\n{TOPK_SCAN}"))?;
-        let merge_pipeline = pipeline(dev, "topk_merge", &format!("{TOPK_COMMON}\n{TOPK_MERGE}"))?;
+        let rank_pipeline = pipeline(dev, "gather_score", &kernel_source(stored, &[GATHER_SCORE]))?;
+        let scan_pipeline = pipeline(
+            dev,
+            "topk_scan",
+            &kernel_source(stored, &[TOPK_COMMON, TOPK_SCAN]),
+        )?;
+        let merge_pipeline = pipeline(
+            dev,
+            "topk_merge",
+            &kernel_source(Stored::F32, &[TOPK_COMMON, TOPK_MERGE]),
+        )?;
         let k = cap.max_k.min(n_items).max(1);
         let passes = merge_passes(n_groups, k);
         let align = dev.device().limits().min_uniform_buffer_offset_alignment as u64;
         let param_slot = 256u64.max(align);
         scoped(dev, || {
-            let items_buf = storage_init(dev, "items", bytemuck::cast_slice(items))?;
+            let items_buf = upload_table(dev, "items", items, stored)?;
             let queries = buffer(dev, "queries", (cap.max_queries * dim * 4) as u64, IO)?;
             let pairs = buffer(dev, "pairs", (cap.max_candidates * 8) as u64, IO)?;
             let scores = buffer(dev, "scores", (cap.max_candidates * 4) as u64, IO)?;
@@ -498,8 +551,9 @@ impl MlpGpu {
         item_dim: usize,
         n_dense: usize,
         max_rows: usize,
+        stored: Stored,
     ) -> Result<MlpGpu, GpuError> {
-        let pipeline = pipeline(dev, "mlp_forward", MLP_FORWARD)?;
+        let pipeline = pipeline(dev, "mlp_forward", &kernel_source(stored, &[MLP_FORWARD]))?;
         let mut weights = Vec::new();
         let mut table: Vec<u32> = Vec::new();
         for layer in layers {
@@ -510,8 +564,8 @@ impl MlpGpu {
             table.extend([layer.n_in as u32, layer.n_out as u32, w_off, b_off]);
         }
         scoped(dev, || {
-            let users_buf = storage_init(dev, "users", bytemuck::cast_slice(users))?;
-            let items_buf = storage_init(dev, "items", bytemuck::cast_slice(items))?;
+            let users_buf = upload_table(dev, "users", users, stored)?;
+            let items_buf = upload_table(dev, "items", items, stored)?;
             let weights_buf = storage_init(dev, "mlp weights", bytemuck::cast_slice(&weights))?;
             let layers_buf = storage_init(dev, "mlp layers", bytemuck::cast_slice(&table))?;
             let params = buffer(dev, "mlp params", 32, UNIFORM)?;
@@ -617,12 +671,20 @@ mod tests {
                 return;
             }
         };
-        pipeline(&dev, "gather_score", GATHER_SCORE).unwrap();
-        pipeline(&dev, "topk_scan", &format!("{TOPK_COMMON}\n{TOPK_SCAN}")).unwrap();
-        pipeline(&dev, "topk_merge", &format!("{TOPK_COMMON}\n{TOPK_MERGE}")).unwrap();
-        pipeline(&dev, "mlp_forward", MLP_FORWARD).unwrap();
+        let mut storages = vec![Stored::F32];
+        if dev.has_f16() {
+            storages.push(Stored::F16);
+        }
+        for stored in storages {
+            let src = |parts: &[&str]| kernel_source(stored, parts);
+            pipeline(&dev, "gather_score", &src(&[GATHER_SCORE])).unwrap();
+            pipeline(&dev, "topk_scan", &src(&[TOPK_COMMON, TOPK_SCAN])).unwrap();
+            pipeline(&dev, "topk_merge", &src(&[TOPK_COMMON, TOPK_MERGE])).unwrap();
+            pipeline(&dev, "mlp_forward", &src(&[MLP_FORWARD])).unwrap();
+        }
         // topk_scan without the shared sort helpers does not compile.
-        let err = pipeline(&dev, "topk_scan", TOPK_SCAN).unwrap_err();
+        let err =
+            pipeline(&dev, "topk_scan", &kernel_source(Stored::F32, &[TOPK_SCAN])).unwrap_err();
         assert!(
             matches!(
                 &err,

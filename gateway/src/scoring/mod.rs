@@ -26,8 +26,10 @@
 //! tests and a fallback if a GPU batch fails. Results are identical in order (higher score
 //! first; equal scores: lower item id first) and equal in value within float rounding.
 //!
-//! Precision: f32 throughout. f16 storage (for adapters with `SHADER_F16`) is not implemented
-//! yet; the device is opened without optional features.
+//! Precision: f32 arithmetic throughout. [`TableStorage::F16`] (per model) rounds the embedding
+//! tables to half precision at load and, where the adapter has `SHADER_F16` (the device is
+//! opened with it whenever the adapter offers it), stores them as f16 on the GPU: half the
+//! memory and half the bytes a catalog scan reads. Every path uses the same rounded values.
 
 mod config;
 mod cpu;
@@ -40,7 +42,7 @@ mod model;
 pub mod sample;
 pub mod serving;
 
-pub use config::{BackendChoice, BatchLimits, ModelLimits, ScoringConfig};
+pub use config::{BackendChoice, BatchLimits, ModelLimits, ScoringConfig, TableStorage};
 pub use cpu::hit_order;
 pub use device::{
     acquire_device, open_device, select_adapter, vulkan_adapters, ComputeDevice, GpuDevice,

@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use super::config::{BatchLimits, ModelLimits, ScoringConfig};
+use super::config::{BatchLimits, ModelLimits, ScoringConfig, TableStorage};
 use super::cpu;
 use super::device::ComputeDevice;
 use super::error::{ModelError, ScoringError};
 use super::format::{self, ModelInfo, ModelKind, Similarity, Weights};
-use super::gpu::{Capacity, EmbeddingGpu, MlpGpu};
+use super::gpu::{Capacity, EmbeddingGpu, MlpGpu, Stored};
 
 /// Largest `k` of a retrieval: the GPU reduction halves the candidate lists at least once per
 /// pass only while `k` <= half a 1024-entry window.
@@ -50,10 +50,12 @@ pub struct CtrRow<'a> {
 /// Which path a model's batches run on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecutionPath {
-    /// A GPU adapter; `software` for lavapipe.
+    /// A GPU adapter; `software` for lavapipe; `f16_tables` when the embedding tables are
+    /// held as f16 in device memory.
     Gpu {
         adapter: String,
         software: bool,
+        f16_tables: bool,
     },
     Cpu,
 }
@@ -77,6 +79,7 @@ pub struct Model {
     gpu: GpuPart,
     path: ExecutionPath,
     batch: BatchLimits,
+    storage: TableStorage,
 }
 
 impl std::fmt::Debug for Model {
@@ -118,7 +121,26 @@ impl Model {
         device: &ComputeDevice,
     ) -> Result<Model, ModelError> {
         let batch = checked_batch(&config.batch)?;
-        let (info, weights) = format::parse(bytes, &config.limits)?;
+        let (info, mut weights) = format::parse(bytes, &config.limits)?;
+        if config.storage == TableStorage::F16 {
+            round_tables_to_f16(&mut weights)?;
+        }
+        let stored = match device {
+            ComputeDevice::Gpu(dev) if config.storage == TableStorage::F16 => {
+                if dev.has_f16() {
+                    Stored::F16
+                } else {
+                    tracing::warn!(
+                        target: "scoring",
+                        adapter = %dev.describe(),
+                        "f16 table storage asked for but the adapter lacks SHADER_F16: \
+                         the f16-rounded tables are held as f32"
+                    );
+                    Stored::F32
+                }
+            }
+            _ => Stored::F32,
+        };
         let gpu = match device {
             ComputeDevice::Cpu => GpuPart::None,
             ComputeDevice::Gpu(dev) => {
@@ -131,7 +153,7 @@ impl Model {
                 };
                 match &weights {
                     Weights::Embedding { items, .. } => {
-                        GpuPart::Embedding(EmbeddingGpu::new(dev, items, info.dim, cap)?)
+                        GpuPart::Embedding(EmbeddingGpu::new(dev, items, info.dim, cap, stored)?)
                     }
                     Weights::Mlp {
                         users,
@@ -146,6 +168,7 @@ impl Model {
                         info.item_dim,
                         info.n_dense,
                         cap.max_rows,
+                        stored,
                     )?),
                 }
             }
@@ -155,6 +178,7 @@ impl Model {
             ComputeDevice::Gpu(d) => ExecutionPath::Gpu {
                 adapter: d.describe(),
                 software: d.is_software(),
+                f16_tables: stored == Stored::F16,
             },
         };
         Ok(Model {
@@ -163,7 +187,26 @@ impl Model {
             gpu,
             path,
             batch,
+            storage: config.storage,
         })
+    }
+
+    /// The table storage the model was loaded with ([`TableStorage::F16`]: its tables hold
+    /// f16-rounded values on every path).
+    pub fn table_storage(&self) -> TableStorage {
+        self.storage
+    }
+
+    /// Bytes of parameters held where the model runs: 4 per value, 2 per table value when
+    /// the tables are f16 in device memory.
+    pub fn held_bytes(&self) -> u64 {
+        let all = self.info.parameters * 4;
+        match self.path {
+            ExecutionPath::Gpu {
+                f16_tables: true, ..
+            } => all - 2 * self.weights.table_len() as u64,
+            _ => all,
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -451,6 +494,28 @@ impl Model {
             Weights::Embedding { .. } => unreachable!("checked by prepare_mlp"),
         }
     }
+}
+
+/// Rounds every value of the tables that f16 storage applies to (the ones uploaded to the
+/// device: embedding `items`, MLP `users` and `items`) to the nearest f16.
+fn round_tables_to_f16(weights: &mut Weights) -> Result<(), ModelError> {
+    let tables: Vec<(&str, &mut Vec<f32>)> = match weights {
+        Weights::Embedding { items, .. } => vec![("items", items)],
+        Weights::Mlp { users, items, .. } => vec![("users", users), ("items", items)],
+    };
+    for (name, values) in tables {
+        for (index, v) in values.iter_mut().enumerate() {
+            let h = half::f16::from_f32(*v);
+            if h.is_infinite() {
+                return Err(ModelError::Invalid(format!(
+                    "tensor `{name}`: value {v} at element {index} is beyond f16's range \
+                     (±65504); serve this model with f16 storage off"
+                )));
+            }
+            *v = h.to_f32();
+        }
+    }
+    Ok(())
 }
 
 fn checked_batch(b: &BatchLimits) -> Result<BatchLimits, ModelError> {

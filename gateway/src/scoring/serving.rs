@@ -288,7 +288,7 @@ impl ModelSlot {
         self.metrics
             .loaded
             .with_label_values(&[self.name.as_str(), m.version.as_str(), backend])
-            .set((m.model.info().parameters * 4) as i64);
+            .set(m.model.held_bytes() as i64);
     }
 
     /// The live version.
