@@ -1,6 +1,8 @@
 // Batched gather-and-score: one invocation per (query, candidate item) pair.
 //
 // `pairs[p] = (query row, item row)`; `scores[p] = dot(queries[query row], items[item row])`.
+// The item table is stored transposed, `[dim, n_items]` (value d of item i at
+// `d * n_items + i`), so that the catalog scan's loads are coalesced; see topk_scan.wgsl.
 // Cosine models upload unit-length item rows and the host normalises each query, so the same
 // dot product serves both similarities. Pair ids were checked against the catalog on the host
 // before dispatch. The grid may be two-dimensional when there are more than 65535 workgroups:
@@ -13,7 +15,7 @@ struct Params {
     n_pairs: u32,
     dim: u32,
     groups_x: u32,
-    _pad: u32,
+    n_items: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -32,10 +34,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     let pair = pairs[p];
     let q = pair.x * params.dim;
-    let it = pair.y * params.dim;
     var acc = 0.0;
     for (var d = 0u; d < params.dim; d = d + 1u) {
-        acc = acc + queries[q + d] * f32(items[it + d]);
+        acc = acc + queries[q + d] * f32(items[d * params.n_items + pair.y]);
     }
     scores[p] = acc;
 }

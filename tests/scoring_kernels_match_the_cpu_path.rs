@@ -528,3 +528,45 @@ fn f16_tables_match_the_cpu_path_and_take_half_the_memory() {
         assert!(close(*x, *y), "row {r}: gpu {x} cpu {y}");
     }
 }
+
+#[test]
+fn top_k_scan_holds_when_every_row_or_no_row_beats_the_running_threshold() {
+    let Some(dev) = gpu("top_k_scan_holds_when_every_row_or_no_row_beats_the_running_threshold")
+    else {
+        return;
+    };
+    // One scan group over 5000 rows of dim 1 valued 0, 1, 2, ...: with query +1 every row
+    // beats the k-th best so far (the window is re-sorted over and over); with -1 none does.
+    let n = 5000usize;
+    let items: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let meta = [
+        ("kind", "embedding".to_string()),
+        ("name", "ramp".into()),
+        ("version", "1".into()),
+        ("n_items", n.to_string()),
+        ("dim", "1".into()),
+        ("similarity", "dot".into()),
+    ];
+    let bytes = gateway::scoring::format::encode(&meta, &[("items", vec![n, 1], &items)]);
+    let mut cfg = config(512);
+    cfg.batch.scan_groups = 1;
+    let g = Model::from_bytes(&bytes, &cfg, &ComputeDevice::Gpu(dev.clone())).unwrap();
+    let (up, down) = ([1.0f32], [-1.0f32]);
+    for k in [1, 100, 500] {
+        let got = g
+            .top_k(&[Query::Vector(&up), Query::Vector(&down)], k)
+            .unwrap();
+        let want_up: Vec<u32> = (0..k as u32).map(|i| n as u32 - 1 - i).collect();
+        let want_down: Vec<u32> = (0..k as u32).collect();
+        assert_eq!(
+            got[0].iter().map(|h| h.item).collect::<Vec<_>>(),
+            want_up,
+            "k {k}"
+        );
+        assert_eq!(
+            got[1].iter().map(|h| h.item).collect::<Vec<_>>(),
+            want_down,
+            "k {k}"
+        );
+    }
+}

@@ -336,7 +336,7 @@ fn bench_retrieval(args: &Args, device: Option<&ComputeDevice>) -> Result<(), St
         let groups = n_items.div_ceil(1024).min(args.scan_groups);
         println!(
             "scan: {groups} workgroups per query, {} rows each; every query re-reads the \
-             matrix: {:.0} MB per query",
+             matrix (transposed, coalesced loads): {:.0} MB per query",
             n_items.div_ceil(groups),
             matrix_bytes / 1e6
         );

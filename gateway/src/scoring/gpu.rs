@@ -247,6 +247,22 @@ fn words(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
+/// `[rows, cols]` row-major to `[cols, rows]` row-major, in cache-sized blocks.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 64;
+    let mut t = vec![0.0f32; m.len()];
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    t[c * rows + r] = m[r * cols + c];
+                }
+            }
+        }
+    }
+    t
+}
+
 /// Sizes the GPU buffers of a model are allocated for.
 #[derive(Debug, Clone)]
 pub(crate) struct Capacity {
@@ -321,6 +337,9 @@ impl EmbeddingGpu {
             });
         }
         let rank_pipeline = pipeline(dev, "gather_score", &kernel_source(stored, &[GATHER_SCORE]))?;
+        // Transposed to [dim, n_items] for coalesced scan loads (topk_scan.wgsl).
+        let transposed = transpose(items, n_items, dim);
+        let items = transposed.as_slice();
         let scan_pipeline = pipeline(
             dev,
             "topk_scan",
@@ -436,7 +455,7 @@ impl EmbeddingGpu {
         let _guard = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let q = self.dev.queue();
         let (gx, gy) = grid(&self.dev, pairs.len().div_ceil(GATHER_WG));
-        let params = [pairs.len() as u32, self.dim as u32, gx, 0];
+        let params = [pairs.len() as u32, self.dim as u32, gx, self.n_items as u32];
         q.write_buffer(&self.rank_params, 0, bytemuck::cast_slice(&params));
         q.write_buffer(&self.queries, 0, bytemuck::cast_slice(queries));
         q.write_buffer(&self.pairs, 0, bytemuck::cast_slice(pairs));
@@ -647,6 +666,23 @@ impl MlpGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        // 3 x 2 -> 2 x 3; and a shape spanning several blocks.
+        assert_eq!(
+            transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2),
+            vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]
+        );
+        let (rows, cols) = (130, 67);
+        let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let t = transpose(&m, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r], m[r * cols + c]);
+            }
+        }
+    }
 
     #[test]
     fn merge_passes_shrink_to_one_window() {
