@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use gateway::config::{Config, LogFormat, LoggingSettings};
 use gateway::{DrainOutcome, Gateway};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "gateway", version, about = "TLS reverse proxy for storefronts")]
 struct Cli {
