@@ -11,7 +11,8 @@
 #    batches/s, requests/s, p50/p99 per batch, GPU/CPU throughput ratio.
 # 2. Full-catalog retrieval: 1,000,000 items x 128 dims (512 MB), top-100, batches of 1 and 16
 #    queries (Model::top_k vs Model::top_k_cpu): queries/s, p50/p99 per batch, the GB/s of item
-#    matrix read (each query re-reads the whole matrix in shaders/topk_scan.wgsl) and, with
+#    matrix read (each query re-reads the whole matrix in shaders/topk_scan.wgsl; the CPU path
+#    reads it once per batch, so its batch > 1 figure is an effective rate) and, with
 #    --peak-gbps, the fraction of the device's peak memory bandwidth.
 #
 # --peak-gbps is the device's spec-sheet memory bandwidth in GB/s and must be set by whoever runs
@@ -22,7 +23,7 @@
 # --scan-groups, --skip-rank, --skip-retrieval, --skip-cpu, --peak-gbps, --f16, ...).
 # --f16 holds the item tables as f16 (f16_storage): on a GPU with SHADER_F16 a scan reads half
 # the bytes.
-# The CPU path is single-threaded: compare it per core. The full-size run needs about 2 GB of host
+# The CPU path runs on one core per call (the batcher's thread): compare it per core. The full-size run needs about 2 GB of host
 # memory (model bytes, host copy of the weights, upload).
 set -euo pipefail
 

@@ -492,7 +492,7 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "CPU path: nproc {nproc}; the CPU path is single-threaded (one core per call){}",
+        "CPU path: nproc {nproc}; the CPU path runs on one core per call{}",
         if args.skip_cpu { ", skipped" } else { "" }
     );
     if gpu.is_none() && args.skip_cpu {
