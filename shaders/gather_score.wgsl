@@ -3,6 +3,8 @@
 // `pairs[p] = (query row, item row)`; `scores[p] = dot(queries[query row], items[item row])`.
 // The item table is stored transposed, `[dim, n_items]` (value d of item i at
 // `d * n_items + i`), so that the catalog scan's loads are coalesced; see topk_scan.wgsl.
+// Here that costs locality (each value of a candidate is on its own cache line), which a
+// batch of a few thousand pairs can afford; the scan is the kernel bound by bandwidth.
 // Cosine models upload unit-length item rows and the host normalises each query, so the same
 // dot product serves both similarities. Pair ids were checked against the catalog on the host
 // before dispatch. The grid may be two-dimensional when there are more than 65535 workgroups:

@@ -268,3 +268,32 @@ fn values_beyond_f16_are_refused_only_with_f16_storage() {
     );
     assert!(e.contains("f16"), "{e}");
 }
+
+#[test]
+fn queries_that_could_overflow_the_scores_are_refused() {
+    use gateway::scoring::{Query, RankRequest, ScoringError};
+    let m = load(&sample_model(&SampleSpec::embedding(10, 4, 1))).unwrap();
+    let huge = [1e38f32, -1e38, 1e38, 0.0];
+    let e = m
+        .rank(&[RankRequest {
+            query: Query::Vector(&huge),
+            candidates: &[1, 2],
+        }])
+        .unwrap_err();
+    assert!(
+        matches!(e, ScoringError::QueryTooLarge { request: 0, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("scale it down"), "{e}");
+    let e = m.top_k(&[Query::Vector(&huge)], 3).unwrap_err();
+    assert!(matches!(e, ScoringError::QueryTooLarge { .. }), "{e}");
+    // Large but safe values are scored.
+    let big = [1e10f32, -1e10, 0.5, 0.0];
+    let scores = m
+        .rank(&[RankRequest {
+            query: Query::Vector(&big),
+            candidates: &[1, 2],
+        }])
+        .unwrap();
+    assert!(scores[0].iter().all(|s| s.is_finite()), "{scores:?}");
+}

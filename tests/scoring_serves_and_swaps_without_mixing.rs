@@ -380,6 +380,11 @@ async fn f16_storage_is_a_per_model_switch_that_a_reload_flips() {
     };
     let half = fetch(addr, &pki.ca_der, true, ask()).await;
     assert_eq!(half.status, 200, "{}", half.text());
+    // Other scores from the same file: another version name.
+    assert_eq!(
+        half.header("x-model-version"),
+        Some(format!("{version}+f16").as_str())
+    );
     let ready = admin_get(admin, "/readyz").await.text();
     assert!(ready.contains("(f16 tables)"), "{ready}");
 

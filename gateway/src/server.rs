@@ -139,11 +139,11 @@ async fn load_models(
                 ));
             }
         }
-        let version = crate::plugin::content_version(&bytes);
-        if let Some(slot) = current.get(&spec.name).filter(|s| {
-            let live = s.live();
-            live.version == version && live.model.table_storage() == spec.storage
-        }) {
+        let version = crate::scoring::serving::served_version(&bytes, spec.storage);
+        if let Some(slot) = current
+            .get(&spec.name)
+            .filter(|s| s.live().version == version)
+        {
             out.push((spec.name.clone(), Ok(slot.clone())));
             continue;
         }

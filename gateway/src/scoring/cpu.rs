@@ -36,11 +36,14 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The result order of every operation: higher score first, equal scores by lower item id.
-/// (`-0.0` and `0.0` are equal here, as in the kernels.)
+/// (`-0.0` and `0.0` are equal here, as in the kernels.) A NaN score, which validated
+/// requests do not produce, ranks as -infinity, so that this stays a total order.
 pub fn hit_order(a: &Hit, b: &Hit) -> Ordering {
-    if a.score > b.score {
+    let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+    let (sa, sb) = (key(a.score), key(b.score));
+    if sa > sb {
         Ordering::Less
-    } else if a.score < b.score {
+    } else if sa < sb {
         Ordering::Greater
     } else {
         a.item.cmp(&b.item)
@@ -255,6 +258,21 @@ mod tests {
             .map(|h| h.item)
             .collect();
         assert_eq!(ids, vec![1, 3, 0, 2, 4]);
+    }
+
+    #[test]
+    fn nan_scores_rank_last_and_the_order_stays_total() {
+        let h = |item, score| Hit { item, score };
+        let mut hits = vec![
+            h(0, f32::NAN),
+            h(1, 1.0),
+            h(2, f32::NEG_INFINITY),
+            h(3, f32::NAN),
+            h(4, -1.0),
+        ];
+        hits.sort_by(hit_order);
+        let ids: Vec<u32> = hits.iter().map(|h| h.item).collect();
+        assert_eq!(ids, vec![1, 4, 0, 2, 3]);
     }
 
     #[test]

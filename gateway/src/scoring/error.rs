@@ -107,6 +107,15 @@ pub enum ScoringError {
     },
     #[error("request {request}: {what} is NaN or infinite")]
     NotFinite { request: usize, what: &'static str },
+    #[error(
+        "request {request}: the query vector's length {norm:e} could overflow f32 scores \
+         against this catalog (its longest item row is {max_item_norm:e}); scale it down"
+    )]
+    QueryTooLarge {
+        request: usize,
+        norm: f64,
+        max_item_norm: f64,
+    },
     #[error("request {request}: {found} dense features, the model takes {expected}")]
     DenseLen {
         request: usize,

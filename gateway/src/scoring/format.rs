@@ -101,7 +101,8 @@ pub(crate) struct Layer {
     pub b: Vec<f32>,
 }
 
-/// The host copy of a model's weights. Cosine models keep unit-length item rows.
+/// The host copy of a model's weights. Cosine models keep unit-length item rows (within f16
+/// rounding after f16 storage rounded them).
 #[derive(Debug, Clone)]
 pub(crate) enum Weights {
     Embedding {

@@ -50,27 +50,88 @@ fn kernel_source(stored: Stored, parts: &[&str]) -> String {
     src
 }
 
-/// Uploads an embedding table as `stored` (values already rounded to f16 for `F16`).
+/// How a `[rows, cols]` row-major host table is laid out in device memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    RowMajor,
+    /// `[cols, rows]`: value (r, c) at `c * rows + r`.
+    Transposed,
+}
+
+/// Values per run handed to the writer (a transposed run is one column of this many rows).
+const RUN: usize = 1024;
+
+/// Calls `emit(offset, run)` with `values` (`[rows, cols]` row-major) cut into runs that are
+/// contiguous in `layout`, `offset` counted in values. A transposed table is produced in
+/// blocks of `RUN` rows, so the rows being read stay in cache while their columns go out.
+fn table_runs(values: &[f32], cols: usize, layout: Layout, mut emit: impl FnMut(usize, &[f32])) {
+    match layout {
+        Layout::RowMajor => {
+            for (i, run) in values.chunks(RUN).enumerate() {
+                emit(i * RUN, run);
+            }
+        }
+        Layout::Transposed => {
+            let rows = values.len() / cols;
+            let mut run = Vec::with_capacity(RUN);
+            for r0 in (0..rows).step_by(RUN) {
+                let r1 = (r0 + RUN).min(rows);
+                for c in 0..cols {
+                    run.clear();
+                    run.extend((r0..r1).map(|r| values[r * cols + c]));
+                    emit(c * rows + r0, &run);
+                }
+            }
+        }
+    }
+}
+
+/// Uploads an embedding table (`[values.len() / cols, cols]`) as `stored` (values already
+/// rounded to f16 for `F16`) in `layout`. The size is checked against the device first, and
+/// the values are written straight into the mapped buffer: no host copy of the table.
 fn upload_table(
     dev: &GpuDevice,
     label: &str,
     values: &[f32],
+    cols: usize,
     stored: Stored,
+    layout: Layout,
 ) -> Result<wgpu::Buffer, GpuError> {
-    match stored {
-        Stored::F32 => storage_init(dev, label, bytemuck::cast_slice(values)),
-        Stored::F16 => {
-            let mut bits: Vec<u16> = values
-                .iter()
-                .map(|&x| half::f16::from_f32(x).to_bits())
-                .collect();
-            // Buffer sizes are multiples of 4 bytes.
-            if bits.len() % 2 == 1 {
-                bits.push(0);
+    let elem = match stored {
+        Stored::F32 => 4,
+        Stored::F16 => 2,
+    };
+    // Zero-sized bindings are invalid and sizes are multiples of 4 bytes.
+    let bytes = ((values.len() * elem) as u64).max(4).next_multiple_of(4);
+    fits(dev, label, bytes, true)?;
+    let buf = dev.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: true,
+    });
+    {
+        let mut view = buf
+            .slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| GpuError::Allocation(e.to_string()))?;
+        let mut bytes = Vec::with_capacity(RUN * elem);
+        table_runs(values, cols, layout, |offset, run| {
+            bytes.clear();
+            match stored {
+                Stored::F32 => bytes.extend_from_slice(bytemuck::cast_slice(run)),
+                Stored::F16 => {
+                    for &v in run {
+                        bytes.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+                    }
+                }
             }
-            storage_init(dev, label, bytemuck::cast_slice(&bits))
-        }
+            let at = offset * elem;
+            view.slice(at..at + bytes.len()).copy_from_slice(&bytes);
+        });
     }
+    buf.unmap();
+    Ok(buf)
 }
 
 fn pipeline(
@@ -247,22 +308,6 @@ fn words(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
-/// `[rows, cols]` row-major to `[cols, rows]` row-major, in cache-sized blocks.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const BLOCK: usize = 64;
-    let mut t = vec![0.0f32; m.len()];
-    for r0 in (0..rows).step_by(BLOCK) {
-        for c0 in (0..cols).step_by(BLOCK) {
-            for r in r0..(r0 + BLOCK).min(rows) {
-                for c in c0..(c0 + BLOCK).min(cols) {
-                    t[c * rows + r] = m[r * cols + c];
-                }
-            }
-        }
-    }
-    t
-}
-
 /// Sizes the GPU buffers of a model are allocated for.
 #[derive(Debug, Clone)]
 pub(crate) struct Capacity {
@@ -337,9 +382,6 @@ impl EmbeddingGpu {
             });
         }
         let rank_pipeline = pipeline(dev, "gather_score", &kernel_source(stored, &[GATHER_SCORE]))?;
-        // Transposed to [dim, n_items] for coalesced scan loads (topk_scan.wgsl).
-        let transposed = transpose(items, n_items, dim);
-        let items = transposed.as_slice();
         let scan_pipeline = pipeline(
             dev,
             "topk_scan",
@@ -355,7 +397,8 @@ impl EmbeddingGpu {
         let align = dev.device().limits().min_uniform_buffer_offset_alignment as u64;
         let param_slot = 256u64.max(align);
         scoped(dev, || {
-            let items_buf = upload_table(dev, "items", items, stored)?;
+            // [dim, n_items]: coalesced loads in the scan (topk_scan.wgsl).
+            let items_buf = upload_table(dev, "items", items, dim, stored, Layout::Transposed)?;
             let queries = buffer(dev, "queries", (cap.max_queries * dim * 4) as u64, IO)?;
             let pairs = buffer(dev, "pairs", (cap.max_candidates * 8) as u64, IO)?;
             let scores = buffer(dev, "scores", (cap.max_candidates * 4) as u64, IO)?;
@@ -583,8 +626,8 @@ impl MlpGpu {
             table.extend([layer.n_in as u32, layer.n_out as u32, w_off, b_off]);
         }
         scoped(dev, || {
-            let users_buf = upload_table(dev, "users", users, stored)?;
-            let items_buf = upload_table(dev, "items", items, stored)?;
+            let users_buf = upload_table(dev, "users", users, user_dim, stored, Layout::RowMajor)?;
+            let items_buf = upload_table(dev, "items", items, item_dim, stored, Layout::RowMajor)?;
             let weights_buf = storage_init(dev, "mlp weights", bytemuck::cast_slice(&weights))?;
             let layers_buf = storage_init(dev, "mlp layers", bytemuck::cast_slice(&table))?;
             let params = buffer(dev, "mlp params", 32, UNIFORM)?;
@@ -668,15 +711,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transpose_swaps_rows_and_columns() {
+    fn tables_are_written_row_major_or_transposed() {
+        let write = |m: &[f32], cols: usize, layout: Layout| {
+            let mut t = vec![f32::NAN; m.len()];
+            table_runs(m, cols, layout, |at, run| {
+                t[at..at + run.len()].copy_from_slice(run)
+            });
+            t
+        };
+        let transpose = |m: &[f32], cols: usize| write(m, cols, Layout::Transposed);
         // 3 x 2 -> 2 x 3; and a shape spanning several blocks.
         assert_eq!(
-            transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2),
+            transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2),
             vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]
         );
-        let (rows, cols) = (130, 67);
+        let long: Vec<f32> = (0..2500).map(|i| i as f32).collect();
+        assert_eq!(write(&long, 5, Layout::RowMajor), long);
+        let (rows, cols) = (2 * RUN + 130, 67);
         let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-        let t = transpose(&m, rows, cols);
+        let t = transpose(&m, cols);
         for r in 0..rows {
             for c in 0..cols {
                 assert_eq!(t[c * rows + r], m[r * cols + c]);

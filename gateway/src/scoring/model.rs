@@ -80,6 +80,9 @@ pub struct Model {
     path: ExecutionPath,
     batch: BatchLimits,
     storage: TableStorage,
+    /// Embedding models: the longest item row (L2), which bounds every score of a query by
+    /// |query| x this (Cauchy-Schwarz), partial sums included.
+    max_item_norm: f64,
 }
 
 impl std::fmt::Debug for Model {
@@ -125,6 +128,12 @@ impl Model {
         if config.storage == TableStorage::F16 {
             round_tables_to_f16(&mut weights)?;
         }
+        let max_item_norm = match &weights {
+            Weights::Embedding { items, .. } if info.dim > 0 => {
+                items.chunks_exact(info.dim).map(norm).fold(0.0, f64::max)
+            }
+            _ => 0.0,
+        };
         let stored = match device {
             ComputeDevice::Gpu(dev) if config.storage == TableStorage::F16 => {
                 if dev.has_f16() {
@@ -188,6 +197,7 @@ impl Model {
             path,
             batch,
             storage: config.storage,
+            max_item_norm,
         })
     }
 
@@ -344,6 +354,16 @@ impl Model {
             if self.info.similarity == Some(Similarity::Cosine) {
                 format::normalize(&mut out[start..]);
             }
+            // Keep every score and partial sum finite: a NaN or infinite score has no place
+            // in a ranking.
+            let q_norm = norm(&out[start..]);
+            if q_norm * self.max_item_norm > SCORE_LIMIT {
+                return Err(ScoringError::QueryTooLarge {
+                    request,
+                    norm: q_norm,
+                    max_item_norm: self.max_item_norm,
+                });
+            }
         }
         Ok(out)
     }
@@ -496,6 +516,17 @@ impl Model {
     }
 }
 
+/// Largest |score| a query may reach: well inside f32 (3.4e38), so sums stay finite.
+const SCORE_LIMIT: f64 = 1e37;
+
+/// L2 length, in f64 so that it does not overflow.
+fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
 /// Rounds every value of the tables that f16 storage applies to (the ones uploaded to the
 /// device: embedding `items`, MLP `users` and `items`) to the nearest f16.
 fn round_tables_to_f16(weights: &mut Weights) -> Result<(), ModelError> {
@@ -508,8 +539,8 @@ fn round_tables_to_f16(weights: &mut Weights) -> Result<(), ModelError> {
             let h = half::f16::from_f32(*v);
             if h.is_infinite() {
                 return Err(ModelError::Invalid(format!(
-                    "tensor `{name}`: value {v} at element {index} is beyond f16's range \
-                     (±65504); serve this model with f16 storage off"
+                    "tensor `{name}`: value {v} at element {index} is too large for f16 \
+                     (largest finite value 65504); serve this model with f16 storage off"
                 )));
             }
             *v = h.to_f32();

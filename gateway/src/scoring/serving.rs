@@ -28,7 +28,7 @@ pub const HISTORY: usize = 3;
 pub struct ServedModel {
     /// The model.
     pub model: Model,
-    /// First 12 hex digits of the file's SHA-256.
+    /// First 12 hex digits of the file's SHA-256, `+f16` for f16 tables ([`served_version`]).
     pub version: String,
 }
 
@@ -235,7 +235,18 @@ impl Default for BatchPolicy {
     }
 }
 
-/// Loads a model file and names its version by content.
+/// The version a model answers as: the first 12 hex digits of the file's SHA-256, with
+/// `+f16` when its tables are f16-rounded (the same file then gives other scores, so it is
+/// another version).
+pub fn served_version(bytes: &[u8], storage: super::TableStorage) -> String {
+    let hash = crate::plugin::content_version(bytes);
+    match storage {
+        super::TableStorage::F32 => hash,
+        super::TableStorage::F16 => format!("{hash}+f16"),
+    }
+}
+
+/// Loads a model file and names its version by content ([`served_version`]).
 pub fn load_served(
     path: &std::path::Path,
     cfg: &ScoringConfig,
@@ -245,7 +256,7 @@ pub fn load_served(
         path: path.display().to_string(),
         source,
     })?;
-    let version = crate::plugin::content_version(&bytes);
+    let version = served_version(&bytes, cfg.storage);
     let model = Model::from_bytes(&bytes, cfg, device)?;
     Ok(ServedModel { model, version })
 }
@@ -405,6 +416,7 @@ fn offending(e: &ScoringError) -> Option<usize> {
         | ScoringError::UnknownUser { request, .. }
         | ScoringError::QueryDim { request, .. }
         | ScoringError::NotFinite { request, .. }
+        | ScoringError::QueryTooLarge { request, .. }
         | ScoringError::DenseLen { request, .. } => Some(*request),
         _ => None,
     }
