@@ -297,3 +297,32 @@ fn queries_that_could_overflow_the_scores_are_refused() {
         .unwrap();
     assert!(scores[0].iter().all(|s| s.is_finite()), "{scores:?}");
 }
+
+#[test]
+fn click_rows_that_could_overflow_the_layers_are_refused() {
+    use gateway::scoring::{CtrRow, ScoringError};
+    let spec = SampleSpec::mlp(3, 10, 1);
+    let n_dense = spec.n_dense;
+    let m = load(&sample_model(&spec)).unwrap();
+    let huge = vec![1e38f32; n_dense];
+    let fine = vec![0.5f32; n_dense];
+    let rows = [
+        CtrRow {
+            user: 1,
+            item: 2,
+            dense: &fine,
+        },
+        CtrRow {
+            user: 1,
+            item: 2,
+            dense: &huge,
+        },
+    ];
+    let e = m.predict(&rows).unwrap_err();
+    assert!(
+        matches!(e, ScoringError::InputTooLarge { request: 1, .. }),
+        "{e}"
+    );
+    let p = m.predict(&rows[..1]).unwrap();
+    assert!((0.0..=1.0).contains(&p[0]), "{p:?}");
+}

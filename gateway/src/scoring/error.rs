@@ -116,6 +116,11 @@ pub enum ScoringError {
         norm: f64,
         max_item_norm: f64,
     },
+    #[error(
+        "request {request}: the dense features are so large that the model's activations \
+         could overflow f32 (bound {bound:e}); scale them down"
+    )]
+    InputTooLarge { request: usize, bound: f64 },
     #[error("request {request}: {found} dense features, the model takes {expected}")]
     DenseLen {
         request: usize,

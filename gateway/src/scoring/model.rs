@@ -83,6 +83,9 @@ pub struct Model {
     /// Embedding models: the longest item row (L2), which bounds every score of a query by
     /// |query| x this (Cauchy-Schwarz), partial sums included.
     max_item_norm: f64,
+    /// MLP models: (Frobenius norm of W, L2 norm of b) per layer. |W x + b| <= |W|_F |x| + |b|
+    /// and ReLU shrinks lengths, so these bound every activation from the input's length.
+    layer_norms: Vec<(f64, f64)>,
 }
 
 impl std::fmt::Debug for Model {
@@ -133,6 +136,12 @@ impl Model {
                 items.chunks_exact(info.dim).map(norm).fold(0.0, f64::max)
             }
             _ => 0.0,
+        };
+        let layer_norms = match &weights {
+            Weights::Mlp { layers, .. } => {
+                layers.iter().map(|l| (norm(&l.w), norm(&l.b))).collect()
+            }
+            Weights::Embedding { .. } => Vec::new(),
         };
         let stored = match device {
             ComputeDevice::Gpu(dev) if config.storage == TableStorage::F16 => {
@@ -198,6 +207,7 @@ impl Model {
             batch,
             storage: config.storage,
             max_item_norm,
+            layer_norms,
         })
     }
 
@@ -487,10 +497,29 @@ impl Model {
                     what: "dense features",
                 });
             }
+            self.check_mlp_range(request, r)?;
             ids.push([r.user, r.item]);
             dense.extend_from_slice(r.dense);
         }
         Ok((ids, dense))
+    }
+
+    /// Refuses a row whose activations could overflow f32 (a NaN probability otherwise).
+    fn check_mlp_range(&self, request: usize, r: &CtrRow<'_>) -> Result<(), ScoringError> {
+        let Weights::Mlp { users, items, .. } = &self.weights else {
+            return Ok(());
+        };
+        let (ud, id) = (self.info.user_dim, self.info.item_dim);
+        let (u, i) = (r.user as usize, r.item as usize);
+        let x = (norm(&users[u * ud..(u + 1) * ud]).powi(2)
+            + norm(&items[i * id..(i + 1) * id]).powi(2)
+            + norm(r.dense).powi(2))
+        .sqrt();
+        let bound = self.layer_norms.iter().fold(x, |len, &(w, b)| w * len + b);
+        if bound > SCORE_LIMIT {
+            return Err(ScoringError::InputTooLarge { request, bound });
+        }
+        Ok(())
     }
 
     fn predict_flat_cpu(&self, ids: &[[u32; 2]], dense: &[f32]) -> Vec<f32> {

@@ -417,6 +417,7 @@ fn offending(e: &ScoringError) -> Option<usize> {
         | ScoringError::QueryDim { request, .. }
         | ScoringError::NotFinite { request, .. }
         | ScoringError::QueryTooLarge { request, .. }
+        | ScoringError::InputTooLarge { request, .. }
         | ScoringError::DenseLen { request, .. } => Some(*request),
         _ => None,
     }
