@@ -326,3 +326,31 @@ fn click_rows_that_could_overflow_the_layers_are_refused() {
     let p = m.predict(&rows[..1]).unwrap();
     assert!((0.0..=1.0).contains(&p[0]), "{p:?}");
 }
+
+#[test]
+fn model_inspect_says_whether_f16_storage_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |bytes: &[u8], file: &str| {
+        let path = dir.path().join(file);
+        std::fs::write(&path, bytes).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["model", "inspect"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ok = run(
+        &sample_model(&SampleSpec::embedding(10, 4, 1)),
+        "ok.safetensors",
+    );
+    assert!(ok.contains("f16_storage can be used"), "{ok}");
+    let items = [1.0f32, -2.5, 70000.0, 0.0];
+    let big = encode(&embedding_meta(2, 2), &[("items", vec![2, 2], &items)]);
+    let out = run(&big, "big.safetensors");
+    assert!(
+        out.contains("f16_storage cannot be used") && out.contains("70000"),
+        "{out}"
+    );
+}

@@ -350,6 +350,14 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
             match scoring::Model::from_bytes(&bytes, &config, &scoring::ComputeDevice::Cpu) {
                 Ok(_) => {
                     println!("  valid       yes");
+                    let f16 = scoring::ScoringConfig {
+                        storage: scoring::TableStorage::F16,
+                        ..config
+                    };
+                    match scoring::Model::from_bytes(&bytes, &f16, &scoring::ComputeDevice::Cpu) {
+                        Ok(_) => println!("  f16_storage can be used"),
+                        Err(e) => println!("  f16_storage cannot be used: {e}"),
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
