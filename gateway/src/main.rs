@@ -503,6 +503,9 @@ fn run(
     init_logging(&config.logging);
     let rt = runtime(config.server.worker_threads)?;
     rt.block_on(async move {
+        // Before anything else: until a handler is installed, SIGHUP's default action ends
+        // the process, and a reload sent during start-up must not kill it.
+        let signals = Signals::install()?;
         let gateway = Gateway::start(config, prometheus::Registry::new())
             .await
             .context("starting the gateway")?;
@@ -521,7 +524,7 @@ fn run(
         if let Some(banner) = banner {
             banner(&gateway);
         }
-        wait_for_signal(&gateway).await?;
+        signals.wait(&gateway).await;
         match gateway.shutdown().await {
             DrainOutcome::Complete => tracing::info!("drained, exiting"),
             DrainOutcome::DeadlineExceeded => tracing::warn!("drain deadline passed, exiting"),
@@ -530,20 +533,34 @@ fn run(
     })
 }
 
-/// Returns on SIGTERM or SIGINT; each SIGHUP reloads the config file (a failed reload is
-/// logged and counted, and the running configuration stays).
-async fn wait_for_signal(gateway: &Gateway) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM received"); return Ok(()); }
-            _ = int.recv() => { tracing::info!("SIGINT received"); return Ok(()); }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP received, reloading");
-                let _ = gateway.reload_from_file().await;
+/// The process's signal handlers; signals that arrive before [`Signals::wait`] are kept.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    /// Returns on SIGTERM or SIGINT; each SIGHUP reloads the config file (a failed reload is
+    /// logged and counted, and the running configuration stays).
+    async fn wait(mut self, gateway: &Gateway) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM received"); return; }
+                _ = self.int.recv() => { tracing::info!("SIGINT received"); return; }
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP received, reloading");
+                    let _ = gateway.reload_from_file().await;
+                }
             }
         }
     }
