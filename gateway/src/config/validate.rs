@@ -988,7 +988,7 @@ pub fn parse_host_pattern(s: &str, allow_any: bool) -> Result<HostPattern, Strin
 /// Decodes lower- or upper-case hex.
 pub fn decode_hex(s: &str) -> Result<Vec<u8>, ()> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(());
     }
     (0..s.len())

@@ -500,7 +500,7 @@ impl wit_http::HostRequest for StoreState {
         variant: String,
     ) -> Result<std::result::Result<(), String>> {
         let req = self.table.get_mut(&r)?;
-        if !req.variants.iter().any(|v| *v == variant) {
+        if !req.variants.contains(&variant) {
             return Ok(Err(format!(
                 "route {} has no variant {variant:?}; it has: {}",
                 req.route,

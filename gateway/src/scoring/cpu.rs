@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn nan_scores_rank_last_and_the_order_stays_total() {
         let h = |item, score| Hit { item, score };
-        let mut hits = vec![
+        let mut hits = [
             h(0, f32::NAN),
             h(1, 1.0),
             h(2, f32::NEG_INFINITY),

@@ -159,7 +159,7 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspection, ModelError> {
             shape: info.shape.clone(),
         })
         .collect();
-    tensors.sort_by(|a, b| tensor_order(&a.name).cmp(&tensor_order(&b.name)));
+    tensors.sort_by_key(|a| tensor_order(&a.name));
     Ok(Inspection {
         metadata: meta
             .metadata()
@@ -496,7 +496,7 @@ pub fn encode(metadata: &[(&str, String)], tensors: &[TensorData<'_>]) -> Vec<u8
     let mut json =
         serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serializes");
     // The data starts 8-byte aligned, as safetensors' own writer pads it.
-    while (json.len() + 8) % 8 != 0 {
+    while !(json.len() + 8).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + offset);

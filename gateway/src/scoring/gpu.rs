@@ -565,7 +565,7 @@ impl EmbeddingGpu {
                 pass.dispatch_workgroups(w as u32, n_q as u32, 1);
             }
         }
-        let result = if passes % 2 == 0 {
+        let result = if passes.is_multiple_of(2) {
             &self.ping
         } else {
             &self.pong
