@@ -732,7 +732,7 @@ impl Connection {
                     peer,
                     proto: "https",
                 };
-                self.serve_http(builder, TokioIo::new(tls_stream), info, None)
+                self.serve_http(builder, TokioIo::new(tls_stream), info, None, h2)
                     .await;
             }
             ListenerKind::HttpServe => {
@@ -740,7 +740,7 @@ impl Connection {
                     peer,
                     proto: "http",
                 };
-                self.serve_http(&self.ctx.auto, TokioIo::new(stream), info, None)
+                self.serve_http(&self.ctx.auto, TokioIo::new(stream), info, None, false)
                     .await;
             }
             ListenerKind::HttpRedirect { https_port } => {
@@ -748,19 +748,29 @@ impl Connection {
                     peer,
                     proto: "http",
                 };
-                self.serve_http(&self.ctx.auto, TokioIo::new(stream), info, Some(https_port))
-                    .await;
+                self.serve_http(
+                    &self.ctx.auto,
+                    TokioIo::new(stream),
+                    info,
+                    Some(https_port),
+                    false,
+                )
+                .await;
             }
         }
         drop(self.active);
     }
 
+    /// Serves one connection. `h2`: requests are answered by a boxed future, because hyper
+    /// spawns a task per h2 stream and moves the request future into it and out of it
+    /// (a pointer instead of ~3 KB; on HTTP/1.1 hyper already boxes it, so there it is not).
     async fn serve_http<I>(
         &self,
         builder: &auto::Builder<TokioExecutor>,
         io: I,
         info: ConnInfo,
         redirect_port: Option<u16>,
+        h2: bool,
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -773,7 +783,7 @@ impl Connection {
         let peer = info.peer;
         let info = Arc::new(info);
         let service_activity = activity.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
+        let answer = move |req: Request<Incoming>| {
             let guard = RequestActive::new(&service_activity);
             let shared = shared.clone();
             let info = info.clone();
@@ -784,29 +794,39 @@ impl Connection {
                 };
                 Ok::<_, Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
             }
-        });
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
+        };
         let idle = idle_expired(activity, self.ctx.limits.idle_timeout);
-        tokio::pin!(idle);
-        let mut closing = false;
-        loop {
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(listener = %self.listener, %peer, error = %e, "connection ended with an error");
+        // The same loop over two connection types (the services differ in their future).
+        macro_rules! drive {
+            ($conn:expr) => {{
+                let conn = $conn;
+                tokio::pin!(conn);
+                tokio::pin!(idle);
+                let mut closing = false;
+                loop {
+                    tokio::select! {
+                        res = conn.as_mut() => {
+                            if let Err(e) = res {
+                                tracing::debug!(listener = %self.listener, %peer, error = %e, "connection ended with an error");
+                            }
+                            break;
+                        }
+                        _ = self.ctx.shutdown.cancelled(), if !closing => {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        _ = &mut idle, if !closing => {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                     }
-                    break;
                 }
-                _ = self.ctx.shutdown.cancelled(), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = &mut idle, if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
+            }};
+        }
+        if h2 {
+            drive!(builder.serve_connection(io, service_fn(move |req| Box::pin(answer(req)))))
+        } else {
+            drive!(builder.serve_connection(io, service_fn(answer)))
         }
     }
 }
