@@ -570,3 +570,62 @@ fn top_k_scan_holds_when_every_row_or_no_row_beats_the_running_threshold() {
         );
     }
 }
+
+#[test]
+fn a_catalog_larger_than_the_device_allows_is_served_on_the_cpu_path() {
+    let Some(dev) = gpu("a_catalog_larger_than_the_device_allows_is_served_on_the_cpu_path") else {
+        return;
+    };
+    // A device of our own on the same adapter, with storage bindings capped at 64 KiB.
+    let adapter = gateway::scoring::select_adapter(BackendChoice::Auto, true)
+        .unwrap()
+        .expect("the shared test device came from an adapter");
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: 64 << 10,
+        ..adapter.limits()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: adapter.features() & wgpu::Features::SHADER_F16,
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let small = GpuDevice::new(device, queue, adapter.get_info());
+    // 1000 x 32 f32 = 128000 bytes: over the cap; as f16, 64000 bytes: under it.
+    let bytes = sample_model(&SampleSpec::embedding(1000, 32, 3));
+    let cfg = config(100);
+    let m = Model::from_bytes(&bytes, &cfg, &ComputeDevice::Gpu(small.clone())).unwrap();
+    match m.execution_path() {
+        ExecutionPath::CpuFallback { reason, .. } => {
+            assert!(
+                reason.contains("`items`") && reason.contains("128000"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected the CPU fallback, got {other:?}"),
+    }
+    let cpu = Model::from_bytes(&bytes, &cfg, &ComputeDevice::Cpu).unwrap();
+    let v: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+    let q = [Query::Vector(&v)];
+    assert_eq!(m.top_k(&q, 10).unwrap(), cpu.top_k(&q, 10).unwrap());
+
+    if small.has_f16() {
+        let half = ScoringConfig {
+            storage: TableStorage::F16,
+            ..config(100)
+        };
+        let m = Model::from_bytes(&bytes, &half, &ComputeDevice::Gpu(small)).unwrap();
+        assert!(
+            matches!(
+                m.execution_path(),
+                ExecutionPath::Gpu {
+                    f16_tables: true,
+                    ..
+                }
+            ),
+            "{:?}",
+            m.execution_path()
+        );
+    }
+    drop(dev);
+}

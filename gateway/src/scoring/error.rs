@@ -21,6 +21,15 @@ pub enum GpuError {
         bytes: u64,
         limit: u64,
     },
+    #[error(
+        "table `{table}` needs {bytes} bytes but the device allows at most {limit} per storage \
+         binding"
+    )]
+    TableTooLarge {
+        table: String,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("allocating GPU buffers: {0}")]
     Allocation(String),
     #[error("reading results back from the GPU: {0}")]

@@ -103,7 +103,14 @@ fn upload_table(
     };
     // Zero-sized bindings are invalid and sizes are multiples of 4 bytes.
     let bytes = ((values.len() * elem) as u64).max(4).next_multiple_of(4);
-    fits(dev, label, bytes, true)?;
+    fits(dev, label, bytes, true).map_err(|e| match e {
+        GpuError::TooLargeForDevice { what, bytes, limit } => GpuError::TableTooLarge {
+            table: what,
+            bytes,
+            limit,
+        },
+        other => other,
+    })?;
     let buf = dev.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
         size: bytes,

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::config::{BatchLimits, ModelLimits, ScoringConfig, TableStorage};
 use super::cpu;
 use super::device::ComputeDevice;
-use super::error::{ModelError, ScoringError};
+use super::error::{GpuError, ModelError, ScoringError};
 use super::format::{self, ModelInfo, ModelKind, Similarity, Weights};
 use super::gpu::{Capacity, EmbeddingGpu, MlpGpu, Stored};
 
@@ -58,6 +58,12 @@ pub enum ExecutionPath {
         f16_tables: bool,
     },
     Cpu,
+    /// The CPU path on a GPU device, because the model's tables do not fit it (larger than
+    /// one storage binding, or out of device memory); `reason` says which.
+    CpuFallback {
+        adapter: String,
+        reason: String,
+    },
 }
 
 enum GpuPart {
@@ -159,8 +165,8 @@ impl Model {
             }
             _ => Stored::F32,
         };
-        let gpu = match device {
-            ComputeDevice::Cpu => GpuPart::None,
+        let built = match device {
+            ComputeDevice::Cpu => Ok(GpuPart::None),
             ComputeDevice::Gpu(dev) => {
                 let cap = Capacity {
                     max_queries: batch.max_queries,
@@ -171,13 +177,13 @@ impl Model {
                 };
                 match &weights {
                     Weights::Embedding { items, .. } => {
-                        GpuPart::Embedding(EmbeddingGpu::new(dev, items, info.dim, cap, stored)?)
+                        EmbeddingGpu::new(dev, items, info.dim, cap, stored).map(GpuPart::Embedding)
                     }
                     Weights::Mlp {
                         users,
                         items,
                         layers,
-                    } => GpuPart::Mlp(MlpGpu::new(
+                    } => MlpGpu::new(
                         dev,
                         users,
                         items,
@@ -187,17 +193,41 @@ impl Model {
                         info.n_dense,
                         cap.max_rows,
                         stored,
-                    )?),
+                    )
+                    .map(GpuPart::Mlp),
                 }
             }
         };
-        let path = match device {
-            ComputeDevice::Cpu => ExecutionPath::Cpu,
-            ComputeDevice::Gpu(d) => ExecutionPath::Gpu {
-                adapter: d.describe(),
-                software: d.is_software(),
-                f16_tables: stored == Stored::F16,
-            },
+        // The CPU path gives the same answers: a catalog the device cannot hold is served
+        // there (and said so) rather than refused. Other GPU errors are configuration
+        // problems (batch limits beyond the device) or defects, and refuse the model.
+        let (gpu, path) = match (built, device) {
+            (Ok(g), ComputeDevice::Gpu(d)) => (
+                g,
+                ExecutionPath::Gpu {
+                    adapter: d.describe(),
+                    software: d.is_software(),
+                    f16_tables: stored == Stored::F16,
+                },
+            ),
+            (Ok(g), ComputeDevice::Cpu) => (g, ExecutionPath::Cpu),
+            (Err(e @ (GpuError::TableTooLarge { .. } | GpuError::Allocation(_))), device) => {
+                let adapter = device.describe();
+                tracing::warn!(
+                    target: "scoring",
+                    %adapter,
+                    error = %e,
+                    "the model does not fit the GPU; it is served on the CPU path"
+                );
+                (
+                    GpuPart::None,
+                    ExecutionPath::CpuFallback {
+                        adapter,
+                        reason: e.to_string(),
+                    },
+                )
+            }
+            (Err(e), _) => return Err(e.into()),
         };
         Ok(Model {
             info,

@@ -293,7 +293,7 @@ impl ModelSlot {
                 software: false, ..
             } => "gpu",
             super::ExecutionPath::Gpu { software: true, .. } => "software-gpu",
-            super::ExecutionPath::Cpu => "cpu",
+            super::ExecutionPath::Cpu | super::ExecutionPath::CpuFallback { .. } => "cpu",
         };
         self.metrics.loaded.reset();
         self.metrics
