@@ -9,7 +9,8 @@
 //!    in [`GpuDevice::new`]. A [`ComputeDevice`] is cheap to clone and shared by all models.
 //! 2. **Load**: [`Model::load`] reads and validates the file ([`format`] describes it),
 //!    uploads the weights and creates every buffer, pipeline and bind group the model's
-//!    batches need, sized by [`BatchLimits`]. Nothing is allocated per request.
+//!    batches need, sized by [`BatchLimits`]. Nothing is allocated per request. Tables the
+//!    device cannot hold leave the model on the CPU path ([`ExecutionPath::CpuFallback`]).
 //! 3. **Score a batch**: [`Model::rank`] (candidate lists per query, embedding models),
 //!    [`Model::top_k`] (full-catalog retrieval, embedding models; top-k selected on the GPU,
 //!    only k entries per query read back), [`Model::predict`] (MLP click probabilities).
