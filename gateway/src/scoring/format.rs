@@ -476,7 +476,7 @@ pub(crate) fn normalize(v: &mut [f32]) {
 /// A tensor to write: name, shape, values.
 pub type TensorData<'a> = (&'a str, Vec<usize>, &'a [f32]);
 
-/// Encodes F32 tensors and metadata as a safetensors file (the format [`parse`] reads), tensors
+/// Encodes F32 tensors and metadata as a safetensors file (the format the loader reads), tensors
 /// in the given order and metadata keys sorted, so the same input always gives the same bytes
 /// (`safetensors::serialize` takes the metadata as a `HashMap`, whose order varies per run).
 /// No validation: the tests use it to write broken files on purpose.

@@ -7,7 +7,7 @@
 //!    real GPU, else the software Vulkan adapter lavapipe if allowed, else the CPU path;
 //!    or forced `gpu`, `software-gpu`, `cpu`). A caller with its own wgpu device wraps it
 //!    in [`GpuDevice::new`]. A [`ComputeDevice`] is cheap to clone and shared by all models.
-//! 2. **Load**: [`Model::load`] reads and validates the file ([`format`] describes it),
+//! 2. **Load**: [`Model::load`] reads and validates the file ([`format`](mod@format) describes it),
 //!    uploads the weights and creates every buffer, pipeline and bind group the model's
 //!    batches need, sized by [`BatchLimits`]. Nothing is allocated per request. Tables the
 //!    device cannot hold leave the model on the CPU path ([`ExecutionPath::CpuFallback`]).
