@@ -19,29 +19,9 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the fixed
-/// set. `TE: trailers` is kept, since it is end-to-end in meaning (gRPC needs it).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
-    }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for name in [
+/// The fixed hop-by-hop set (RFC 9110 §7.6.1 and the legacy ones proxies still see).
+fn hop_by_hop_names() -> [&'static HeaderName; 9] {
+    [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
@@ -51,8 +31,55 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
-    ] {
-        headers.remove(name);
+    ]
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection` and the fixed
+/// set. `TE: trailers` is kept, since it is end-to-end in meaning (gRPC needs it).
+///
+/// One pass over the names present decides; most messages have none of these, and then
+/// nothing is hashed or removed.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let fixed = hop_by_hop_names();
+    // Bit i: fixed[i] is present.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // `close` names no header, and `keep-alive` is in the fixed set: the usual values
+        // need no lookup.
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    let te_bit = 1 << 5;
+    let te_trailers = present & te_bit != 0
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for (i, name) in fixed.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -468,6 +495,20 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn strips_a_lone_fixed_header_and_keeps_end_to_end_ones() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.append(header::ACCEPT, HeaderValue::from_static("a/b"));
+        h.append(header::ACCEPT, HeaderValue::from_static("c/d"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before, "nothing hop-by-hop: nothing changes");
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("x"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]

@@ -221,10 +221,13 @@ pub async fn handle(
     let snapshot = shared.state.load();
     let config = &snapshot.config;
     let rid_header = &config.proxy.request_id_header;
-    let request_id = match req.headers().get(rid_header) {
+    let mut request_id = match req.headers().get(rid_header) {
         Some(v) if http_util::valid_request_id(v) => v.clone(),
         _ => http_util::new_request_id(),
     };
+    // Unique per request: HPACK must not add it to its dynamic table, where every response
+    // would evict a useful entry and lengthen the lookups of the next ones.
+    request_id.set_sensitive(true);
     let host = http_util::request_host(&req);
     let method = req.method().clone();
     if !snapshot.models.is_empty() {
