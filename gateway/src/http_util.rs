@@ -169,15 +169,40 @@ pub fn append_via(headers: &mut HeaderMap, version: http::Version, name: &Header
 /// The host a request is for, lower case and without port: the URI authority (h2, absolute
 /// form) or the `Host` header.
 pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.host().to_string(),
+    let host = match req.uri().authority() {
+        Some(a) => a.host(),
         None => {
-            let h = req.headers().get(header::HOST)?.to_str().ok()?;
-            h.parse::<http::uri::Authority>().ok()?.host().to_string()
+            let h = req.headers().get(header::HOST)?.as_bytes();
+            match plain_host(h) {
+                Some(host) => host,
+                None => {
+                    let h = std::str::from_utf8(h).ok()?;
+                    return finish_host(h.parse::<http::uri::Authority>().ok()?.host());
+                }
+            }
         }
     };
-    let host = raw.trim_end_matches('.').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
+    finish_host(host)
+}
+
+/// The host of a `Host` value that is a lower-case DNS name with an optional port, the usual
+/// case, without parsing it as an authority; `None` for anything else.
+fn plain_host(value: &[u8]) -> Option<&str> {
+    let (host, port) = match value.iter().position(|&b| b == b':') {
+        Some(i) => (&value[..i], &value[i + 1..]),
+        None => (value, &b""[..]),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'));
+    let port_ok = port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
+    (host_ok && port_ok).then(|| std::str::from_utf8(host).expect("checked ASCII"))
+}
+
+fn finish_host(host: &str) -> Option<String> {
+    let host = host.trim_end_matches('.');
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
 /// Why a request body was cut off.
@@ -552,5 +577,34 @@ mod tests {
         assert_eq!(request_host(&r).as_deref(), Some("a.test"));
         let r = http::Request::get("/x").body(()).unwrap();
         assert_eq!(request_host(&r), None);
+    }
+
+    #[test]
+    fn host_header_shortcut_agrees_with_authority_parsing() {
+        let slow = |v: &str| {
+            let a = v.parse::<http::uri::Authority>().ok()?;
+            finish_host(a.host())
+        };
+        for v in [
+            "shop.test",
+            "shop.test:8443",
+            "shop.test.",
+            "shop.test:",
+            "a-b.c-d.test:1",
+            "127.0.0.1:443",
+            "Shop.Test",
+            "[::1]:8443",
+            "shop.test:99999999",
+            "shop.test:99999",
+            "shop.test:80:80",
+            "sh op.test",
+            "user@shop.test",
+            ":8443",
+            ".",
+            "",
+        ] {
+            let r = http::Request::get("/x").header("host", v).body(()).unwrap();
+            assert_eq!(request_host(&r), slow(v), "Host: {v:?}");
+        }
     }
 }
