@@ -14,8 +14,9 @@
 #   18443  nginx proxy, TLS, HTTP/1.1 and h2         bench/nginx/nginx-proxy.conf (also 18081 plain)
 #   18444  gateway, TLS, HTTP/1.1 and h2             bench/gateway-bench.toml (admin on 19901)
 # Load: `wrk -t1 -c64 --latency` (HTTP/1.1 over TLS, keep-alive) and `h2load -t1 -c64 -m10`
-# (h2 over TLS); each pair of runs alternates which proxy goes first. Printed: req/s and p50/p99
-# latency, the median over the rounds, and gateway/nginx ratios. h2load prints no percentiles, so
+# (h2 over TLS); each pair of runs alternates which proxy goes first. Printed: req/s, p50/p99
+# latency and the proxy's CPU time per request, the median over the rounds, and gateway/nginx
+# ratios. h2load prints no percentiles, so
 # they are computed from its --log-file (per-request duration in microseconds, 3rd column).
 # Logs stay in /tmp for a look afterwards: bench-gw.log, bench-up.err, bench-px.err.
 # The client, the proxies and the upstream share the machine's cores: compare the two proxies
@@ -160,7 +161,7 @@ sanity nginx $NGINX_PORT
 sanity gateway $GW_PORT
 
 # --- measure -----------------------------------------------------------------------------------
-RESULTS=$WORK/results # tool proxy round rps p50_ms p99_ms errors requests cpu_percent
+RESULTS=$WORK/results # tool proxy round rps p50_ms p99_ms errors requests cpu_percent cpu_us_per_request
 : >"$RESULTS"
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -181,7 +182,9 @@ measure() { # tool proxy round: one run, with the proxy's CPU use appended to it
   line=$(tail -1 "$RESULTS")
   sed -i '$d' "$RESULTS"
   awk -v l="$line" -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v w0="$w0" -v w1="$w1" \
-    'BEGIN { printf "%s %.0f\n", l, 100 * t / hz / (w1 - w0) }' >>"$RESULTS"
+    'BEGIN { split(l, f, " ")
+             printf "%s %.0f %.2f\n", l, 100 * t / hz / (w1 - w0), (f[8] > 0 ? t / hz * 1e6 / f[8] : 0) }' \
+    >>"$RESULTS"
 }
 
 # Runs a load generator bounded in time; in the background, so that INT/TERM act at once.
@@ -255,8 +258,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for proxy in "${order[@]}"; do
       measure "$tool" "$proxy" "$round"
       check_all_alive
-      awk '{ printf "  round %s  %-6s %-7s %10.1f req/s  p50 %7.3f ms  p99 %7.3f ms  proxy CPU %3d%%  errors %d of %d\n",
-             $3, $1, $2, $4, $5, $6, $9, $7, $8 }' < <(tail -1 "$RESULTS")
+      awk '{ printf "  round %s  %-6s %-7s %10.1f req/s  p50 %7.3f ms  p99 %7.3f ms  proxy CPU %3d%% %6.2f us/req  errors %d of %d\n",
+             $3, $1, $2, $4, $5, $6, $9, $10, $7, $8 }' < <(tail -1 "$RESULTS")
       sleep 1
     done
   done
@@ -272,9 +275,9 @@ total() { awk -v t="$1" -v p="$2" -v c="$3" '$1 == t && $2 == p { s += $c } END 
 echo
 echo "nproc $(nproc), $NGINX_VERSION, $GW_VERSION; 1 worker each; loopback TLS;" \
   "medians of $ROUNDS round(s) x ${DURATION}s"
-fmt="%-17s %11s %13s %9s %17s %19s %9s %12s %12s\n"
+fmt="%-17s %11s %13s %9s %17s %19s %9s %12s %17s %10s %12s\n"
 printf "$fmt" "tool/protocol" "nginx req/s" "gateway req/s" "rps gw/ng" "nginx p50/p99 ms" \
-  "gateway p50/p99 ms" "p99 gw/ng" "CPU% ng/gw" "errors ng/gw"
+  "gateway p50/p99 ms" "p99 gw/ng" "CPU% ng/gw" "CPU us/req ng/gw" "us/req g/n" "errors ng/gw"
 for tool in wrk h2load; do
   if [[ $tool == wrk ]]; then label="wrk HTTP/1.1+TLS"; else label="h2load h2+TLS"; fi
   n_rps=$(median $tool nginx 4); g_rps=$(median $tool gateway 4)
@@ -282,13 +285,18 @@ for tool in wrk h2load; do
   g50=$(median $tool gateway 5); g99=$(median $tool gateway 6)
   n_err=$(total $tool nginx 7); g_err=$(total $tool gateway 7)
   n_cpu=$(median $tool nginx 9); g_cpu=$(median $tool gateway 9)
-  read -r rps_ratio p99_ratio < <(awk -v a="$g_rps" -v b="$n_rps" -v c="$g99" -v d="$n99" \
-    'BEGIN { printf "%.2f %.2f\n", (b > 0 ? a / b : 0), (d > 0 ? c / d : 0) }')
+  n_us=$(median $tool nginx 10); g_us=$(median $tool gateway 10)
+  read -r rps_ratio p99_ratio us_ratio < <(awk -v a="$g_rps" -v b="$n_rps" -v c="$g99" \
+    -v d="$n99" -v e="$g_us" -v f="$n_us" \
+    'BEGIN { printf "%.2f %.2f %.2f\n", (b > 0 ? a / b : 0), (d > 0 ? c / d : 0), (f > 0 ? e / f : 0) }')
   printf "$fmt" "$label" "$(printf %.0f "$n_rps")" "$(printf %.0f "$g_rps")" "$rps_ratio" \
     "$(printf '%.2f / %.2f' "$n50" "$n99")" "$(printf '%.2f / %.2f' "$g50" "$g99")" \
-    "$p99_ratio" "$(printf '%.0f / %.0f' "$n_cpu" "$g_cpu")" "$n_err / $g_err"
+    "$p99_ratio" "$(printf '%.0f / %.0f' "$n_cpu" "$g_cpu")" \
+    "$(printf '%.2f / %.2f' "$n_us" "$g_us")" "$us_ratio" "$n_err / $g_err"
 done
-echo "(CPU%: the proxy's processes, 100 = one core. errors: wrk non-2xx/3xx answers and socket" \
+echo "(CPU%: the proxy's processes, 100 = one core. CPU us/req: their user + system CPU time" \
+  "per answered request, the cost that decides throughput at one worker and the figure least" \
+  "moved by other load on the machine; below 1.00 the gateway is cheaper. errors: wrk non-2xx/3xx answers and socket" \
   "errors, h2load failed/errored/timed-out requests and non-2xx answers, summed over the rounds)"
 
 gw_problems=$(awk '/WARN|ERROR/ { n++ } END { print n + 0 }' "$GW_LOG")

@@ -468,8 +468,16 @@ async fn push(
 }
 
 fn init_logging(settings: &LoggingSettings) {
+    // rustls warns once per connection about peers' protocol quirks (an IP address sent as
+    // SNI, say): the client's doing, already counted as handshake failures where it matters,
+    // and a log flood under load. A level that names rustls itself still decides.
+    let level = if settings.level.contains("rustls") {
+        settings.level.clone()
+    } else {
+        format!("{},rustls=error", settings.level)
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

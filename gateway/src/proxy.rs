@@ -238,8 +238,13 @@ pub async fn handle(
         {
             if rest.is_empty() || rest.starts_with('/') {
                 let rest = rest.to_string();
-                let mut response =
-                    crate::scoring::endpoint::handle(&snapshot.models, &rest, req).await;
+                // Boxed, like the plugin path: the proxy path's future stays small.
+                let mut response = Box::pin(crate::scoring::endpoint::handle(
+                    &snapshot.models,
+                    &rest,
+                    req,
+                ))
+                .await;
                 let status = response.status();
                 snapshot.router.scoring[class_index(status)].inc();
                 snapshot
