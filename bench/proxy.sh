@@ -270,14 +270,21 @@ median() { # tool proxy column
   awk -v t="$1" -v p="$2" -v c="$3" '$1 == t && $2 == p { print $c }' "$RESULTS" | sort -g | awk '
     { v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+paired() { # tool column: median over rounds of gateway/nginx, each round's pair run back to back
+  awk -v t="$1" -v c="$2" '$1 == t { v[$2, $3] = $c; r[$3] = 1 }
+    END { for (k in r) if (v["nginx", k] > 0) print v["gateway", k] / v["nginx", k] }' "$RESULTS" |
+    sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2];
+      else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 total() { awk -v t="$1" -v p="$2" -v c="$3" '$1 == t && $2 == p { s += $c } END { print s + 0 }' "$RESULTS"; }
 
 echo
 echo "nproc $(nproc), $NGINX_VERSION, $GW_VERSION; 1 worker each; loopback TLS;" \
   "medians of $ROUNDS round(s) x ${DURATION}s"
-fmt="%-17s %11s %13s %9s %17s %19s %9s %12s %17s %10s %12s\n"
-printf "$fmt" "tool/protocol" "nginx req/s" "gateway req/s" "rps gw/ng" "nginx p50/p99 ms" \
-  "gateway p50/p99 ms" "p99 gw/ng" "CPU% ng/gw" "CPU us/req ng/gw" "us/req g/n" "errors ng/gw"
+fmt="%-17s %11s %13s %9s %13s %17s %19s %9s %12s %17s %10s %12s\n"
+printf "$fmt" "tool/protocol" "nginx req/s" "gateway req/s" "rps gw/ng" "paired gw/ng" \
+  "nginx p50/p99 ms" "gateway p50/p99 ms" "p99 gw/ng" "CPU% ng/gw" "CPU us/req ng/gw" \
+  "us/req g/n" "errors ng/gw"
 for tool in wrk h2load; do
   if [[ $tool == wrk ]]; then label="wrk HTTP/1.1+TLS"; else label="h2load h2+TLS"; fi
   n_rps=$(median $tool nginx 4); g_rps=$(median $tool gateway 4)
@@ -290,11 +297,14 @@ for tool in wrk h2load; do
     -v d="$n99" -v e="$g_us" -v f="$n_us" \
     'BEGIN { printf "%.2f %.2f %.2f\n", (b > 0 ? a / b : 0), (d > 0 ? c / d : 0), (f > 0 ? e / f : 0) }')
   printf "$fmt" "$label" "$(printf %.0f "$n_rps")" "$(printf %.0f "$g_rps")" "$rps_ratio" \
-    "$(printf '%.2f / %.2f' "$n50" "$n99")" "$(printf '%.2f / %.2f' "$g50" "$g99")" \
+    "$(printf '%.2f' "$(paired $tool 4)")" "$(printf '%.2f / %.2f' "$n50" "$n99")" "$(printf '%.2f / %.2f' "$g50" "$g99")" \
     "$p99_ratio" "$(printf '%.0f / %.0f' "$n_cpu" "$g_cpu")" \
     "$(printf '%.2f / %.2f' "$n_us" "$g_us")" "$us_ratio" "$n_err / $g_err"
 done
-echo "(CPU%: the proxy's processes, 100 = one core. CPU us/req: their user + system CPU time" \
+echo "(paired gw/ng: the median over rounds of the req/s ratio within a round, where the two" \
+  "runs are back to back; it drifts less than the ratio of medians when the machine's speed" \
+  "changes between rounds."
+echo " CPU%: the proxy's processes, 100 = one core. CPU us/req: their user + system CPU time" \
   "per answered request, the cost that decides throughput at one worker and the figure least" \
   "moved by other load on the machine; below 1.00 the gateway is cheaper. errors: wrk non-2xx/3xx answers and socket" \
   "errors, h2load failed/errored/timed-out requests and non-2xx answers, summed over the rounds)"
