@@ -19,6 +19,9 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Where `TE` sits in [`hop_by_hop_names`].
+const TE_INDEX: usize = 5;
+
 /// The fixed hop-by-hop set (RFC 9110 §7.6.1 and the legacy ones proxies still see).
 fn hop_by_hop_names() -> [&'static HeaderName; 9] {
     [
@@ -67,8 +70,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    let te_bit = 1 << 5;
-    let te_trailers = present & te_bit != 0
+    let te_trailers = present & (1 << TE_INDEX) != 0
         && headers
             .get(header::TE)
             .and_then(|v| v.to_str().ok())
@@ -520,6 +522,11 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn te_index_points_at_te() {
+        assert_eq!(*hop_by_hop_names()[TE_INDEX], header::TE);
     }
 
     #[test]

@@ -469,8 +469,9 @@ async fn push(
 
 fn init_logging(settings: &LoggingSettings) {
     // rustls warns once per connection about peers' protocol quirks (an IP address sent as
-    // SNI, say): the client's doing, already counted as handshake failures where it matters,
-    // and a log flood under load. A level that names rustls itself still decides.
+    // SNI, say): the peer's doing, not the operator's, and a log flood under load. Failed
+    // handshakes are counted and logged by the gateway itself. A level that names rustls
+    // still decides.
     let level = if settings.level.contains("rustls") {
         settings.level.clone()
     } else {
