@@ -1,5 +1,6 @@
 //! Timeouts and limits: 504 for a slow upstream, 431 for oversized headers, 413 for oversized
-//! bodies (declared or streamed), 408 for a stalled body, and slowloris heads cut off.
+//! bodies (declared or streamed), 408 for a stalled body (proxied or to the scoring endpoint),
+//! and slowloris heads cut off.
 
 use std::time::{Duration, Instant};
 
@@ -163,6 +164,37 @@ async fn stalled_body_gives_408_and_slow_heads_are_cut_off() {
             .iter()
             .all(|s| s.method != http::Method::GET),
         "the slow head never went upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_body_to_the_scoring_endpoint_gives_408() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let model = pki.path().join("recs.safetensors");
+    let mut spec = gateway::scoring::SampleSpec::embedding(50, 8, 1);
+    spec.n_users = 5;
+    std::fs::write(&model, gateway::scoring::sample_model(&spec)).unwrap();
+    let extra = format!(
+        "[limits]\nbody_read_timeout_ms = 300\n[[models]]\nname = \"recs\"\npath = \"{}\"\n",
+        model.display()
+    );
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", &extra), pki.path()).await;
+
+    let mut tls = raw_tls(gw.addr("https"), &pki.ca_der).await;
+    let started = Instant::now();
+    tls.write_all(
+        b"POST /_gateway/models/recs/rank HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"user\": 1,",
+    )
+    .await
+    .unwrap();
+    let (text, _) = read_until_close(&mut tls, Duration::from_secs(3)).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("not received in time"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered after {:?}",
+        started.elapsed()
     );
 }
 

@@ -452,15 +452,23 @@ async fn upload(
         .get("x-signature")
         .map(|v| v.as_bytes().to_vec());
     let limit = config.admin.max_upload_bytes as usize;
-    let bytes = match http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
-        .await
+    let bytes = match crate::http_util::read_to_limit(
+        req.into_body().map_err(Into::into).boxed_unsync(),
+        limit,
+    )
+    .await
     {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+        Ok(b) => b,
+        Err(crate::http_util::ReadError::TooLarge) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("uploads are limited to {limit} bytes"),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the upload was cut off before its end",
             )
         }
     };

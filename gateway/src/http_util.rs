@@ -373,6 +373,41 @@ pub fn json_error(
     json_response(status, &serde_json::json!({ "error": message.to_string() }))
 }
 
+/// Why a body could not be read into memory whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
+    /// More bytes than the limit.
+    TooLarge,
+    /// The client stopped sending for longer than the body read timeout.
+    Stalled,
+    /// The client went away or the stream broke.
+    Failed,
+}
+
+/// Reads a whole body of at most `limit` bytes (a JSON request, an upload).
+pub async fn read_to_limit(
+    body: crate::upstream::ProxyBody,
+    limit: usize,
+) -> Result<Bytes, ReadError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| match find_body_limit_error(&*e) {
+            Some(BodyLimitError::TooLarge) => ReadError::TooLarge,
+            Some(BodyLimitError::Timeout) => ReadError::Stalled,
+            None => ReadError::Failed,
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(ReadError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// A body read into memory up to a limit.
 pub enum Buffered {
     /// The whole body.

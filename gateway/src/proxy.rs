@@ -238,6 +238,15 @@ pub async fn handle(
         {
             if rest.is_empty() || rest.starts_with('/') {
                 let rest = rest.to_string();
+                // The same stall and size limits as a proxied body.
+                let req = req.map(|b| {
+                    LimitedBody::new(
+                        b,
+                        config.limits.max_body_bytes,
+                        config.limits.body_read_timeout,
+                    )
+                    .boxed_unsync()
+                });
                 // Boxed, like the plugin path: the proxy path's future stays small.
                 let mut response = Box::pin(crate::scoring::endpoint::handle(
                     &snapshot.models,

@@ -14,12 +14,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::serving::{Ask, ModelSlot, OwnedQuery, ServeError};
+use crate::http_util::ReadError;
 use crate::upstream::ProxyBody;
 
 /// Largest request body the endpoint reads.
@@ -56,7 +55,7 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyB
 pub async fn handle(
     models: &HashMap<String, Arc<ModelSlot>>,
     rest: &str,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
 ) -> Response<ProxyBody> {
     let rest = rest.trim_start_matches('/');
     if rest.is_empty() {
@@ -90,15 +89,24 @@ pub async fn handle(
     if req.method() != Method::POST {
         return error(StatusCode::METHOD_NOT_ALLOWED, "use POST with a JSON body");
     }
-    let bytes = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let bytes = match crate::http_util::read_to_limit(req.into_body(), MAX_BODY).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the body must be JSON of at most {MAX_BODY} bytes"),
+            )
+        }
+        Err(ReadError::Stalled) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body was not received in time",
+            )
+        }
+        Err(ReadError::Failed) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
             )
         }
     };
