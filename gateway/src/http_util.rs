@@ -384,7 +384,9 @@ pub enum ReadError {
     Failed,
 }
 
-/// Reads a whole body of at most `limit` bytes (a JSON request, an upload).
+/// Reads a whole body of at most `limit` bytes (a JSON request, an upload). Unlike
+/// [`buffer_body`], which hands back a replayable body for the proxy to stream on, this answers
+/// why it stopped, and trailers are ignored rather than ending the read.
 pub async fn read_to_limit(
     body: crate::upstream::ProxyBody,
     limit: usize,
