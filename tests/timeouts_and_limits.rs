@@ -1,6 +1,6 @@
 //! Timeouts and limits: 504 for a slow upstream, 431 for oversized headers, 413 for oversized
 //! bodies (declared or streamed), 408 for a stalled body (proxied or to the scoring endpoint),
-//! and slowloris heads cut off.
+//! slowloris heads cut off, and idle connections closed.
 
 use std::time::{Duration, Instant};
 
@@ -195,6 +195,39 @@ async fn a_stalled_body_to_the_scoring_endpoint_gives_408() {
         started.elapsed() < Duration::from_secs(2),
         "answered after {:?}",
         started.elapsed()
+    );
+}
+
+/// On HTTP/1.1 the header read timeout also bounds the wait for the next head on a kept-alive
+/// connection, but not a request that is in flight longer than it.
+#[tokio::test]
+async fn a_kept_alive_http1_connection_waits_for_the_next_head_only_for_the_header_read_timeout() {
+    let pki = Pki::new();
+    let up =
+        Upstream::with(|_| Reply::Delay(Duration::from_millis(900), Bytes::from_static(b"late")))
+            .await;
+    let limits = "[limits]\nheader_read_timeout_ms = 400";
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", limits), pki.path()).await;
+    let mut tls = raw_tls(gw.addr("https"), &pki.ca_der).await;
+    tls.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (text, closed) = read_until_close(&mut tls, Duration::from_secs(4)).await;
+    let took = started.elapsed();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("late"),
+        "the slow answer arrived whole: {text}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(closed, "the idle connection was closed");
+    assert!(
+        took >= Duration::from_millis(1200) && took < Duration::from_secs(3),
+        "closed {took:?} after the request: 900 ms upstream + 400 ms waiting for a head"
     );
 }
 
