@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod http_util;
 pub mod metrics;

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter};
 
 use crate::config::{Config, HostPattern, RouteSpec};
+use crate::deadline::TimerPool;
 use crate::http_util::{self, BodyLimitError, GuardedBody, LimitedBody};
 use crate::metrics::Metrics;
 use std::collections::HashMap;
@@ -209,6 +210,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `https` or `http`.
     pub proto: &'static str,
+    /// Timers for this connection's upstream request timeouts, reused across its requests.
+    pub timers: TimerPool,
 }
 
 /// Answers one downstream request.
@@ -520,8 +523,10 @@ async fn forward(
         );
 
         let attempt = Instant::now();
-        let outcome =
-            tokio::time::timeout(pool.spec.request_timeout, backend.conns.send(request)).await;
+        let outcome = conn
+            .timers
+            .timeout(pool.spec.request_timeout, backend.conns.send(request))
+            .await;
         pool.attempt_duration
             .observe(attempt.elapsed().as_secs_f64());
         let failure = match outcome {
@@ -968,6 +973,7 @@ mod tests {
         let conn = ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
             proto: "https",
+            timers: TimerPool::default(),
         };
         let (parts, _) = Request::new(()).into_parts();
         let snapshot = shared.state.load();

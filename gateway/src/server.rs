@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits, ListenerKind};
+use crate::deadline::TimerPool;
 use crate::http_util::GuardedBody;
 use crate::metrics::{Metrics, MetricsError};
 use crate::plugin::{LoadedPlugin, PluginError, PluginRuntime};
@@ -823,6 +824,7 @@ impl Connection {
                 let info = ConnInfo {
                     peer,
                     proto: "https",
+                    timers: TimerPool::default(),
                 };
                 self.serve_http(builder, TokioIo::new(tls_stream), info, None, speaks)
                     .await;
@@ -831,6 +833,7 @@ impl Connection {
                 let info = ConnInfo {
                     peer,
                     proto: "http",
+                    timers: TimerPool::default(),
                 };
                 self.serve_http(
                     &self.ctx.auto,
@@ -845,6 +848,7 @@ impl Connection {
                 let info = ConnInfo {
                     peer,
                     proto: "http",
+                    timers: TimerPool::default(),
                 };
                 self.serve_http(
                     &self.ctx.auto,
