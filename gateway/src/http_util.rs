@@ -46,17 +46,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let fixed = hop_by_hop_names();
     // Bit i: fixed[i] is present.
     let mut present = 0u16;
-    for name in headers.keys() {
+    // Whether a `Connection` value may name other headers to remove.
+    let mut lists_names = false;
+    for (name, value) in headers.iter() {
         if let Some(i) = fixed.iter().position(|f| *f == name) {
             present |= 1 << i;
+            if i == 0 {
+                // `close` names no header and `keep-alive` is in the fixed set: the usual
+                // values need no parsing.
+                let v = value.as_bytes();
+                lists_names |=
+                    !v.eq_ignore_ascii_case(b"keep-alive") && !v.eq_ignore_ascii_case(b"close");
+            }
         }
     }
     if present == 0 {
         return;
     }
-    if present & 1 != 0 {
-        // `close` names no header, and `keep-alive` is in the fixed set: the usual values
-        // need no lookup.
+    if lists_names {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -559,6 +566,30 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn a_header_named_in_a_second_connection_header_is_stripped() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+    }
+
+    #[test]
+    fn each_fixed_hop_by_hop_header_alone_is_stripped() {
+        for name in hop_by_hop_names() {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} was kept");
+            assert!(h.contains_key("x-keep"));
+        }
     }
 
     #[test]
