@@ -39,9 +39,15 @@ impl TimerPool {
     /// Runs `fut` until it completes or `limit` passes, like `tokio::time::timeout`. The
     /// timer goes back to the pool when the returned future is dropped.
     pub fn timeout<F: Future>(&self, limit: Duration, fut: F) -> Timeout<'_, F> {
+        self.timeout_at(Instant::now() + limit, fut)
+    }
+
+    /// Runs `fut` until it completes or `deadline` passes (for a caller that has just read
+    /// the clock anyway).
+    pub fn timeout_at<F: Future>(&self, deadline: Instant, fut: F) -> Timeout<'_, F> {
         Timeout {
             fut,
-            sleep: Some(self.take(Instant::now() + limit)),
+            sleep: Some(self.take(deadline)),
             pool: self,
         }
     }

@@ -525,7 +525,10 @@ async fn forward(
         let attempt = Instant::now();
         let outcome = conn
             .timers
-            .timeout(pool.spec.request_timeout, backend.conns.send(request))
+            .timeout_at(
+                (attempt + pool.spec.request_timeout).into(),
+                backend.conns.send(request),
+            )
             .await;
         pool.attempt_duration
             .observe(attempt.elapsed().as_secs_f64());

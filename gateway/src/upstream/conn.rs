@@ -126,18 +126,16 @@ impl Conns {
         if sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().expect("pool lock");
         // The oldest connections sit at the bottom of the stack; drop the expired ones.
         let expired = idle
             .iter()
-            .take_while(|c| c.since.elapsed() >= self.idle_timeout)
+            .take_while(|c| now.saturating_duration_since(c.since) >= self.idle_timeout)
             .count();
         idle.drain(..expired);
         if idle.len() < self.max_idle {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            idle.push(Idle { sender, since: now });
         }
     }
 
