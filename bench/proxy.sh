@@ -2,10 +2,10 @@
 # On-demand benchmark, not part of CI: the gateway against nginx as TLS reverse proxies in front
 # of the same nginx upstream, on loopback, in one invocation.
 #
-#   bench/proxy.sh                          # 3 rounds of 8 s per tool and proxy
+#   bench/proxy.sh                          # 4 rounds of 8 s per tool and proxy
 #   ROUNDS=1 DURATION=3 SKIP_BUILD=1 bench/proxy.sh
 #
-# Environment: ROUNDS (3), DURATION seconds per run (8), CONNS client connections (64),
+# Environment: ROUNDS (4; even, so each proxy runs first equally often), DURATION seconds per run (8), CONNS client connections (64),
 # STREAMS concurrent h2 streams per connection (10), SKIP_BUILD=1 to use the existing
 # target/release/gateway.
 #
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-4}
 DURATION=${DURATION:-8}
 CONNS=${CONNS:-64}
 STREAMS=${STREAMS:-10}
@@ -250,11 +250,13 @@ run_h2load() { # proxy round
 
 echo "proxy benchmark: $ROUNDS round(s) x ${DURATION}s per tool and proxy, $CONNS connections," \
   "h2 x$STREAMS streams; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-pair=0
 for ((round = 1; round <= ROUNDS; round++)); do
+  first=$round
   for tool in wrk h2load; do
-    if ((pair % 2 == 0)); then order=(nginx gateway); else order=(gateway nginx); fi
-    pair=$((pair + 1))
+    # Which proxy runs first alternates from round to round for each tool (an even ROUNDS gives
+    # each order equally often): the second run of a pair can find the machine warmer or busier.
+    if ((first % 2 == 1)); then order=(nginx gateway); else order=(gateway nginx); fi
+    first=$((first + 1))
     for proxy in "${order[@]}"; do
       measure "$tool" "$proxy" "$round"
       check_all_alive
