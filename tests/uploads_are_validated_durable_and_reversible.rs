@@ -1,6 +1,7 @@
 //! Uploading plugins and models through the admin API: validated and warmed before anything
 //! changes, stored content-addressed, activated atomically, brought back by a restart, rolled
-//! back, and refused (with the serving version untouched) when bad, oversized or unauthorized.
+//! back, and refused (with the serving version untouched) when bad, oversized, unauthorized or
+//! past the rate limit.
 
 use bytes::Bytes;
 use http::{Method, Request};
@@ -436,4 +437,43 @@ async fn signatures_and_pins_guard_what_is_deployed() {
     )
     .await;
     assert!(err.err().unwrap().to_string().contains("pinned"));
+}
+
+#[tokio::test]
+async fn uploads_past_the_rate_limit_get_429_per_gateway() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let model = pki.path().join("recs.safetensors");
+    std::fs::write(
+        &model,
+        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
+    )
+    .unwrap();
+    let toml = config(&pki, up.addr, &model).replace(
+        "max_upload_bytes = 1000000",
+        "max_upload_bytes = 1000000\nmax_uploads_per_minute = 2",
+    );
+    let first = TestGateway::start(&toml, pki.path()).await;
+    let put = |gw: &TestGateway| {
+        admin_send(
+            gw.gateway.admin_addr(),
+            Method::PUT,
+            "/admin/models/recs",
+            TOKEN,
+            b"not a model".to_vec(),
+        )
+    };
+    // Refused uploads count too: the limit guards the work of receiving and checking them.
+    for _ in 0..2 {
+        let r = put(&first).await;
+        assert_eq!(r.status, 422, "{}", r.text());
+    }
+    let r = put(&first).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.headers.get("retry-after").unwrap(), "60");
+
+    // Another gateway in the same process keeps its own count.
+    let second = TestGateway::start(&toml, pki.path()).await;
+    let r = put(&second).await;
+    assert_eq!(r.status, 422, "{}", r.text());
 }

@@ -444,7 +444,7 @@ async fn upload(
             format!("{name:?} is not in the config; add its [[plugins]] or [[models]] entry first"),
         );
     }
-    if let Err(r) = upload_allowed(config.admin.max_uploads_per_minute) {
+    if let Err(r) = upload_allowed(&ctx.recent_uploads, config.admin.max_uploads_per_minute) {
         return r;
     }
     let signature = req
@@ -602,14 +602,14 @@ fn forget(ctx: &ServeCtx, kind: Kind, name: &str, who: &str) -> Response<ProxyBo
     }
 }
 
-/// Accepts at most `per_minute` uploads in any sliding minute.
-fn upload_allowed(per_minute: u32) -> Result<(), Response<ProxyBody>> {
-    use std::sync::Mutex;
-    use std::time::Instant;
-    static RECENT: Mutex<std::collections::VecDeque<Instant>> =
-        Mutex::new(std::collections::VecDeque::new());
-    let mut recent = RECENT.lock().expect("upload rate lock");
-    let now = Instant::now();
+/// Accepts at most `per_minute` uploads in any sliding minute; `recent` holds the times of
+/// this gateway's accepted uploads.
+fn upload_allowed(
+    recent: &std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+    per_minute: u32,
+) -> Result<(), Response<ProxyBody>> {
+    let mut recent = recent.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
     while recent
         .front()
         .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))

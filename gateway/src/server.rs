@@ -224,6 +224,8 @@ pub(crate) struct ServeCtx {
     config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// Outcome of the last reload.
     pub(crate) last_reload: std::sync::Mutex<Option<ReloadReport>>,
+    /// When the admin API accepted its uploads of the last minute (its rate limit).
+    pub(crate) recent_uploads: std::sync::Mutex<std::collections::VecDeque<Instant>>,
     reloads: prometheus::IntCounterVec,
     reloads_ok: prometheus::IntCounter,
     scoring: tokio::sync::Mutex<ScoringState>,
@@ -315,6 +317,7 @@ impl Gateway {
             reload_lock: tokio::sync::Mutex::new(()),
             config_path: std::sync::Mutex::new(None),
             last_reload: std::sync::Mutex::new(None),
+            recent_uploads: std::sync::Mutex::new(std::collections::VecDeque::new()),
             reloads,
             reloads_ok,
             scoring: tokio::sync::Mutex::new(scoring),
