@@ -209,3 +209,57 @@ fn plugin_check_reports_the_world_and_refuses_strangers() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a plugin"));
 }
+
+/// A plugin has no stderr: the SDK sends a panic's message to the gateway's log, tagged with
+/// the plugin's name, before the trap. Runs the real binary to read its log.
+#[tokio::test]
+async fn a_panicking_plugin_leaves_its_message_in_the_log() {
+    use tokio::io::AsyncBufReadExt;
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let toml = basic_config(&pki, &[up.addr], "", &hostile_route("panic")).replace(
+        "access_log = false",
+        "access_log = false\nformat = \"json\"\nlevel = \"info\"",
+    );
+    let path = pki.path().join("gateway.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_line = async || {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a log line within 20 s")
+            .unwrap()
+            .expect("the gateway is still running");
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let addr = loop {
+        let v = next_line().await;
+        if v["fields"]["message"] == "listening" && v["fields"]["listener"] == "https" {
+            break v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let r = fetch(addr, &pki.ca_der, false, get("localhost", "/panic")).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let panic_line = loop {
+        let v = next_line().await;
+        if v["target"] == "plugin" {
+            break v;
+        }
+    };
+    assert_eq!(panic_line["level"], "ERROR", "{panic_line}");
+    assert_eq!(panic_line["fields"]["plugin"], "panic", "{panic_line}");
+    let message = panic_line["fields"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("hostile plugin panics on purpose") && message.contains("src/lib.rs"),
+        "{message}"
+    );
+}

@@ -37,6 +37,8 @@
 //! instances (they are pooled and recycled) belongs in [`kv`], not in `self`.
 //!
 //! A panic (or any trap) aborts the call; the gateway contains it and discards the instance.
+//! A panic's message and location are logged through the gateway first (error level, tagged
+//! with the plugin's name), since a plugin has no stderr.
 
 #![warn(missing_docs)]
 
@@ -147,17 +149,32 @@ pub mod __private {
         })
     }
 
+    /// Sends a panic's message and location to the gateway's log (error level) before the
+    /// trap that follows it. A plugin has no stderr (the gateway links WASI's imports to traps),
+    /// so std's own hook would trap before printing anything and the message would be lost.
+    fn install_panic_hook() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            std::panic::set_hook(Box::new(|info| {
+                crate::log::error(&info.to_string().replace('\n', " "));
+            }));
+        });
+    }
+
     pub fn init<P: Plugin>(config: &str) -> Result<(), String> {
+        install_panic_hook();
         let plugin = P::init(config)?;
         INSTANCE.with(|slot| *slot.borrow_mut() = Some(Box::new(plugin)));
         Ok(())
     }
 
     pub fn on_request<P: Plugin>(req: &Request) -> Action {
+        install_panic_hook();
         with_plugin::<P, _>("on-request", |p| p.on_request(req))
     }
 
     pub fn on_response<P: Plugin>(resp: &Response) {
+        install_panic_hook();
         with_plugin::<P, _>("on-response", |p| p.on_response(resp))
     }
 }
