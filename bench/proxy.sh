@@ -303,6 +303,20 @@ for tool in wrk h2load; do
     "$p99_ratio" "$(printf '%.0f / %.0f' "$n_cpu" "$g_cpu")" \
     "$(printf '%.2f / %.2f' "$n_us" "$g_us")" "$us_ratio" "$n_err / $g_err"
 done
+for tool in wrk h2load; do
+  # Round by round: the spread of the req/s ratio, and in how many rounds the gateway's p99 was
+  # at or below nginx's.
+  awk -v t="$tool" '$1 == t { rps[$2, $3] = $4; p99[$2, $3] = $6; r[$3] = 1 }
+    END {
+      n = 0; le = 0; lo = 1e9; hi = 0
+      for (k in r) if (rps["nginx", k] > 0 && p99["nginx", k] > 0) {
+        x = rps["gateway", k] / rps["nginx", k]; n++
+        if (x < lo) lo = x; if (x > hi) hi = x
+        if (p99["gateway", k] <= p99["nginx", k]) le++
+      }
+      if (n) printf "%-6s per round: gw/ng req/s from %.2f to %.2f; gateway p99 <= nginx p99 in %d of %d rounds\n", t, lo, hi, le, n
+    }' "$RESULTS"
+done
 echo "(paired gw/ng: the median over rounds of the req/s ratio within a round, where the two" \
   "runs are back to back; it drifts less than the ratio of medians when the machine's speed" \
   "changes between rounds."
