@@ -38,6 +38,13 @@ async fn idempotent_requests_fail_over_and_posts_are_not_retried() {
         assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "live"));
     }
     assert_eq!(live.hits(), 6);
+    assert!(
+        live.seen.lock().unwrap().iter().all(|s| {
+            s.headers.get("host").is_some_and(|h| h == "localhost")
+                && s.headers.contains_key("x-request-id")
+        }),
+        "a retried request carries the same headers as a first attempt"
+    );
     let retried = gw.metric(
         "gateway_upstream_retries_total",
         &[("upstream", "app"), ("outcome", "attempted")],

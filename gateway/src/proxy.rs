@@ -509,12 +509,19 @@ async fn forward(
         };
         tried_buf[attempts] = index;
         attempts += 1;
+        // Whether a failure of this attempt can be retried (the condition below); if not, the
+        // headers move into it instead of being copied.
+        let may_retry = replayable && attempts <= pool.spec.max_retries as usize;
         let backend = &pool.backends[index];
         let request = pool.request_to(
             backend,
             parts.method.clone(),
             path_and_query.clone(),
-            headers.clone(),
+            if may_retry {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            },
             if replayable {
                 empty_body()
             } else {
@@ -597,9 +604,7 @@ async fn forward(
             _ => pool.record_failure(index),
         }
         last_failure = Some(failure);
-        let retryable = replayable
-            && matches!(failure, Failure::Connect | Failure::Reset)
-            && attempts <= pool.spec.max_retries as usize;
+        let retryable = may_retry && matches!(failure, Failure::Connect | Failure::Reset);
         if retryable {
             if pool.budget.try_withdraw() {
                 metrics
