@@ -24,6 +24,21 @@ fn config(pki: &Pki, up: std::net::SocketAddr, model: &std::path::Path) -> Strin
     )
 }
 
+/// A certificate authority, an upstream, a model file with version 1 of the embeddings, and a
+/// config serving both with uploads enabled.
+async fn node() -> (Pki, Upstream, String) {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let model = pki.path().join("recs.safetensors");
+    std::fs::write(
+        &model,
+        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
+    )
+    .unwrap();
+    let toml = config(&pki, up.addr, &model);
+    (pki, up, toml)
+}
+
 async fn internal_header_reaches_upstream(gw: &TestGateway, pki: &Pki, up: &Upstream) -> bool {
     let req = Request::get("https://localhost/x")
         .header("host", "localhost")
@@ -41,15 +56,7 @@ async fn internal_header_reaches_upstream(gw: &TestGateway, pki: &Pki, up: &Upst
 
 #[tokio::test]
 async fn plugin_uploads_activate_survive_restarts_and_roll_back() {
-    let pki = Pki::new();
-    let up = Upstream::named("a").await;
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
-    let toml = config(&pki, up.addr, &model);
+    let (pki, up, toml) = node().await;
     let gw = TestGateway::start(&toml, pki.path()).await;
     let admin = gw.gateway.admin_addr();
     assert!(
@@ -183,15 +190,8 @@ async fn plugin_uploads_activate_survive_restarts_and_roll_back() {
 
 #[tokio::test]
 async fn model_uploads_are_served_by_their_version() {
-    let pki = Pki::new();
-    let up = Upstream::named("a").await;
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
-    let gw = TestGateway::start(&config(&pki, up.addr, &model), pki.path()).await;
+    let (pki, _up, toml) = node().await;
+    let gw = TestGateway::start(&toml, pki.path()).await;
     let admin = gw.gateway.admin_addr();
     let next = gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 2));
     let r = admin_send(
@@ -254,7 +254,7 @@ async fn model_uploads_are_served_by_their_version() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(gw.gateway.model("recs").unwrap().live().version, version);
     drop(gw);
-    let gw = TestGateway::start(&config(&pki, up.addr, &model), pki.path()).await;
+    let gw = TestGateway::start(&toml, pki.path()).await;
     assert_eq!(
         gw.gateway.model("recs").unwrap().live().version,
         version,
@@ -264,15 +264,8 @@ async fn model_uploads_are_served_by_their_version() {
 
 #[tokio::test]
 async fn the_cli_pushes_and_reports_status() {
-    let pki = Pki::new();
-    let up = Upstream::named("a").await;
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
-    let gw = TestGateway::start(&config(&pki, up.addr, &model), pki.path()).await;
+    let (pki, up, toml) = node().await;
+    let gw = TestGateway::start(&toml, pki.path()).await;
     let url = format!("http://{}", gw.gateway.admin_addr());
     let token = pki.path().join("admin.token");
     let run = |args: Vec<String>| {
@@ -336,14 +329,7 @@ async fn the_cli_pushes_and_reports_status() {
 
 #[tokio::test]
 async fn signatures_and_pins_guard_what_is_deployed() {
-    let pki = Pki::new();
-    let up = Upstream::named("a").await;
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
+    let (pki, up, toml) = node().await;
     let keygen = |out: std::path::PathBuf| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(["keys", "generate", "--out"])
@@ -357,7 +343,7 @@ async fn signatures_and_pins_guard_what_is_deployed() {
     keygen(pki.path().join("stranger.key"));
     let hygiene = plugin_wasm("hygiene");
     let pin = gateway::store::sha256_hex(&std::fs::read(&hygiene).unwrap());
-    let toml = config(&pki, up.addr, &model)
+    let toml = toml
         .replace(
             "[store]\ndir = \"store\"",
             &format!("[store]\ndir = \"store\"\ntrusted_keys = [\"{public}\"]"),
@@ -441,15 +427,8 @@ async fn signatures_and_pins_guard_what_is_deployed() {
 
 #[tokio::test]
 async fn uploads_past_the_rate_limit_get_429_per_gateway() {
-    let pki = Pki::new();
-    let up = Upstream::named("a").await;
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
-    let toml = config(&pki, up.addr, &model).replace(
+    let (pki, _up, toml) = node().await;
+    let toml = toml.replace(
         "max_upload_bytes = 1000000",
         "max_upload_bytes = 1000000\nmax_uploads_per_minute = 2",
     );
