@@ -646,7 +646,7 @@ fn check_signature(
     };
     let parsed = std::str::from_utf8(sig)
         .ok()
-        .and_then(|s| crate::config::decode_hex(s).ok())
+        .and_then(crate::config::decode_hex)
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
         .map(|b| ed25519_dalek::Signature::from_bytes(&b));
     let Some(sig) = parsed else {

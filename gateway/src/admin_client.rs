@@ -211,7 +211,6 @@ pub fn sign(key_file: &Path, bytes: &[u8]) -> Result<String, ClientError> {
     };
     let text = std::fs::read_to_string(key_file).map_err(read)?;
     let seed: [u8; 32] = crate::config::decode_hex(&text)
-        .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| {
             read(std::io::Error::new(

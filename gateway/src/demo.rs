@@ -219,7 +219,7 @@ pub fn storefront(req: &Request<Incoming>) -> Response<ProxyBody> {
                     (score > 0).then_some((score, p))
                 })
                 .collect();
-            hits.sort_by(|a, b| b.0.cmp(&a.0));
+            hits.sort_by_key(|h| std::cmp::Reverse(h.0));
             let results: Vec<Value> = hits
                 .into_iter()
                 .take(limit)

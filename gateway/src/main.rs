@@ -1,7 +1,7 @@
 //! The `gateway` command: run, check a config, or start the self-contained demo.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -215,7 +215,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &PathBuf) -> anyhow::Result<ExitCode> {
+fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let c = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {

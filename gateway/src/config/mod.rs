@@ -615,6 +615,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hex_is_decoded_or_refused() {
+        assert_eq!(decode_hex(" 0aFF\n"), Some(vec![0x0a, 0xff]));
+        assert_eq!(decode_hex(""), Some(vec![]));
+        assert_eq!(decode_hex("0"), None, "odd length");
+        assert_eq!(decode_hex("zz"), None);
+        assert_eq!(decode_hex("aé1"), None, "a pair that splits a character");
+    }
+
+    #[test]
     fn line_col_counts_from_one() {
         assert_eq!(line_col("a\nbc\n", 0), (1, 1));
         assert_eq!(line_col("a\nbc\n", 3), (2, 2));

@@ -857,7 +857,6 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
     let mut trusted_keys = Vec::new();
     for (i, k) in raw.store.trusted_keys.iter().flatten().enumerate() {
         match decode_hex(k)
-            .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
         {
@@ -985,15 +984,15 @@ pub fn parse_host_pattern(s: &str, allow_any: bool) -> Result<HostPattern, Strin
     })
 }
 
-/// Decodes lower- or upper-case hex.
-pub fn decode_hex(s: &str) -> Result<Vec<u8>, ()> {
+/// Decodes lower- or upper-case hex (surrounding whitespace ignored); `None` if it is not hex.
+pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
     if !s.len().is_multiple_of(2) {
-        return Err(());
+        return None;
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or(())?, 16).map_err(|_| ()))
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
 }
 
