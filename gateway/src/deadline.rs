@@ -7,7 +7,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
@@ -36,14 +35,8 @@ impl TimerPool {
     /// Most idle timers kept; more concurrent timeouts make fresh ones.
     pub const KEEP: usize = 16;
 
-    /// Runs `fut` until it completes or `limit` passes, like `tokio::time::timeout`. The
+    /// Runs `fut` until it completes or `deadline` passes, like `tokio::time::timeout_at`. The
     /// timer goes back to the pool when the returned future is dropped.
-    pub fn timeout<F: Future>(&self, limit: Duration, fut: F) -> Timeout<'_, F> {
-        self.timeout_at(Instant::now() + limit, fut)
-    }
-
-    /// Runs `fut` until it completes or `deadline` passes (for a caller that has just read
-    /// the clock anyway).
     pub fn timeout_at<F: Future>(&self, deadline: Instant, fut: F) -> Timeout<'_, F> {
         Timeout {
             fut,
@@ -118,26 +111,28 @@ impl<F: Future> Future for Timeout<'_, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn after(secs: u64) -> Instant {
+        Instant::now() + Duration::from_secs(secs)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_reused_timer_still_fires_at_its_new_deadline() {
         let pool = TimerPool::default();
-        assert_eq!(
-            pool.timeout(Duration::from_secs(5), async { 7 }).await,
-            Ok(7)
-        );
+        assert_eq!(pool.timeout_at(after(5), async { 7 }).await, Ok(7));
         assert_eq!(pool.idle(), 1);
         // The reused timer was first armed for 5 s from the start; now it must fire at
         // 10 s from here, not earlier and not never.
         tokio::time::advance(Duration::from_secs(3)).await;
         let start = Instant::now();
-        let slow = pool.timeout(Duration::from_secs(10), std::future::pending::<()>());
+        let slow = pool.timeout_at(after(10), std::future::pending::<()>());
         assert_eq!(slow.await, Err(TimedOut));
         assert_eq!(start.elapsed(), Duration::from_secs(10));
         assert_eq!(pool.idle(), 1, "an expired timer is reused too");
 
         let start = Instant::now();
-        let ok = pool.timeout(Duration::from_secs(2), async {
+        let ok = pool.timeout_at(after(2), async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             "in time"
         });
@@ -148,7 +143,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dropped_timeout_gives_its_timer_back() {
         let pool = TimerPool::default();
-        let t = pool.timeout(Duration::from_secs(1), std::future::pending::<()>());
+        let t = pool.timeout_at(after(1), std::future::pending::<()>());
         assert_eq!(pool.idle(), 0);
         drop(t);
         assert_eq!(pool.idle(), 1);
@@ -159,7 +154,7 @@ mod tests {
         let pool = TimerPool::default();
         let n = TimerPool::KEEP + 4;
         let all = (0..n).map(|i| {
-            pool.timeout(Duration::from_secs(1), async move {
+            pool.timeout_at(after(1), async move {
                 tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
                 i
             })
