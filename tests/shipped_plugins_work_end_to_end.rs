@@ -138,6 +138,31 @@ async fn ratelimit_answers_429_past_the_burst_and_403_to_blocked_agents() {
         ),
         2.0
     );
+    // A new key per request does not escape the per-address limit (4 x burst = 8 by
+    // default, 3 of them used above).
+    let mut passed = 0;
+    for i in 0..20 {
+        let r = conn
+            .sender
+            .send(
+                req("/")
+                    .header("x-api-key", format!("minted-{i}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        if r.status == 200 {
+            passed += 1;
+        } else {
+            assert_eq!(r.status, 429, "{}", r.text());
+        }
+    }
+    // 5 left of the burst, and at most one more refilled (2/s) while the test runs.
+    assert!(
+        (5..=6).contains(&passed),
+        "minted keys got {passed} of 20 through"
+    );
 }
 
 #[tokio::test]

@@ -1,9 +1,11 @@
 //! `ratelimit`: per-client rate limiter and user-agent bot filter.
 //!
-//! Each request is charged to a key: the value of `key_header` (an API key) when the request
-//! has one, the client address otherwise. A key may send `burst` requests at once and
-//! `requests_per_second` sustained; past that the plugin answers `429 Too Many Requests`
-//! with `retry-after` (whole seconds) and a JSON body
+//! Each request is charged to its client address, and also to its API key (the value of
+//! `key_header`) when it has one. A key may send `burst` requests at once and
+//! `requests_per_second` sustained; an address may send `address_burst` at once and
+//! `address_requests_per_second` sustained, whatever keys it sends (a client cannot escape the
+//! limit by minting a new key per request). Past either limit the plugin answers
+//! `429 Too Many Requests` with `retry-after` (whole seconds) and a JSON body
 //! `{"error":"rate_limited","retry_after":N}`. A request whose `user-agent` contains one of
 //! `blocked_user_agents` (case-insensitive substring) is answered `403` with
 //! `{"error":"forbidden"}` before it is counted.
@@ -13,7 +15,9 @@
 //! ```toml
 //! requests_per_second = 10.0   # sustained rate per key; > 0, fractions allowed
 //! burst = 20                   # requests a key may send at once; >= 1
-//! key_header = "x-api-key"     # "" to always key on the client address
+//! key_header = "x-api-key"     # "" to key on the client address only
+//! address_requests_per_second = 40.0  # default: 4 x requests_per_second (shared NATs)
+//! address_burst = 80                  # default: 4 x burst
 //! blocked_user_agents = ["sqlmap", "nikto", "nmap", "masscan", "zgrab"]
 //! ```
 //!
@@ -52,6 +56,8 @@ struct Config {
     requests_per_second: f64,
     burst: u32,
     key_header: String,
+    address_requests_per_second: Option<f64>,
+    address_burst: Option<u32>,
     blocked_user_agents: Vec<String>,
 }
 
@@ -61,6 +67,8 @@ impl Default for Config {
             requests_per_second: 10.0,
             burst: 20,
             key_header: "x-api-key".into(),
+            address_requests_per_second: None,
+            address_burst: None,
             blocked_user_agents: ["sqlmap", "nikto", "nmap", "masscan", "zgrab"]
                 .map(String::from)
                 .to_vec(),
@@ -68,11 +76,39 @@ impl Default for Config {
     }
 }
 
-/// The plugin, holding its validated configuration.
-pub struct RateLimit {
+/// One sliding-window limit: `burst` at once, `rate` per second sustained.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Limit {
     rate: f64,
     burst: i64,
     window_ns: u64,
+}
+
+impl Limit {
+    fn new(rate: f64, burst: u32, what: &str) -> Result<Limit, String> {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(format!(
+                "invalid config: {what}requests_per_second must be > 0"
+            ));
+        }
+        if burst == 0 {
+            return Err(format!("invalid config: {what}burst must be >= 1"));
+        }
+        let window_s = f64::from(burst) / rate;
+        // At least 1 ms, at most a day: keeps keys and TTLs sane for odd configs.
+        let window_ns = (window_s * 1e9).clamp(1e6, 86_400e9) as u64;
+        Ok(Limit {
+            rate,
+            burst: i64::from(burst),
+            window_ns,
+        })
+    }
+}
+
+/// The plugin, holding its validated configuration.
+pub struct RateLimit {
+    per_key: Limit,
+    per_address: Limit,
     key_header: Option<String>,
     blocked_user_agents: Vec<String>,
 }
@@ -87,20 +123,18 @@ enum Verdict {
 impl RateLimit {
     fn from_config(text: &str) -> Result<Self, String> {
         let cfg: Config = config::from_toml(text)?;
-        if !(cfg.requests_per_second.is_finite() && cfg.requests_per_second > 0.0) {
-            return Err("invalid config: requests_per_second must be > 0".into());
-        }
-        if cfg.burst == 0 {
-            return Err("invalid config: burst must be >= 1".into());
-        }
-        let window_s = f64::from(cfg.burst) / cfg.requests_per_second;
-        // At least 1 ms, at most a day: keeps keys and TTLs sane for odd configs.
-        let window_ns = (window_s * 1e9).clamp(1e6, 86_400e9) as u64;
+        let per_key = Limit::new(cfg.requests_per_second, cfg.burst, "")?;
+        let per_address = Limit::new(
+            cfg.address_requests_per_second
+                .unwrap_or(4.0 * cfg.requests_per_second),
+            cfg.address_burst
+                .unwrap_or_else(|| cfg.burst.saturating_mul(4)),
+            "address_",
+        )?;
         let key_header = cfg.key_header.trim().to_ascii_lowercase();
         Ok(RateLimit {
-            rate: cfg.requests_per_second,
-            burst: i64::from(cfg.burst),
-            window_ns,
+            per_key,
+            per_address,
             key_header: (!key_header.is_empty()).then_some(key_header),
             blocked_user_agents: cfg
                 .blocked_user_agents
@@ -118,45 +152,73 @@ impl RateLimit {
             .any(|b| ua.contains(b.as_str()))
     }
 
-    /// The key a request is charged to.
-    fn client_key(&self, req: &Request) -> String {
+    /// The API key a request is charged to besides its address, if it has one.
+    fn api_key(&self, req: &Request) -> Option<String> {
         let api_key = self
             .key_header
             .as_deref()
             .and_then(|h| req.header(h))
-            .filter(|v| !v.is_empty());
-        match api_key {
-            // Short printable keys are used as they are; others are hashed to fit the
-            // store's 256-byte key limit.
-            Some(k) if k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic()) => {
-                format!("k:{k}")
-            }
-            Some(k) => format!("kh:{:016x}", hash::fnv1a_64(k.as_bytes())),
-            None => format!("ip:{}", req.client_addr()),
-        }
+            .filter(|v| !v.is_empty())?;
+        // Short printable keys are used as they are; others are hashed to fit the store's
+        // 256-byte key limit.
+        Some(
+            if api_key.len() <= 128 && api_key.bytes().all(|b| b.is_ascii_graphic()) {
+                format!("k:{api_key}")
+            } else {
+                format!("kh:{:016x}", hash::fnv1a_64(api_key.as_bytes()))
+            },
+        )
     }
 
-    /// Charges one request to `key` at `now_ns`.
-    fn charge(&self, key: &str, now_ns: u64) -> Result<Verdict, String> {
-        let window = now_ns / self.window_ns;
-        let elapsed = (now_ns % self.window_ns) as f64 / self.window_ns as f64;
-        let ttl = Some(Duration::from_nanos(2 * self.window_ns) + Duration::from_secs(1));
-        let current_key = format!("rl:{key}:{window}");
-        let current = kv::increment(&current_key, 1, ttl)?;
-        let previous = if window == 0 {
-            0
-        } else {
-            // Adding 0 reads the counter atomically; the TTL only matters if the key is
-            // absent, in which case the 0 it creates expires like a real counter.
-            kv::increment(&format!("rl:{key}:{}", window - 1), 0, ttl)?
-        };
-        let verdict = decide(self.burst, self.rate, previous, current, elapsed);
+    /// Charges one request to its address and then to its API key; a request refused by
+    /// either consumes neither's quota.
+    fn charge_request(&self, req: &Request, now_ns: u64) -> Result<Verdict, String> {
+        let address = format!("ip:{}", req.client_addr());
+        let verdict = charge(&self.per_address, &address, now_ns)?;
         if verdict != Verdict::Allow {
-            // Refused requests do not consume quota.
-            kv::increment(&current_key, -1, ttl)?;
+            return Ok(verdict);
+        }
+        let Some(key) = self.api_key(req) else {
+            return Ok(verdict);
+        };
+        let verdict = charge(&self.per_key, &key, now_ns)?;
+        if verdict != Verdict::Allow {
+            refund(&self.per_address, &address, now_ns)?;
         }
         Ok(verdict)
     }
+}
+
+fn window_key(limit: &Limit, key: &str, now_ns: u64) -> (String, Option<Duration>) {
+    let ttl = Some(Duration::from_nanos(2 * limit.window_ns) + Duration::from_secs(1));
+    (format!("rl:{key}:{}", now_ns / limit.window_ns), ttl)
+}
+
+/// Gives back a request [`charge`] let through.
+fn refund(limit: &Limit, key: &str, now_ns: u64) -> Result<(), String> {
+    let (current_key, ttl) = window_key(limit, key, now_ns);
+    kv::increment(&current_key, -1, ttl).map(drop)
+}
+
+/// Charges one request to `key` at `now_ns` under `limit`.
+fn charge(limit: &Limit, key: &str, now_ns: u64) -> Result<Verdict, String> {
+    let window = now_ns / limit.window_ns;
+    let elapsed = (now_ns % limit.window_ns) as f64 / limit.window_ns as f64;
+    let (current_key, ttl) = window_key(limit, key, now_ns);
+    let current = kv::increment(&current_key, 1, ttl)?;
+    let previous = if window == 0 {
+        0
+    } else {
+        // Adding 0 reads the counter atomically; the TTL only matters if the key is
+        // absent, in which case the 0 it creates expires like a real counter.
+        kv::increment(&format!("rl:{key}:{}", window - 1), 0, ttl)?
+    };
+    let verdict = decide(limit.burst, limit.rate, previous, current, elapsed);
+    if verdict != Verdict::Allow {
+        // Refused requests do not consume quota.
+        kv::increment(&current_key, -1, ttl)?;
+    }
+    Ok(verdict)
 }
 
 /// The sliding-window decision, given the window counters (`current` includes this request)
@@ -188,8 +250,7 @@ impl Plugin for RateLimit {
             }
         }
 
-        let key = self.client_key(req);
-        match self.charge(&key, clock::now_ns()) {
+        match self.charge_request(req, clock::now_ns()) {
             Ok(Verdict::Allow) => {
                 metrics::counter_inc("ratelimit_allowed");
                 Action::Continue
@@ -223,8 +284,10 @@ mod tests {
     #[test]
     fn config_defaults_and_validation() {
         let r = RateLimit::from_config("").unwrap();
-        assert_eq!(r.burst, 20);
-        assert_eq!(r.window_ns, 2_000_000_000);
+        assert_eq!(r.per_key.burst, 20);
+        assert_eq!(r.per_key.window_ns, 2_000_000_000);
+        assert_eq!(r.per_address.burst, 80);
+        assert_eq!(r.per_address.window_ns, 2_000_000_000);
         assert_eq!(r.key_header.as_deref(), Some("x-api-key"));
         assert!(r.is_blocked_agent("Mozilla/5.0 sqlmap/1.7"));
         assert!(r.is_blocked_agent("NIKTO"));
@@ -234,9 +297,15 @@ mod tests {
             "requests_per_second = 0.5\nburst = 1\nkey_header = \"\"\nblocked_user_agents = []",
         )
         .unwrap();
-        assert_eq!(r.window_ns, 2_000_000_000);
+        assert_eq!(r.per_key.window_ns, 2_000_000_000);
         assert_eq!(r.key_header, None);
         assert!(!r.is_blocked_agent("sqlmap"));
+        let r =
+            RateLimit::from_config("address_burst = 5\naddress_requests_per_second = 1").unwrap();
+        assert_eq!(r.per_address.burst, 5);
+        assert_eq!(r.per_address.window_ns, 5_000_000_000);
+        assert!(RateLimit::from_config("address_burst = 0").is_err());
+        assert!(RateLimit::from_config("address_requests_per_second = -1").is_err());
 
         assert!(RateLimit::from_config("requests_per_second = 0").is_err());
         assert!(RateLimit::from_config("burst = 0").is_err());
