@@ -15,6 +15,7 @@ mod hop_by_hop_and_forwarding_headers;
 mod hostile_plugins_are_contained;
 mod reload_keeps_what_did_not_change;
 mod routing_by_host_and_prefix;
+mod scoring_answers_each_request_alone;
 mod scoring_kernels_match_the_cpu_path;
 mod scoring_rejects_bad_models;
 mod scoring_serves_and_swaps_without_mixing;

@@ -184,6 +184,12 @@ pub async fn handle(
         }
         Err(ServeError::Bad(m)) => error(StatusCode::BAD_REQUEST, m),
         Err(e @ ServeError::Closed(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e @ ServeError::Overloaded(..)) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e);
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
         Err(e @ ServeError::Failed(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
