@@ -354,3 +354,23 @@ fn model_inspect_says_whether_f16_storage_fits() {
         "{out}"
     );
 }
+
+#[test]
+fn model_inspect_piped_into_a_reader_that_stops_exits_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    std::fs::write(&path, sample_model(&SampleSpec::embedding(10, 4, 1))).unwrap();
+    // `gateway model inspect FILE | head -0`: the reader is gone before the first line.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["model", "inspect"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -12,6 +12,27 @@ use gateway::{DrainOutcome, Gateway};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Shadows `std::println!` in this file: when stdout's reader has gone away
+/// (`gateway model inspect FILE | head -5`, `| grep -q`), the command ends quietly with
+/// status 0 instead of panicking with a backtrace.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+/// Ends the process after a failed write to stdout: quietly when the reader closed the pipe.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1);
+}
+
 #[derive(Parser)]
 #[command(name = "gateway", version, about = "TLS reverse proxy for storefronts")]
 struct Cli {
