@@ -14,6 +14,7 @@ mod graceful_drain_loses_no_request;
 mod hop_by_hop_and_forwarding_headers;
 mod hostile_plugins_are_contained;
 mod reload_keeps_what_did_not_change;
+mod reloads_and_uploads_are_linearisable;
 mod routing_by_host_and_prefix;
 mod scoring_kernels_match_the_cpu_path;
 mod scoring_rejects_bad_models;
