@@ -220,7 +220,11 @@ async fn reloads_never_undo_an_acknowledged_upload_or_rollback() {
         ca: pki.ca_der.clone(),
         conn: None,
     };
-    assert_eq!(client.served().await.0, want, "the node starts as configured");
+    assert_eq!(
+        client.served().await.0,
+        want,
+        "the node starts as configured"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let api_reloads = Arc::new(AtomicUsize::new(0));
@@ -241,22 +245,27 @@ async fn reloads_never_undo_an_acknowledged_upload_or_rollback() {
         // One step: a PUT or a rollback, its answer, and what it activated when it succeeded.
         let (what, path, body, kind) = match rng.below(8) {
             0..=2 => {
-                let next = plugins
-                    .iter()
-                    .find(|p| version(p) != want.plugin)
-                    .unwrap();
+                let next = plugins.iter().find(|p| version(p) != want.plugin).unwrap();
                 ("upload plugin", "/admin/plugins/p", next.clone(), "plugin")
             }
-            3 => ("roll back plugin", "/admin/plugins/p/rollback", vec![], "plugin"),
+            3 => (
+                "roll back plugin",
+                "/admin/plugins/p/rollback",
+                vec![],
+                "plugin",
+            ),
             4 | 5 => {
-                let candidates: Vec<_> = models
-                    .iter()
-                    .filter(|m| version(m) != want.model)
-                    .collect();
+                let candidates: Vec<_> =
+                    models.iter().filter(|m| version(m) != want.model).collect();
                 let next = candidates[rng.below(candidates.len() as u64) as usize];
                 ("upload model", "/admin/models/recs", next.clone(), "model")
             }
-            6 => ("roll back model", "/admin/models/recs/rollback", vec![], "model"),
+            6 => (
+                "roll back model",
+                "/admin/models/recs/rollback",
+                vec![],
+                "model",
+            ),
             _ => {
                 let (path, body) = if rng.below(2) == 0 {
                     ("/admin/plugins/p", wrong_world.clone())
@@ -337,7 +346,10 @@ async fn reloads_never_undo_an_acknowledged_upload_or_rollback() {
     );
     // The interleaving happened: every kind of reload ran many times among the steps.
     let api = api_reloads.load(Ordering::SeqCst);
-    assert!(acknowledged >= STEPS / 2, "{acknowledged} steps acknowledged");
+    assert!(
+        acknowledged >= STEPS / 2,
+        "{acknowledged} steps acknowledged"
+    );
     assert!(
         api >= STEPS && hangups >= STEPS / 4 && watched >= STEPS / 4,
         "too few reloads: {api} API, {hangups} SIGHUP, {watched} watcher in {elapsed:?}"
