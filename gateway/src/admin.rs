@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::ServeCtx;
+use crate::server::{Activated, ArtifactError, ServeCtx, Target};
 use crate::store::{Kind, Store};
 use crate::upstream::{full_body, ProxyBody};
 
@@ -225,27 +225,8 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Respon
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("version=")));
             // A model deployed by upload rolls back through the store, so the rollback
             // survives a restart; otherwise through the versions held in memory.
-            let uploaded = ctx.shared.state.load().config.store_dir.as_ref().is_some_and(|d| {
-                Store::open(d).and_then(|s| s.manifest()).is_ok_and(|m| m.models.contains_key(*name))
-            });
-            if uploaded {
-                let version = version.map(str::to_string);
-                return rollback_upload(ctx, Kind::Model, name, version.as_deref(), &who).await;
-            }
-            let slot = ctx.shared.state.load().models.get(*name).cloned();
-            let Some(slot) = slot else {
-                return error(StatusCode::NOT_FOUND, format!("no model named {name:?}"));
-            };
-            match slot.rollback(version) {
-                Ok(v) => {
-                    tracing::info!(target: "admin", token = %who, model = %name, version = %v, "model rolled back");
-                    json_response(
-                        StatusCode::OK,
-                        json!({ "model": name, "version": v, "history": slot.history() }),
-                    )
-                }
-                Err(e) => error(StatusCode::CONFLICT, e),
-            }
+            let version = version.map(str::to_string);
+            rollback(ctx, Kind::Model, name, version.as_deref(), &who).await
         }
         (Method::GET, [kind @ ("plugins" | "models")]) => artifacts(ctx, kind_of(kind)),
         (Method::PUT, [kind @ ("plugins" | "models"), name]) => {
@@ -257,10 +238,10 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Respon
                 .query()
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("version=")))
                 .map(str::to_string);
-            rollback_upload(ctx, Kind::Plugin, name, version.as_deref(), &who).await
+            rollback(ctx, Kind::Plugin, name, version.as_deref(), &who).await
         }
         (Method::DELETE, [kind @ ("plugins" | "models"), name]) => {
-            forget(ctx, kind_of(kind), name, &who)
+            forget(ctx, kind_of(kind), name, &who).await
         }
         (_, ["status" | "config" | "reload" | "plugins" | "models"])
         | (_, ["plugins" | "models", _])
@@ -334,7 +315,8 @@ fn kind_of(segment: &str) -> Kind {
     }
 }
 
-/// Uploads and rollbacks are applied one at a time.
+/// Uploads, rollbacks and forgets are applied one at a time across the gateways of a process
+/// (which may share a store); each takes this before its gateway's reload lock.
 static UPLOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn open_store(ctx: &ServeCtx) -> Result<Store, Response<ProxyBody>> {
@@ -388,37 +370,17 @@ fn artifacts(ctx: &ServeCtx, kind: Kind) -> Response<ProxyBody> {
     json_response(StatusCode::OK, json!({ "artifacts": list }))
 }
 
-/// Applies the current configuration with `name` pointing at `path`; nothing changes on error.
-async fn apply_version(
-    ctx: &ServeCtx,
-    kind: Kind,
-    name: &str,
-    path: std::path::PathBuf,
-) -> Result<(), String> {
-    let mut config = (*ctx.shared.state.load().config).clone();
-    let found = match kind {
-        Kind::Plugin => config
-            .plugins
-            .iter_mut()
-            .find(|p| p.name == name)
-            .map(|p| p.path = path),
-        Kind::Model => config
-            .models
-            .iter_mut()
-            .find(|m| m.name == name)
-            .map(|m| m.path = path),
+/// The answer to an upload, rollback or forget that changed nothing.
+fn refused(e: ArtifactError) -> Response<ProxyBody> {
+    let status = match &e {
+        ArtifactError::NoStore
+        | ArtifactError::NothingToRollBackTo(_)
+        | ArtifactError::InUse { .. } => StatusCode::CONFLICT,
+        ArtifactError::NotConfigured(_) | ArtifactError::NoUploads(_) => StatusCode::NOT_FOUND,
+        ArtifactError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ArtifactError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
     };
-    if found.is_none() {
-        return Err(format!(
-            "no {} named {name:?} in the config",
-            if kind == Kind::Plugin {
-                "plugin"
-            } else {
-                "model"
-            }
-        ));
-    }
-    ctx.reload(config).await.map_err(|e| e.to_string())
+    error(status, e)
 }
 
 async fn upload(
@@ -506,99 +468,71 @@ async fn upload(
         return r;
     }
     let _one_at_a_time = UPLOADS.lock().await;
-    let (sha, created) = match store.put(kind, &bytes) {
-        Ok(s) => s,
+    let size = bytes.len();
+    let put = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.put(kind, &bytes)).await
+    };
+    let (sha, created) = match put {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    // Load, validate and warm it in a full reload; only then record it as active.
-    if let Err(e) = apply_version(ctx, kind, name, store.blob_path(kind, &sha)).await {
+    // Load, validate and warm it in a full reload that records it active before it serves.
+    if let Err(e) = ctx.activate(kind, name, Target::Upload(sha.clone())).await {
         tracing::warn!(target: "admin", token = %who, name, sha256 = %sha, error = %e, "upload rejected");
         // Leave the store as it was: a blob this upload created goes again.
         if created {
-            let _ = std::fs::remove_file(store.blob_path(kind, &sha));
+            let blob = store.blob_path(kind, &sha);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(blob)).await;
         }
-        return error(StatusCode::UNPROCESSABLE_ENTITY, e);
+        return refused(e);
     }
-    if let Err(e) = store.activate(kind, name, &sha) {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("serving the new version, but recording it failed: {e}"),
-        );
-    }
-    tracing::info!(target: "admin", token = %who, name, sha256 = %sha, bytes = bytes.len(), "upload activated");
+    tracing::info!(target: "admin", token = %who, name, sha256 = %sha, bytes = size, "upload activated");
     json_response(
         StatusCode::OK,
         json!({ "name": name, "sha256": sha, "version": &sha[..12] }),
     )
 }
 
-async fn rollback_upload(
+async fn rollback(
     ctx: &ServeCtx,
     kind: Kind,
     name: &str,
     version: Option<&str>,
     who: &str,
 ) -> Response<ProxyBody> {
-    let store = match open_store(ctx) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let _one_at_a_time = UPLOADS.lock().await;
-    let entry = match store.manifest() {
-        Ok(m) => m.entries(kind).get(name).cloned(),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    };
-    let Some(entry) = entry else {
-        return error(StatusCode::NOT_FOUND, format!("no uploads of {name:?}"));
-    };
-    let target = match version {
-        Some(v) => entry
-            .versions
-            .iter()
-            .find(|s| s.starts_with(v) && **s != entry.active),
-        None => entry.versions.iter().find(|s| **s != entry.active),
-    };
-    let Some(target) = target.cloned() else {
-        return error(
-            StatusCode::CONFLICT,
-            format!("{name:?} has no other version to roll back to"),
-        );
-    };
-    if let Err(e) = apply_version(ctx, kind, name, store.blob_path(kind, &target)).await {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, e);
+    match ctx.activate(kind, name, Target::Rollback(version)).await {
+        Ok(Activated::Stored(target)) => {
+            tracing::info!(target: "admin", token = %who, name, sha256 = %target, "rolled back");
+            json_response(
+                StatusCode::OK,
+                json!({ "name": name, "sha256": target, "version": &target[..12] }),
+            )
+        }
+        Ok(Activated::Held { version, slot }) => {
+            tracing::info!(target: "admin", token = %who, model = %name, version = %version, "model rolled back");
+            json_response(
+                StatusCode::OK,
+                json!({ "model": name, "version": version, "history": slot.history() }),
+            )
+        }
+        Err(e) => refused(e),
     }
-    if let Err(e) = store.activate(kind, name, &target) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, e);
-    }
-    tracing::info!(target: "admin", token = %who, name, sha256 = %target, "rolled back");
-    json_response(
-        StatusCode::OK,
-        json!({ "name": name, "sha256": target, "version": &target[..12] }),
-    )
 }
 
-fn forget(ctx: &ServeCtx, kind: Kind, name: &str, who: &str) -> Response<ProxyBody> {
-    let store = match open_store(ctx) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let used = users(&ctx.shared.state.load().config, kind, name);
-    if !used.is_empty() {
-        return error(
-            StatusCode::CONFLICT,
-            format!(
-                "{name:?} is in use by {}; remove it from the config first",
-                used.join(", ")
-            ),
-        );
-    }
-    match store.remove(kind, name) {
-        Ok(true) => {
+async fn forget(ctx: &ServeCtx, kind: Kind, name: &str, who: &str) -> Response<ProxyBody> {
+    let _one_at_a_time = UPLOADS.lock().await;
+    match ctx
+        .forget(kind, name, |config| users(config, kind, name))
+        .await
+    {
+        Ok(()) => {
             tracing::info!(target: "admin", token = %who, name, "uploads forgotten");
             json_response(StatusCode::OK, json!({ "removed": name }))
         }
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("no uploads of {name:?}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => refused(e),
     }
 }
 

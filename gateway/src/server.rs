@@ -30,6 +30,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::plugin::{LoadedPlugin, PluginError, PluginRuntime};
 use crate::proxy::{self, ConnInfo, Shared, Snapshot};
 use crate::scoring::serving::{ModelSlot, ServedModel};
+use crate::store::{Kind, Manifest, Store, StoreError};
 use crate::tls::{self, TlsError};
 use std::collections::HashMap;
 
@@ -129,22 +130,23 @@ async fn load_models(
     cfg.batch.max_queries = config.scoring.policy.max_batch.max(cfg.batch.max_queries);
     let mut out = Vec::new();
     for spec in &config.models {
-        let bytes = std::fs::read(&spec.path).map_err(|e| {
-            fail(
-                &spec.name,
-                format!("cannot read {}: {e}", spec.path.display()),
-            )
-        })?;
-        if let Some(expected) = &spec.sha256 {
-            let found = crate::store::sha256_hex(&bytes);
-            if &found != expected {
-                return Err(fail(
-                    &spec.name,
-                    format!("content SHA-256 {found} does not match the pinned {expected}"),
-                ));
+        let s = spec.clone();
+        let (bytes, version) = blocking(move || {
+            let bytes = std::fs::read(&s.path)
+                .map_err(|e| fail(&s.name, format!("cannot read {}: {e}", s.path.display())))?;
+            if let Some(expected) = &s.sha256 {
+                let found = crate::store::sha256_hex(&bytes);
+                if &found != expected {
+                    return Err(fail(
+                        &s.name,
+                        format!("content SHA-256 {found} does not match the pinned {expected}"),
+                    ));
+                }
             }
-        }
-        let version = crate::scoring::serving::served_version(&bytes, spec.storage);
+            let version = crate::scoring::serving::served_version(&bytes, s.storage);
+            Ok((bytes, version))
+        })
+        .await?;
         if let Some(slot) = current
             .get(&spec.name)
             .filter(|s| s.live().version == version)
@@ -218,8 +220,11 @@ pub enum DrainOutcome {
 
 pub(crate) struct ServeCtx {
     pub(crate) shared: Arc<Shared>,
-    /// Serializes reloads (admin API, SIGHUP, file watcher).
-    reload_lock: tokio::sync::Mutex<()>,
+    /// Serializes every change of what serves: reloads (admin API, SIGHUP, file watcher,
+    /// [`Gateway::reload`]), uploads and rollbacks. Each reads the configuration and the
+    /// store's record of active versions only while holding it. It holds the configuration
+    /// as last read (the file's, or the one given), before that record is applied.
+    reload_lock: tokio::sync::Mutex<Config>,
     /// The file `reload_from_file` reads, when the gateway was started from one.
     config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// Outcome of the last reload.
@@ -254,9 +259,10 @@ pub struct Gateway {
 
 impl Gateway {
     /// Binds every listener (nothing serves unless all bind), then starts serving.
-    pub async fn start(mut config: Config, registry: Registry) -> Result<Gateway, StartError> {
+    pub async fn start(config: Config, registry: Registry) -> Result<Gateway, StartError> {
+        let base = config.clone();
         // Uploaded versions that were active before a restart are active again.
-        config.apply_store()?;
+        let config = with_record(config).await?;
         let metrics = Metrics::new(&registry)?;
         let tls_config = tls::server_config(&config.certificates)?;
         let mut plugin_runtime = None;
@@ -314,7 +320,7 @@ impl Gateway {
             .map_err(MetricsError::from)?;
         let ctx = Arc::new(ServeCtx {
             shared,
-            reload_lock: tokio::sync::Mutex::new(()),
+            reload_lock: tokio::sync::Mutex::new(base),
             config_path: std::sync::Mutex::new(None),
             last_reload: std::sync::Mutex::new(None),
             recent_uploads: std::sync::Mutex::new(std::collections::VecDeque::new()),
@@ -389,8 +395,9 @@ impl Gateway {
     }
 
     /// Replaces routes, upstreams, plugins and certificates with those of `config`; listeners
-    /// and limits stay as started. Everything new is built (plugins compiled and their
-    /// instances started) before anything is swapped; on error nothing changes.
+    /// and limits stay as started. As at start, a plugin or model with uploads serves the
+    /// version the store records as active. Everything new is built (plugins compiled and
+    /// their instances started) before anything is swapped; on error nothing changes.
     pub async fn reload(&self, config: Config) -> Result<(), StartError> {
         self.ctx.reload(config).await
     }
@@ -470,13 +477,18 @@ async fn load_plugins(
     };
     let mut loaded = Vec::with_capacity(config.plugins.len());
     for spec in &config.plugins {
-        let bytes = std::fs::read(&spec.path).map_err(|source| PluginError::Read {
-            name: spec.name.clone(),
-            path: spec.path.display().to_string(),
-            source,
-        })?;
-        crate::plugin::check_pin(spec, &bytes)?;
-        let version = crate::plugin::content_version(&bytes);
+        let s = spec.clone();
+        let (bytes, version) = blocking(move || {
+            let bytes = std::fs::read(&s.path).map_err(|source| PluginError::Read {
+                name: s.name.clone(),
+                path: s.path.display().to_string(),
+                source,
+            })?;
+            crate::plugin::check_pin(&s, &bytes)?;
+            let version = crate::plugin::content_version(&bytes);
+            Ok::<_, PluginError>((bytes, version))
+        })
+        .await?;
         match previous
             .iter()
             .find(|p| p.spec == *spec && p.version == version)
@@ -526,11 +538,131 @@ pub struct ReloadReport {
     pub error: Option<String>,
 }
 
+/// Runs blocking work (file I/O, hashing, fsync) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("blocking task did not finish: {e}"),
+        },
+    }
+}
+
+/// Opens the store of `config` and reads its record of active versions (none without
+/// `[store] dir`).
+async fn read_record(config: &Config) -> Result<Option<(Store, Manifest)>, StoreError> {
+    let Some(dir) = config.store_dir.clone() else {
+        return Ok(None);
+    };
+    blocking(move || {
+        let store = Store::open(&dir)?;
+        let record = store.manifest()?;
+        Ok(Some((store, record)))
+    })
+    .await
+}
+
+/// Points every plugin and model that has uploads at its active version in `record`.
+fn apply_record(config: &mut Config, store: &Store, record: &Manifest) {
+    for p in &mut config.plugins {
+        if let Some(e) = record.plugins.get(&p.name) {
+            p.path = store.blob_path(Kind::Plugin, &e.active);
+        }
+    }
+    for m in &mut config.models {
+        if let Some(e) = record.models.get(&m.name) {
+            m.path = store.blob_path(Kind::Model, &e.active);
+        }
+    }
+}
+
+/// `config` with the store's current record of active versions applied.
+async fn with_record(mut config: Config) -> Result<Config, StoreError> {
+    if let Some((store, record)) = read_record(&config).await? {
+        apply_record(&mut config, &store, &record);
+    }
+    Ok(config)
+}
+
+/// Why an upload, a rollback or forgetting uploads changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ArtifactError {
+    /// The configuration has no `[store] dir`.
+    #[error("uploads need a [store] dir in the config")]
+    NoStore,
+    /// The name has no `[[plugins]]` or `[[models]]` entry.
+    #[error("{0:?} is not in the config; add its [[plugins]] or [[models]] entry first")]
+    NotConfigured(String),
+    /// A rollback of a name without uploads.
+    #[error("no uploads of {0:?}")]
+    NoUploads(String),
+    /// A rollback with nothing (or not the version asked for) to go back to.
+    #[error("{0}")]
+    NothingToRollBackTo(String),
+    /// Uploads the serving configuration uses cannot be forgotten.
+    #[error("{name:?} is in use by {users}; remove it from the config first")]
+    InUse {
+        /// The name.
+        name: String,
+        /// What uses it, comma-separated.
+        users: String,
+    },
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The version did not load, validate or warm up.
+    #[error(transparent)]
+    Rejected(StartError),
+}
+
+/// What an upload or a rollback is to make active.
+pub(crate) enum Target<'a> {
+    /// An upload already in the store, by its SHA-256.
+    Upload(String),
+    /// The previous upload, or the one whose SHA-256 starts with the prefix.
+    Rollback(Option<&'a str>),
+}
+
+/// What an upload or a rollback made active.
+pub(crate) enum Activated {
+    /// An upload, recorded active in the store: its SHA-256.
+    Stored(String),
+    /// A model version held in memory (the model has no uploads).
+    Held {
+        /// The version now live.
+        version: String,
+        /// The model's slot, for its history.
+        slot: Arc<ModelSlot>,
+    },
+}
+
 impl ServeCtx {
     /// Builds everything the new configuration needs, then swaps it in.
     pub(crate) async fn reload(&self, config: Config) -> Result<(), StartError> {
-        let _serial = self.reload_lock.lock().await;
-        let tls_config = tls::server_config(&config.certificates)?;
+        let mut base = self.reload_lock.lock().await;
+        self.apply_locked(&mut base, config).await
+    }
+
+    /// With the reload lock held: applies the store's record to `next` (the configuration as
+    /// read), builds it and swaps it in; `base` becomes `next` once it serves.
+    async fn apply_locked(&self, base: &mut Config, next: Config) -> Result<(), StartError> {
+        let config = with_record(next.clone()).await?;
+        self.build_and_swap(config, None).await?;
+        *base = next;
+        Ok(())
+    }
+
+    /// With the reload lock held: builds `config`, writes `record` to the store when given
+    /// (after everything loaded, before anything changes), then swaps. On error nothing
+    /// changes.
+    async fn build_and_swap(
+        &self,
+        config: Config,
+        record: Option<(Store, Manifest)>,
+    ) -> Result<(), StartError> {
+        let certificates = config.certificates.clone();
+        let tls_config = blocking(move || tls::server_config(&certificates)).await?;
         let current = self.shared.state.load_full();
         let previous: Vec<Arc<LoadedPlugin>> = current.plugins().into_iter().flatten().collect();
         let plugins = {
@@ -539,7 +671,10 @@ impl ServeCtx {
         };
         let mut scoring = self.scoring.lock().await;
         let loaded = load_models(&mut scoring, &config, &self.registry, &current.models).await?;
-        // Everything new is loaded; from here on nothing can fail.
+        if let Some((store, record)) = record {
+            blocking(move || store.save(&record)).await?;
+        }
+        // Everything new is loaded and recorded; from here on nothing can fail.
         let models = apply_models(&scoring, &config, loaded, &current.models);
         let mut snapshot = Snapshot::build(
             Arc::new(config),
@@ -555,16 +690,19 @@ impl ServeCtx {
         Ok(())
     }
 
-    /// Reloads from the remembered file and records the outcome.
+    /// Reloads from the remembered file and records the outcome. The file and the store's
+    /// record are read under the reload lock, so a reload never applies what an upload or
+    /// another reload that finished before it replaced.
     pub(crate) async fn reload_from_file(&self) -> Result<(), ReloadError> {
         let path = self.config_path.lock().expect("config path lock").clone();
+        let mut base = self.reload_lock.lock().await;
         let result = match path {
             None => Err(ReloadError::NoFile),
-            Some(path) => match Config::load(&path) {
-                Ok(mut config) => match config.apply_store() {
-                    Ok(()) => self.reload(config).await.map_err(ReloadError::from),
-                    Err(e) => Err(ReloadError::Apply(StartError::from(e))),
-                },
+            Some(path) => match blocking(move || Config::load(&path)).await {
+                Ok(next) => self
+                    .apply_locked(&mut base, next)
+                    .await
+                    .map_err(ReloadError::from),
                 Err(e) => Err(ReloadError::from(e)),
             },
         };
@@ -583,6 +721,92 @@ impl ServeCtx {
             error: result.as_ref().err().map(|e| e.to_string()),
         });
         result
+    }
+
+    /// Makes `target` the active version of `name` in one serialized step: under the reload
+    /// lock, reads the store's record, builds the configuration last read with the record
+    /// as it will be, records it, and swaps. On error neither the record nor what serves
+    /// changes. A model without uploads rolls back through the versions held in memory.
+    pub(crate) async fn activate(
+        &self,
+        kind: Kind,
+        name: &str,
+        target: Target<'_>,
+    ) -> Result<Activated, ArtifactError> {
+        let base = self.reload_lock.lock().await;
+        let configured = match kind {
+            Kind::Plugin => base.plugins.iter().any(|p| p.name == name),
+            Kind::Model => base.models.iter().any(|m| m.name == name),
+        };
+        if !configured {
+            return Err(ArtifactError::NotConfigured(name.to_string()));
+        }
+        let stored = read_record(&base).await.map_err(ArtifactError::Store)?;
+        let entry = stored
+            .as_ref()
+            .and_then(|(_, record)| record.entries(kind).get(name));
+        let sha = match (target, entry) {
+            (Target::Upload(sha), _) => sha,
+            (Target::Rollback(version), Some(entry)) => entry
+                .versions
+                .iter()
+                .find(|s| **s != entry.active && version.is_none_or(|v| s.starts_with(v)))
+                .cloned()
+                .ok_or_else(|| {
+                    ArtifactError::NothingToRollBackTo(format!(
+                        "{name:?} has no other version to roll back to"
+                    ))
+                })?,
+            (Target::Rollback(version), None) if kind == Kind::Model => {
+                let slot = self.shared.state.load().models.get(name).cloned();
+                let slot = slot.ok_or_else(|| ArtifactError::NotConfigured(name.into()))?;
+                let version = slot
+                    .rollback(version)
+                    .map_err(ArtifactError::NothingToRollBackTo)?;
+                return Ok(Activated::Held { version, slot });
+            }
+            (Target::Rollback(_), None) if stored.is_none() => return Err(ArtifactError::NoStore),
+            (Target::Rollback(_), None) => return Err(ArtifactError::NoUploads(name.to_string())),
+        };
+        let Some((store, mut record)) = stored else {
+            return Err(ArtifactError::NoStore);
+        };
+        record.activate(kind, name, &sha);
+        let mut config = base.clone();
+        apply_record(&mut config, &store, &record);
+        match self.build_and_swap(config, Some((store, record))).await {
+            Ok(()) => Ok(Activated::Stored(sha)),
+            Err(StartError::Store(e)) => Err(ArtifactError::Store(e)),
+            Err(e) => Err(ArtifactError::Rejected(e)),
+        }
+    }
+
+    /// Forgets the uploads of `name` unless the serving configuration uses it (`users` lists
+    /// what does), serialized with reloads, uploads and rollbacks.
+    pub(crate) async fn forget(
+        &self,
+        kind: Kind,
+        name: &str,
+        users: impl FnOnce(&Config) -> Vec<String>,
+    ) -> Result<(), ArtifactError> {
+        let base = self.reload_lock.lock().await;
+        let used = users(&self.shared.state.load().config);
+        if !used.is_empty() {
+            return Err(ArtifactError::InUse {
+                name: name.to_string(),
+                users: used.join(", "),
+            });
+        }
+        let (store, _) = read_record(&base)
+            .await
+            .map_err(ArtifactError::Store)?
+            .ok_or(ArtifactError::NoStore)?;
+        let owned = name.to_string();
+        match blocking(move || store.remove(kind, &owned)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ArtifactError::NoUploads(name.to_string())),
+            Err(e) => Err(ArtifactError::Store(e)),
+        }
     }
 }
 

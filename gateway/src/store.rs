@@ -94,6 +94,16 @@ impl Manifest {
             Kind::Model => &mut self.models,
         }
     }
+
+    /// Makes `sha` the active version of `name`, keeping the last [`KEEP`] (in memory only:
+    /// [`Store::save`] records it).
+    pub fn activate(&mut self, kind: Kind, name: &str, sha: &str) {
+        let entry = self.entries_mut(kind).entry(name.to_string()).or_default();
+        entry.versions.retain(|v| v != sha);
+        entry.versions.insert(0, sha.to_string());
+        entry.versions.truncate(KEEP);
+        entry.active = sha.to_string();
+    }
 }
 
 /// Versions kept per name.
@@ -131,6 +141,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The manifest of a store in `dir`: the record of the versions each name has and which is
+/// active.
+pub fn manifest_path(dir: &Path) -> PathBuf {
+    dir.join("manifest.json")
+}
+
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -152,7 +168,7 @@ impl Store {
     }
 
     fn manifest_path(&self) -> PathBuf {
-        self.dir.join("manifest.json")
+        manifest_path(&self.dir)
     }
 
     /// The manifest (empty when none was written yet).
@@ -190,14 +206,7 @@ impl Store {
     /// Makes `sha` the active version of `name` and records it, keeping the last [`KEEP`].
     pub fn activate(&self, kind: Kind, name: &str, sha: &str) -> Result<Manifest, StoreError> {
         let mut manifest = self.manifest()?;
-        let entry = manifest
-            .entries_mut(kind)
-            .entry(name.to_string())
-            .or_default();
-        entry.versions.retain(|v| v != sha);
-        entry.versions.insert(0, sha.to_string());
-        entry.versions.truncate(KEEP);
-        entry.active = sha.to_string();
+        manifest.activate(kind, name, sha);
         self.save(&manifest)?;
         Ok(manifest)
     }
@@ -213,7 +222,8 @@ impl Store {
         Ok(removed)
     }
 
-    fn save(&self, manifest: &Manifest) -> Result<(), StoreError> {
+    /// Writes `manifest` atomically and durably: the record of what is active.
+    pub fn save(&self, manifest: &Manifest) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
         write_atomic(&self.manifest_path(), &bytes)
     }

@@ -1,7 +1,8 @@
-//! Reload on file changes: the config file and every file it names (certificates, keys,
-//! plugins, models) are watched through their parent directories, so that editors' atomic
-//! saves (write a temp file, rename it over) and Kubernetes ConfigMap updates (a `..data`
-//! symlink swapped to a new directory) are seen, not just in-place writes.
+//! Reload on file changes: the config file, every file it names (certificates, keys,
+//! plugins, models) and the store's record of active versions are watched through their
+//! parent directories, so that editors' atomic saves (write a temp file, rename it over) and
+//! Kubernetes ConfigMap updates (a `..data` symlink swapped to a new directory) are seen, not
+//! just in-place writes.
 //!
 //! Events are debounced; after a quiet period the watched files are fingerprinted (their
 //! content, following symlinks) and the gateway reloads only if the fingerprint changed. A
@@ -28,10 +29,12 @@ pub struct FileWatch {
     _task: tokio::task::JoinHandle<()>,
 }
 
-/// Every file a reload would read: the config and what it refers to.
+/// Every file a reload would read: the config, what it refers to, and the store's record of
+/// active versions.
 pub fn watched_files(config_path: &Path, config: Option<&Config>) -> BTreeSet<PathBuf> {
     let mut files = BTreeSet::from([config_path.to_path_buf()]);
     if let Some(c) = config {
+        files.extend(c.store_dir.as_deref().map(crate::store::manifest_path));
         for cert in &c.certificates {
             files.insert(cert.cert_path.clone());
             files.insert(cert.key_path.clone());
@@ -90,7 +93,7 @@ pub(crate) fn start(
     for d in &dirs {
         watcher.watch(d, RecursiveMode::NonRecursive)?;
     }
-    let mut last = fingerprint(&files);
+    let mut last = Some(fingerprint(&files));
     let task = tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: wait until no event has come for `debounce`.
@@ -101,16 +104,26 @@ pub(crate) fn start(
                     Err(_) => break,
                 }
             }
-            let now = fingerprint(&files);
-            if now == last {
+            let now = {
+                let files = files.clone();
+                tokio::task::spawn_blocking(move || fingerprint(&files)).await
+            };
+            let Ok(now) = now else { continue };
+            if last == Some(now) {
                 continue;
             }
-            last = now;
+            // Taken before the reload reads anything: a change while it runs is seen next time.
+            last = Some(now);
             tracing::info!("watched files changed, reloading");
             if ctx.reload_from_file().await.is_ok() {
                 // The new config may name other files; watch their directories too.
-                files = watched_files(&config_path, Some(&ctx.shared.state.load().config));
-                last = fingerprint(&files);
+                let named = watched_files(&config_path, Some(&ctx.shared.state.load().config));
+                if named != files {
+                    // What the reload read of files not watched before is unknown: the next
+                    // event reloads.
+                    last = None;
+                    files = named;
+                }
                 let wanted = directories(&files);
                 for d in wanted.difference(&dirs) {
                     if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {

@@ -637,3 +637,49 @@ pub async fn spawn_gateway_binary(config: &Path) -> (tokio::process::Child, Sock
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, addr)
 }
+
+/// Like [`spawn_gateway_binary`], also returning the admin listener's bound address and the
+/// rest of the gateway's log, line by line.
+pub async fn spawn_gateway_binary_with_admin(
+    config: &Path,
+) -> (
+    tokio::process::Child,
+    SocketAddr,
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut https, mut admin) = (None, None);
+    while https.is_none() || admin.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("gateway log line");
+        let addr_after = |marker: &str| -> Option<SocketAddr> {
+            let rest = line.split(marker).nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        };
+        https = https.or_else(|| addr_after("listener=https addr="));
+        if line.contains("admin listening") {
+            admin = admin.or_else(|| addr_after("addr="));
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    (child, https.unwrap(), admin.unwrap(), rx)
+}
