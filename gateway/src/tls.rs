@@ -163,12 +163,14 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The rustls configuration for HTTPS listeners.
+/// The rustls configuration for HTTPS listeners. The cipher suite is the first of the
+/// provider's list (strongest first) that the client offers, whatever the client's order.
 pub fn server_config(certs: &[CertificateSpec]) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver::new(certs)));
+    config.ignore_client_order = true;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -220,6 +222,87 @@ mod tests {
         ));
         assert!(Arc::ptr_eq(&r.choose(Some("other.test")).unwrap(), &d.key));
         assert!(Arc::ptr_eq(&r.choose(None).unwrap(), &d.key));
+    }
+
+    /// The suite a handshake settles on when the client offers `offered` in that order.
+    fn negotiated_suite(
+        version: &'static rustls::SupportedProtocolVersion,
+        offered: &[rustls::SupportedCipherSuite],
+    ) -> rustls::CipherSuite {
+        let (cert, key) = self_signed(&["x.test"]).unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let server_spec = CertificateSpec {
+            server_names: vec![crate::config::parse_host_pattern("x.test", false).unwrap()],
+            default: true,
+            key: Arc::new(certified_key_from_der(vec![der.clone()], key).unwrap()),
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client_provider = CryptoProvider {
+            cipher_suites: offered.to_vec(),
+            ..rustls::crypto::ring::default_provider()
+        };
+        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client = rustls::Connection::Client(
+            rustls::ClientConnection::new(Arc::new(client_config), "x.test".try_into().unwrap())
+                .unwrap(),
+        );
+        let mut server = rustls::Connection::Server(
+            rustls::ServerConnection::new(server_config(&[server_spec]).unwrap()).unwrap(),
+        );
+        fn pass(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+            let mut buf = Vec::new();
+            while from.wants_write() {
+                from.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                to.read_tls(&mut rd).unwrap();
+                to.process_new_packets().unwrap();
+            }
+        }
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            pass(&mut client, &mut server);
+            pass(&mut server, &mut client);
+        }
+        assert!(!server.is_handshaking(), "the handshake completed");
+        server.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[test]
+    fn the_server_order_of_cipher_suites_wins_over_a_weak_first_client_order() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let tls13 = negotiated_suite(
+            &rustls::version::TLS13,
+            &[
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_128_GCM_SHA256,
+                cs::TLS13_AES_256_GCM_SHA384,
+            ],
+        );
+        assert_eq!(tls13, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+        let tls12 = negotiated_suite(
+            &rustls::version::TLS12,
+            &[
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            ],
+        );
+        assert_eq!(
+            tls12,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        );
     }
 
     #[test]
