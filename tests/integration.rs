@@ -8,6 +8,7 @@ mod support;
 
 mod admin_api_reloads_and_guards_the_node;
 mod bad_config_files_give_located_errors;
+mod client_faults_never_eject_a_backend;
 mod config_watch_reloads_on_file_changes;
 mod demo_serves_the_storefront;
 mod graceful_drain_loses_no_request;

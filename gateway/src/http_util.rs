@@ -3,6 +3,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -214,15 +216,48 @@ fn finish_host(host: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
-/// Why a request body was cut off.
+/// Why a request body could not be passed on. Each is the client's doing, never the backend's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BodyLimitError {
     /// More bytes than `limits.max_body_bytes`.
     #[error("request body larger than the limit")]
     TooLarge,
-    /// The client paused longer than `limits.body_read_timeout_ms`.
+    /// The client paused longer than `limits.body_read_timeout_ms`, or was still sending when
+    /// the upstream request timeout passed.
     #[error("request body stalled longer than the read timeout")]
     Timeout,
+    /// The body's framing was invalid (a bad chunk size, an h2 protocol error).
+    #[error("request body framing is invalid")]
+    Malformed,
+    /// The client closed the connection or reset the stream before the body ended.
+    #[error("request body ended before it was complete")]
+    Aborted,
+}
+
+impl BodyLimitError {
+    /// Sorts an error of the downstream body: an early end is an abort, anything else bad
+    /// framing.
+    fn of_downstream(err: &(dyn std::error::Error + 'static)) -> BodyLimitError {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                    return BodyLimitError::Aborted;
+                }
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                if matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                ) {
+                    return BodyLimitError::Aborted;
+                }
+            }
+            cur = e.source();
+        }
+        BodyLimitError::Malformed
+    }
 }
 
 /// Finds a [`BodyLimitError`] in an error's source chain.
@@ -237,8 +272,55 @@ pub fn find_body_limit_error(err: &(dyn std::error::Error + 'static)) -> Option<
     None
 }
 
+/// Where a request body streamed upstream stands, as its [`LimitedBody`] last saw it; shared
+/// with the request's handler, which learns from it whose fault a failed exchange was.
+#[derive(Debug, Default)]
+pub struct BodyProgress(AtomicU8);
+
+/// A state of a [`BodyProgress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyState {
+    /// Not read yet, or the last read gave a frame: the body is waiting on the upstream.
+    Reading,
+    /// The last read found nothing: the body is waiting on the client.
+    WaitingOnClient,
+    /// Read to the end.
+    Complete,
+    /// Cut off or broken.
+    Failed(BodyLimitError),
+}
+
+impl BodyProgress {
+    /// The state last recorded.
+    pub fn state(&self) -> BodyState {
+        match self.0.load(Ordering::Acquire) {
+            0 => BodyState::Reading,
+            1 => BodyState::WaitingOnClient,
+            2 => BodyState::Complete,
+            3 => BodyState::Failed(BodyLimitError::TooLarge),
+            4 => BodyState::Failed(BodyLimitError::Timeout),
+            5 => BodyState::Failed(BodyLimitError::Malformed),
+            _ => BodyState::Failed(BodyLimitError::Aborted),
+        }
+    }
+
+    fn set(&self, state: BodyState) {
+        let v = match state {
+            BodyState::Reading => 0,
+            BodyState::WaitingOnClient => 1,
+            BodyState::Complete => 2,
+            BodyState::Failed(BodyLimitError::TooLarge) => 3,
+            BodyState::Failed(BodyLimitError::Timeout) => 4,
+            BodyState::Failed(BodyLimitError::Malformed) => 5,
+            BodyState::Failed(BodyLimitError::Aborted) => 6,
+        };
+        self.0.store(v, Ordering::Release);
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A request body that fails with [`BodyLimitError`] when it grows past a size or stalls.
+    /// A request body that fails with [`BodyLimitError`] when it grows past a size, stalls or
+    /// breaks, and records how far it got in an optional [`BodyProgress`].
     pub struct LimitedBody<B> {
         #[pin]
         inner: B,
@@ -247,6 +329,7 @@ pin_project_lite::pin_project! {
         // The stall clock starts at the first read, not when the body is wrapped: the upstream
         // may take a while to be ready to read it.
         started: bool,
+        progress: Option<Arc<BodyProgress>>,
         #[pin]
         sleep: tokio::time::Sleep,
     }
@@ -260,8 +343,15 @@ impl<B> LimitedBody<B> {
             remaining: max_bytes,
             timeout,
             started: false,
+            progress: None,
             sleep: tokio::time::sleep(timeout),
         }
+    }
+
+    /// Records the body's progress in `progress` as it is read.
+    pub fn tracked(mut self, progress: Arc<BodyProgress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 }
 
@@ -283,26 +373,50 @@ where
             let deadline = tokio::time::Instant::now() + *this.timeout;
             this.sleep.as_mut().reset(deadline);
         }
-        match this.inner.poll_frame(cx) {
+        let (state, res) = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > *this.remaining {
-                        return Poll::Ready(Some(Err(Box::new(BodyLimitError::TooLarge))));
+                        let e = BodyLimitError::TooLarge;
+                        (BodyState::Failed(e), Poll::Ready(Some(Err(e.into()))))
+                    } else {
+                        *this.remaining -= len;
+                        let deadline = tokio::time::Instant::now() + *this.timeout;
+                        this.sleep.as_mut().reset(deadline);
+                        // A reader may stop at the end without asking again.
+                        let state = if this.inner.is_end_stream() {
+                            BodyState::Complete
+                        } else {
+                            BodyState::Reading
+                        };
+                        (state, Poll::Ready(Some(Ok(frame))))
                     }
-                    *this.remaining -= len;
+                } else {
+                    let deadline = tokio::time::Instant::now() + *this.timeout;
+                    this.sleep.as_mut().reset(deadline);
+                    (BodyState::Reading, Poll::Ready(Some(Ok(frame))))
                 }
-                let deadline = tokio::time::Instant::now() + *this.timeout;
-                this.sleep.as_mut().reset(deadline);
-                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                let kind = BodyLimitError::of_downstream(e.as_ref());
+                tracing::debug!(error = %e, kind = %kind, "request body broke off");
+                (BodyState::Failed(kind), Poll::Ready(Some(Err(kind.into()))))
+            }
+            Poll::Ready(None) => (BodyState::Complete, Poll::Ready(None)),
             Poll::Pending => match std::future::Future::poll(this.sleep, cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyLimitError::Timeout)))),
-                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => {
+                    let e = BodyLimitError::Timeout;
+                    (BodyState::Failed(e), Poll::Ready(Some(Err(e.into()))))
+                }
+                Poll::Pending => (BodyState::WaitingOnClient, Poll::Pending),
             },
+        };
+        if let Some(p) = this.progress {
+            p.set(state);
         }
+        res
     }
 
     fn is_end_stream(&self) -> bool {
@@ -405,7 +519,7 @@ pub async fn read_to_limit(
         let frame = frame.map_err(|e| match find_body_limit_error(&*e) {
             Some(BodyLimitError::TooLarge) => ReadError::TooLarge,
             Some(BodyLimitError::Timeout) => ReadError::Stalled,
-            None => ReadError::Failed,
+            Some(BodyLimitError::Malformed | BodyLimitError::Aborted) | None => ReadError::Failed,
         })?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {

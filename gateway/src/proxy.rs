@@ -14,7 +14,7 @@ use prometheus::{Histogram, IntCounter};
 
 use crate::config::{Config, HostPattern, RouteSpec};
 use crate::deadline::TimerPool;
-use crate::http_util::{self, BodyLimitError, GuardedBody, LimitedBody};
+use crate::http_util::{self, BodyLimitError, BodyProgress, BodyState, GuardedBody, LimitedBody};
 use crate::metrics::Metrics;
 use std::collections::HashMap;
 
@@ -288,7 +288,7 @@ pub async fn handle(
             let (parts, body) = req.into_parts();
             match admit_body(shared, config, &parts, body) {
                 Err(resp) => (resp, None, None),
-                Ok((body, body_empty)) => match &route.chain {
+                Ok((body, progress)) => match &route.chain {
                     None => {
                         let pool = &snapshot.pools[route.spec.upstream];
                         let (resp, backend) = forward(
@@ -301,7 +301,7 @@ pub async fn handle(
                             &request_id,
                             parts,
                             body,
-                            body_empty,
+                            progress.as_deref(),
                         )
                         .await;
                         let backend = backend.map(|i| &pool.backends[i].authority);
@@ -320,7 +320,7 @@ pub async fn handle(
                             &request_id,
                             parts,
                             body,
-                            body_empty,
+                            progress.as_deref(),
                         ))
                         .await;
                         variant = out.variant;
@@ -434,6 +434,8 @@ fn classify(err: &SendError) -> Failure {
     Failure::Other
 }
 
+/// Sends a request to `pool` with retries. `progress` is the request body's, `None` when the
+/// request has none.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
@@ -445,10 +447,11 @@ async fn forward(
     request_id: &HeaderValue,
     parts: http::request::Parts,
     body: ProxyBody,
-    body_empty: bool,
+    progress: Option<&BodyProgress>,
 ) -> (Response<ProxyBody>, Option<usize>) {
     let config = &snapshot.config;
     let metrics = &shared.metrics;
+    let body_empty = progress.is_none();
     let mut headers = parts.headers;
     http_util::strip_hop_by_hop(&mut headers);
     http_util::add_forwarded(
@@ -557,40 +560,29 @@ async fn forward(
                 return (Response::from_parts(parts, body), Some(index));
             }
             Ok(Err(err)) => {
-                let failure = classify(&err);
+                // A body that broke on the client's side makes the exchange fail too, in ways
+                // (an h2 reset, an early close) that look like the backend's fault.
+                let failure = match progress.map(BodyProgress::state) {
+                    Some(BodyState::Failed(b)) => Failure::Body(b),
+                    _ => classify(&err),
+                };
                 tracing::debug!(upstream, backend = %backend.authority, error = %err, kind = failure.label(), "upstream attempt failed");
                 failure
             }
-            Err(_) => Failure::Timeout,
+            // Still waiting for the client to send the body: the client is the slow one.
+            Err(_) => match progress.map(BodyProgress::state) {
+                Some(BodyState::Failed(b)) => Failure::Body(b),
+                Some(BodyState::WaitingOnClient) => Failure::Body(BodyLimitError::Timeout),
+                _ => Failure::Timeout,
+            },
         };
         metrics
             .upstream_errors
             .with_label_values(&[upstream, failure.label()])
             .inc();
         match failure {
-            Failure::Body(BodyLimitError::TooLarge) => {
-                metrics
-                    .rejected
-                    .with_label_values(&["body_too_large"])
-                    .inc();
-                return (
-                    error_response(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body is larger than the gateway accepts",
-                    ),
-                    None,
-                );
-            }
-            Failure::Body(BodyLimitError::Timeout) => {
-                metrics.rejected.with_label_values(&["body_timeout"]).inc();
-                return (
-                    error_response(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request body was not received in time",
-                    ),
-                    None,
-                );
-            }
+            // The client's fault: never held against the backend.
+            Failure::Body(b) => return (body_fault_response(metrics, Some(b)), None),
             Failure::Timeout => {
                 pool.record_failure(index);
                 return (
@@ -628,13 +620,14 @@ async fn forward(
     }
 }
 
-/// Refuses a declared-too-large body and wraps the rest in the size and stall limits.
+/// Refuses a declared-too-large body and wraps the rest in the size and stall limits, with the
+/// progress it records (none for an empty body).
 fn admit_body(
     shared: &Shared,
     config: &Config,
     parts: &http::request::Parts,
     body: Incoming,
-) -> Result<(ProxyBody, bool), Response<ProxyBody>> {
+) -> Result<(ProxyBody, Option<Arc<BodyProgress>>), Response<ProxyBody>> {
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -651,14 +644,16 @@ fn admit_body(
         ));
     }
     if body.is_end_stream() {
-        return Ok((empty_body(), true));
+        return Ok((empty_body(), None));
     }
+    let progress = Arc::new(BodyProgress::default());
     let limited = LimitedBody::new(
         body,
         config.limits.max_body_bytes,
         config.limits.body_read_timeout,
-    );
-    Ok((limited.boxed_unsync(), false))
+    )
+    .tracked(progress.clone());
+    Ok((limited.boxed_unsync(), Some(progress)))
 }
 
 /// The result of a request that went through a plugin chain.
@@ -669,38 +664,39 @@ struct PluginPass {
     variant: Option<String>,
 }
 
-fn body_limit_response(
-    shared: &Shared,
-    err: &(dyn std::error::Error + 'static),
-) -> Response<ProxyBody> {
-    match http_util::find_body_limit_error(err) {
-        Some(BodyLimitError::TooLarge) => {
-            shared
-                .metrics
-                .rejected
-                .with_label_values(&["body_too_large"])
-                .inc();
-            error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body is larger than the gateway accepts",
-            )
-        }
-        Some(BodyLimitError::Timeout) => {
-            shared
-                .metrics
-                .rejected
-                .with_label_values(&["body_timeout"])
-                .inc();
-            error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                "request body was not received in time",
-            )
-        }
-        None => error_response(
-            StatusCode::BAD_REQUEST,
-            "the request body could not be read",
+/// The answer to a request whose body the client cut off, stalled or broke, counted in
+/// `gateway_rejected_requests_total` by reason.
+fn body_fault_response(metrics: &Metrics, fault: Option<BodyLimitError>) -> Response<ProxyBody> {
+    let (reason, status, message) = match fault {
+        Some(BodyLimitError::TooLarge) => (
+            "body_too_large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than the gateway accepts",
         ),
-    }
+        Some(BodyLimitError::Timeout) => (
+            "body_timeout",
+            StatusCode::REQUEST_TIMEOUT,
+            "request body was not received in time",
+        ),
+        Some(BodyLimitError::Malformed) => (
+            "body_malformed",
+            StatusCode::BAD_REQUEST,
+            "request body framing is invalid",
+        ),
+        Some(BodyLimitError::Aborted) => (
+            "body_aborted",
+            StatusCode::BAD_REQUEST,
+            "request body ended before it was complete",
+        ),
+        None => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            )
+        }
+    };
+    metrics.rejected.with_label_values(&[reason]).inc();
+    error_response(status, message)
 }
 
 /// Runs the route's plugin chain around the upstream exchange.
@@ -715,8 +711,9 @@ async fn with_plugins(
     request_id: &HeaderValue,
     mut parts: http::request::Parts,
     body: ProxyBody,
-    body_empty: bool,
+    progress: Option<&BodyProgress>,
 ) -> PluginPass {
+    let body_empty = progress.is_none();
     let default_variant = route
         .spec
         .default_variant
@@ -733,7 +730,12 @@ async fn with_plugins(
         (Some(limit), false) => match http_util::buffer_body(body, limit).await {
             Ok(http_util::Buffered::Whole(bytes)) => (full_body(bytes.clone()), Some(bytes)),
             Ok(http_util::Buffered::Partial(rest)) => (rest, None),
-            Err(e) => return fail(body_limit_response(shared, e.as_ref())),
+            Err(e) => {
+                return fail(body_fault_response(
+                    &shared.metrics,
+                    http_util::find_body_limit_error(e.as_ref()),
+                ))
+            }
         },
         (Some(_), true) => (body, Some(Bytes::new())),
         (None, _) => (body, None),
@@ -781,7 +783,7 @@ async fn with_plugins(
                 .map_or(route.spec.upstream, |(_, idx)| *idx);
             let pool = &snapshot.pools[upstream];
             let (resp, backend) = forward(
-                shared, conn, snapshot, route, pool, host, request_id, parts, body, body_empty,
+                shared, conn, snapshot, route, pool, host, request_id, parts, body, progress,
             )
             .await;
             (resp, ran, Some(upstream), backend)
@@ -998,7 +1000,7 @@ mod tests {
             &rid,
             parts,
             empty_body(),
-            true,
+            None,
         );
         let n = size(&fut);
         eprintln!("forward future: {n} bytes");
