@@ -14,6 +14,7 @@ mod demo_serves_the_storefront;
 mod graceful_drain_loses_no_request;
 mod hop_by_hop_and_forwarding_headers;
 mod hostile_plugins_are_contained;
+mod one_authority_per_request;
 mod reload_keeps_what_did_not_change;
 mod routing_by_host_and_prefix;
 mod scoring_kernels_match_the_cpu_path;

@@ -196,6 +196,107 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
     finish_host(host)
 }
 
+/// Why a request's authority was refused with 400 (RFC 9112 §3.2, RFC 9113 §8.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthorityError {
+    /// An HTTP/1.1 or h2 request named no host.
+    #[error("the request names no host (a Host header is required)")]
+    Missing,
+    /// More than one `Host` header.
+    #[error("the request has more than one Host header")]
+    Duplicate,
+    /// A `Host` or `:authority` that is not a valid host with an optional port.
+    #[error("the Host header is not a valid host")]
+    Invalid,
+    /// An authority with user information (`user@host`).
+    #[error("the authority must not carry user information")]
+    UserInfo,
+    /// On h2, a `Host` header naming another host or port than `:authority`.
+    #[error("the Host header differs from the :authority")]
+    Conflict,
+}
+
+/// The one authority of a request, decided by [`request_authority`]: routed on, reported in
+/// the forwarding headers, and sent upstream as `Host`.
+#[derive(Debug, Default)]
+pub struct RequestAuthority {
+    /// The host, lower case, without port or trailing dot; `None` on an HTTP/1.0 request
+    /// without a `Host`.
+    pub host: Option<String>,
+    /// The `Host` to send upstream in place of the request's own, when the authority came
+    /// from the target (`:authority`, absolute form) and differs from it.
+    pub replace_host: Option<HeaderValue>,
+}
+
+/// Decides a request's authority. The target's authority (h2 `:authority`, HTTP/1.1 absolute
+/// form) wins over `Host`; on h2 a `Host` naming another host or port is refused, as RFC 9113
+/// §8.3.1 advises. An HTTP/1.1 or h2 request without one, more than one `Host` header, an
+/// invalid value or user information (`user@host`) are refused too.
+pub fn request_authority<B>(req: &http::Request<B>) -> Result<RequestAuthority, AuthorityError> {
+    let mut host_headers = req.headers().get_all(header::HOST).iter();
+    let host_header = host_headers.next();
+    if host_headers.next().is_some() {
+        return Err(AuthorityError::Duplicate);
+    }
+    let Some(target) = req.uri().authority() else {
+        let Some(value) = host_header else {
+            return match req.version() {
+                http::Version::HTTP_09 | http::Version::HTTP_10 => Ok(RequestAuthority::default()),
+                _ => Err(AuthorityError::Missing),
+            };
+        };
+        let host = match plain_host(value.as_bytes()) {
+            Some(host) => finish_host(host),
+            None => finish_host(parse_host_header(value)?.host()),
+        };
+        return Ok(RequestAuthority {
+            host: Some(host.ok_or(AuthorityError::Invalid)?),
+            replace_host: None,
+        });
+    };
+    if target.as_str().contains('@') {
+        return Err(AuthorityError::UserInfo);
+    }
+    let host = finish_host(target.host()).ok_or(AuthorityError::Invalid)?;
+    let replace_host = match host_header {
+        Some(value) if value.as_bytes() == target.as_str().as_bytes() => None,
+        Some(value) => {
+            let named = parse_host_header(value)?;
+            if req.version() == http::Version::HTTP_2 {
+                let default_port = match req.uri().scheme_str() {
+                    Some("http") => 80,
+                    _ => 443,
+                };
+                let same = named
+                    .host()
+                    .trim_end_matches('.')
+                    .eq_ignore_ascii_case(target.host().trim_end_matches('.'))
+                    && named.port_u16().unwrap_or(default_port)
+                        == target.port_u16().unwrap_or(default_port);
+                if !same {
+                    return Err(AuthorityError::Conflict);
+                }
+            }
+            HeaderValue::from_str(target.as_str()).ok()
+        }
+        None if req.version() == http::Version::HTTP_11 => return Err(AuthorityError::Missing),
+        None => HeaderValue::from_str(target.as_str()).ok(),
+    };
+    Ok(RequestAuthority {
+        host: Some(host),
+        replace_host,
+    })
+}
+
+/// A `Host` value parsed as an authority without user information.
+fn parse_host_header(value: &HeaderValue) -> Result<http::uri::Authority, AuthorityError> {
+    let bytes = value.as_bytes();
+    if bytes.contains(&b'@') {
+        return Err(AuthorityError::UserInfo);
+    }
+    http::uri::Authority::try_from(bytes).map_err(|_| AuthorityError::Invalid)
+}
+
 /// The host of a `Host` value that is a lower-case DNS name with an optional port, the usual
 /// case, without parsing it as an authority; `None` for anything else.
 fn plain_host(value: &[u8]) -> Option<&str> {
@@ -766,6 +867,98 @@ mod tests {
         assert_eq!(request_host(&r).as_deref(), Some("a.test"));
         let r = http::Request::get("/x").body(()).unwrap();
         assert_eq!(request_host(&r), None);
+    }
+
+    fn authority_of(
+        version: http::Version,
+        uri: &str,
+        hosts: &[&str],
+    ) -> Result<(Option<String>, Option<String>), AuthorityError> {
+        let mut b = http::Request::get(uri).version(version);
+        for h in hosts {
+            b = b.header("host", *h);
+        }
+        let a = request_authority(&b.body(()).unwrap())?;
+        let replace = a.replace_host.map(|v| v.to_str().unwrap().to_string());
+        Ok((a.host, replace))
+    }
+
+    #[test]
+    fn one_authority_is_decided_per_request() {
+        use http::Version as V;
+        let ok = |h: &str, r: Option<&str>| Ok((Some(h.to_string()), r.map(str::to_string)));
+        // HTTP/1.1 origin form: the Host header, kept as it is.
+        assert_eq!(
+            authority_of(V::HTTP_11, "/x", &["Shop.Test:8443"]),
+            ok("shop.test", None)
+        );
+        assert_eq!(
+            authority_of(V::HTTP_11, "/x", &["shop.test"]),
+            ok("shop.test", None)
+        );
+        // Absolute form: the target wins and replaces Host (RFC 9112 §3.2.2).
+        assert_eq!(
+            authority_of(V::HTTP_11, "http://evil.test/x", &["localhost"]),
+            ok("evil.test", Some("evil.test"))
+        );
+        // h2: :authority, sent as Host when Host is absent or spelled otherwise.
+        assert_eq!(
+            authority_of(V::HTTP_2, "https://localhost/x", &[]),
+            ok("localhost", Some("localhost"))
+        );
+        assert_eq!(
+            authority_of(V::HTTP_2, "https://localhost/x", &["localhost"]),
+            ok("localhost", None)
+        );
+        assert_eq!(
+            authority_of(V::HTTP_2, "https://localhost/x", &["LOCALHOST:443"]),
+            ok("localhost", Some("localhost"))
+        );
+        assert_eq!(
+            authority_of(V::HTTP_2, "/x", &["shop.test"]),
+            ok("shop.test", None)
+        );
+        assert_eq!(authority_of(V::HTTP_10, "/x", &[]), Ok((None, None)));
+
+        let e = |v, uri, hosts: &[&str]| authority_of(v, uri, hosts).unwrap_err();
+        assert_eq!(
+            e(V::HTTP_2, "https://localhost/x", &["evil.test"]),
+            AuthorityError::Conflict
+        );
+        assert_eq!(
+            e(V::HTTP_2, "https://localhost/x", &["localhost:8443"]),
+            AuthorityError::Conflict
+        );
+        assert_eq!(
+            e(V::HTTP_11, "/x", &["a.test", "b.test"]),
+            AuthorityError::Duplicate
+        );
+        assert_eq!(
+            e(V::HTTP_11, "/x", &["a.test", "a.test"]),
+            AuthorityError::Duplicate
+        );
+        assert_eq!(e(V::HTTP_11, "/x", &[]), AuthorityError::Missing);
+        assert_eq!(
+            e(V::HTTP_11, "http://a.test/x", &[]),
+            AuthorityError::Missing
+        );
+        assert_eq!(e(V::HTTP_2, "/x", &[]), AuthorityError::Missing);
+        assert_eq!(e(V::HTTP_11, "/x", &[""]), AuthorityError::Invalid);
+        assert_eq!(e(V::HTTP_11, "/x", &["."]), AuthorityError::Invalid);
+        assert_eq!(e(V::HTTP_11, "/x", &["a b"]), AuthorityError::Invalid);
+        assert_eq!(
+            e(V::HTTP_11, "/x", &["user@a.test"]),
+            AuthorityError::UserInfo
+        );
+        assert_eq!(
+            e(V::HTTP_2, "https://user:pw@a.test/x", &[]),
+            AuthorityError::UserInfo
+        );
+        assert_eq!(
+            e(V::HTTP_11, "http://a.test/x", &["user@a.test"]),
+            AuthorityError::UserInfo,
+            "an invalid Host is refused even when the target wins"
+        );
     }
 
     #[test]

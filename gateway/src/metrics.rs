@@ -29,7 +29,8 @@ pub struct Metrics {
     /// `gateway_backend_healthy{upstream,backend}`: 1 when the backend takes traffic.
     pub backend_healthy: IntGaugeVec,
     /// `gateway_rejected_requests_total{reason}`: requests refused by a limit or for their
-    /// client's fault (`body_too_large`, `body_timeout`, `body_malformed`, `body_aborted`).
+    /// client's fault (`body_too_large`, `body_timeout`, `body_malformed`, `body_aborted`,
+    /// `bad_authority`).
     pub rejected: IntCounterVec,
 }
 

@@ -14,7 +14,9 @@ use prometheus::{Histogram, IntCounter};
 
 use crate::config::{Config, HostPattern, RouteSpec};
 use crate::deadline::TimerPool;
-use crate::http_util::{self, BodyLimitError, BodyProgress, BodyState, GuardedBody, LimitedBody};
+use crate::http_util::{
+    self, BodyLimitError, BodyProgress, BodyState, GuardedBody, LimitedBody, RequestAuthority,
+};
 use crate::metrics::Metrics;
 use std::collections::HashMap;
 
@@ -231,9 +233,14 @@ pub async fn handle(
     // Unique per request: HPACK must not add it to its dynamic table, where every response
     // would evict a useful entry and lengthen the lookups of the next ones.
     request_id.set_sensitive(true);
-    let host = http_util::request_host(&req);
+    // One authority per request, for routing, `Host` upstream and the forwarding headers.
+    let (authority, refused) = match http_util::request_authority(&req) {
+        Ok(a) => (a, None),
+        Err(e) => (RequestAuthority::default(), Some(e)),
+    };
+    let host = authority.host.as_deref();
     let method = req.method().clone();
-    if !snapshot.models.is_empty() {
+    if !snapshot.models.is_empty() && refused.is_none() {
         if let Some(rest) = req
             .uri()
             .path()
@@ -270,7 +277,10 @@ pub async fn handle(
             }
         }
     }
-    let route = snapshot.router.route(host.as_deref(), req.uri().path());
+    let route = match refused {
+        None => snapshot.router.route(host, req.uri().path()),
+        Some(_) => None,
+    };
     // Kept for the access log only.
     let path = config
         .logging
@@ -279,11 +289,25 @@ pub async fn handle(
 
     let mut variant = None;
     let (mut response, upstream_name, backend) = match route {
-        None => (
-            error_response(StatusCode::NOT_FOUND, "no route matches this host and path"),
-            None,
-            None,
-        ),
+        None => match refused {
+            Some(e) => {
+                shared
+                    .metrics
+                    .rejected
+                    .with_label_values(&["bad_authority"])
+                    .inc();
+                (
+                    error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+                    None,
+                    None,
+                )
+            }
+            None => (
+                error_response(StatusCode::NOT_FOUND, "no route matches this host and path"),
+                None,
+                None,
+            ),
+        },
         Some(route) => {
             let (parts, body) = req.into_parts();
             match admit_body(shared, config, &parts, body) {
@@ -297,7 +321,7 @@ pub async fn handle(
                             &snapshot,
                             route,
                             pool,
-                            host.as_deref(),
+                            &authority,
                             &request_id,
                             parts,
                             body,
@@ -316,7 +340,7 @@ pub async fn handle(
                             &snapshot,
                             route,
                             chain,
-                            host.as_deref(),
+                            &authority,
                             &request_id,
                             parts,
                             body,
@@ -371,7 +395,7 @@ pub async fn handle(
             target: "access",
             client = %conn.peer.ip(),
             method = %method,
-            host = host.as_deref().unwrap_or("-"),
+            host = host.unwrap_or("-"),
             path = path.as_deref().unwrap_or("-"),
             status = status.as_u16(),
             duration_us = elapsed.as_micros() as u64,
@@ -443,7 +467,7 @@ async fn forward(
     snapshot: &Snapshot,
     route: &Route,
     pool: &Arc<Pool>,
-    host: Option<&str>,
+    authority: &RequestAuthority,
     request_id: &HeaderValue,
     parts: http::request::Parts,
     body: ProxyBody,
@@ -459,18 +483,14 @@ async fn forward(
         config.proxy.forwarded,
         conn.peer,
         conn.proto,
-        host,
+        authority.host.as_deref(),
     );
     if let Some(via) = &config.proxy.via_name {
         http_util::append_via(&mut headers, parts.version, via);
     }
     headers.insert(config.proxy.request_id_header.clone(), request_id.clone());
-    if !headers.contains_key(header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(header::HOST, v);
-            }
-        }
+    if let Some(v) = &authority.replace_host {
+        headers.insert(header::HOST, v.clone());
     }
 
     let path_and_query = upstream_path(&parts.uri, route);
@@ -707,7 +727,7 @@ async fn with_plugins(
     snapshot: &Snapshot,
     route: &Route,
     chain: &RouteChain,
-    host: Option<&str>,
+    authority: &RequestAuthority,
     request_id: &HeaderValue,
     mut parts: http::request::Parts,
     body: ProxyBody,
@@ -783,7 +803,7 @@ async fn with_plugins(
                 .map_or(route.spec.upstream, |(_, idx)| *idx);
             let pool = &snapshot.pools[upstream];
             let (resp, backend) = forward(
-                shared, conn, snapshot, route, pool, host, request_id, parts, body, progress,
+                shared, conn, snapshot, route, pool, authority, request_id, parts, body, progress,
             )
             .await;
             (resp, ran, Some(upstream), backend)
@@ -990,13 +1010,14 @@ mod tests {
         let route = snapshot.router.route(None, "/").unwrap();
         let pool = &snapshot.pools[0];
         let rid = HeaderValue::from_static("x");
+        let authority = RequestAuthority::default();
         let fut = forward(
             &shared,
             &conn,
             &snapshot,
             route,
             pool,
-            None,
+            &authority,
             &rid,
             parts,
             empty_body(),
