@@ -164,3 +164,37 @@ async fn user_information_in_the_authority_gets_400() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert_eq!(local.hits() + evil.hits(), 0);
 }
+
+#[tokio::test]
+async fn the_https_redirect_follows_the_same_authority_rules() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let extra = r#"
+[[listeners]]
+name = "redirect"
+bind = "127.0.0.1:0"
+protocol = "http"
+http_mode = "redirect"
+redirect_https_port = 8443
+"#;
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", extra), pki.path()).await;
+    let send = |head: &'static str| {
+        let addr = gw.addr("redirect");
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            read_until_close(&mut tcp, Duration::from_secs(3)).await.0
+        }
+    };
+    let text =
+        send("GET /x HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    let text =
+        send("GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 308"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("location: https://a.test:8443/x"),
+        "{text}"
+    );
+}

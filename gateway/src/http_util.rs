@@ -177,25 +177,6 @@ pub fn append_via(headers: &mut HeaderMap, version: http::Version, name: &Header
     }
 }
 
-/// The host a request is for, lower case and without port: the URI authority (h2, absolute
-/// form) or the `Host` header.
-pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let host = match req.uri().authority() {
-        Some(a) => a.host(),
-        None => {
-            let h = req.headers().get(header::HOST)?.as_bytes();
-            match plain_host(h) {
-                Some(host) => host,
-                None => {
-                    let h = std::str::from_utf8(h).ok()?;
-                    return finish_host(h.parse::<http::uri::Authority>().ok()?.host());
-                }
-            }
-        }
-    };
-    finish_host(host)
-}
-
 /// Why a request's authority was refused with 400 (RFC 9112 §3.2, RFC 9113 §8.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorityError {
@@ -856,19 +837,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn host_comes_from_authority_or_header() {
-        let r = http::Request::get("/x")
-            .header("host", "Shop.Example.COM:8443")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&r).as_deref(), Some("shop.example.com"));
-        let r = http::Request::get("https://a.test/x").body(()).unwrap();
-        assert_eq!(request_host(&r).as_deref(), Some("a.test"));
-        let r = http::Request::get("/x").body(()).unwrap();
-        assert_eq!(request_host(&r), None);
-    }
-
     fn authority_of(
         version: http::Version,
         uri: &str,
@@ -964,6 +932,9 @@ mod tests {
     #[test]
     fn host_header_shortcut_agrees_with_authority_parsing() {
         let slow = |v: &str| {
+            if v.contains('@') {
+                return None;
+            }
             let a = v.parse::<http::uri::Authority>().ok()?;
             finish_host(a.host())
         };
@@ -986,7 +957,8 @@ mod tests {
             "",
         ] {
             let r = http::Request::get("/x").header("host", v).body(()).unwrap();
-            assert_eq!(request_host(&r), slow(v), "Host: {v:?}");
+            let fast = request_authority(&r).ok().and_then(|a| a.host);
+            assert_eq!(fast, slow(v), "Host: {v:?}");
         }
     }
 }

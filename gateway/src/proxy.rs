@@ -947,11 +947,15 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
 
 /// Answers a cleartext request with 308 to the same URL on HTTPS.
 pub fn redirect(req: &Request<Incoming>, https_port: u16) -> Response<ProxyBody> {
-    let Some(host) = http_util::request_host(req) else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "a Host header is needed to redirect to HTTPS",
-        );
+    let host = match http_util::request_authority(req) {
+        Ok(RequestAuthority { host: Some(h), .. }) => h,
+        Ok(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "a Host header is needed to redirect to HTTPS",
+            )
+        }
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let host = if host.contains(':') {
         format!("[{host}]")
