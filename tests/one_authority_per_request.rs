@@ -198,3 +198,60 @@ redirect_https_port = 8443
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_listener_with_reject_misdirected_answers_421_to_hosts_its_certificate_does_not_cover() {
+    let pki = Pki::new();
+    pki.issue("server", &["localhost"]);
+    pki.issue("shop", &["shop.test", "*.shop.test"]);
+    let up = Upstream::named("a").await;
+    let toml = format!(
+        r#"
+admin.bind = "127.0.0.1:0"
+[[tls.certificates]]
+cert = "server.pem"
+key = "server.key"
+server_names = ["localhost"]
+default = true
+[[tls.certificates]]
+cert = "shop.pem"
+key = "shop.key"
+server_names = ["shop.test", "*.shop.test"]
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:0"
+[[listeners]]
+name = "strict"
+bind = "127.0.0.1:0"
+reject_misdirected = true
+[[upstreams]]
+name = "app"
+backends = ["{}"]
+[[routes]]
+name = "all"
+upstream = "app"
+"#,
+        up.addr
+    );
+    let gw = TestGateway::start(&toml, pki.path()).await;
+    // Every connection is made with SNI `localhost`, served the default certificate.
+    for h2 in [false, true] {
+        for (listener, host, status) in [
+            ("https", "shop.test", 200),
+            ("strict", "localhost", 200),
+            ("strict", "shop.test", 421),
+            ("strict", "www.shop.test", 421),
+        ] {
+            let r = fetch(gw.addr(listener), &pki.ca_der, h2, get(host, "/")).await;
+            assert_eq!(r.status, status, "{listener} {host} h2={h2}: {}", r.text());
+        }
+    }
+    assert_eq!(up.hits(), 4);
+    assert_eq!(
+        gw.metric(
+            "gateway_rejected_requests_total",
+            &[("reason", "misdirected")]
+        ),
+        4.0
+    );
+}

@@ -30,7 +30,7 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     /// `gateway_rejected_requests_total{reason}`: requests refused by a limit or for their
     /// client's fault (`body_too_large`, `body_timeout`, `body_malformed`, `body_aborted`,
-    /// `bad_authority`).
+    /// `bad_authority`, `misdirected`).
     pub rejected: IntCounterVec,
 }
 

@@ -214,6 +214,17 @@ pub struct ConnInfo {
     pub proto: &'static str,
     /// Timers for this connection's upstream request timeouts, reused across its requests.
     pub timers: TimerPool,
+    /// On a listener with `reject_misdirected`, the names of the certificate the connection
+    /// was served with: a request for another host gets 421.
+    pub cert_names: Option<Box<[HostPattern]>>,
+}
+
+/// Why a request is answered before routing.
+enum Refusal {
+    /// 400: no single valid authority.
+    Authority(http_util::AuthorityError),
+    /// 421: the host is not one the connection's certificate covers.
+    Misdirected,
 }
 
 /// Answers one downstream request.
@@ -236,9 +247,13 @@ pub async fn handle(
     // One authority per request, for routing, `Host` upstream and the forwarding headers.
     let (authority, refused) = match http_util::request_authority(&req) {
         Ok(a) => (a, None),
-        Err(e) => (RequestAuthority::default(), Some(e)),
+        Err(e) => (RequestAuthority::default(), Some(Refusal::Authority(e))),
     };
     let host = authority.host.as_deref();
+    let refused = refused.or_else(|| {
+        let names = conn.cert_names.as_deref()?;
+        (!crate::tls::names_cover(names, host?)).then_some(Refusal::Misdirected)
+    });
     let method = req.method().clone();
     if !snapshot.models.is_empty() && refused.is_none() {
         if let Some(rest) = req
@@ -290,7 +305,7 @@ pub async fn handle(
     let mut variant = None;
     let (mut response, upstream_name, backend) = match route {
         None => match refused {
-            Some(e) => {
+            Some(Refusal::Authority(e)) => {
                 shared
                     .metrics
                     .rejected
@@ -298,6 +313,21 @@ pub async fn handle(
                     .inc();
                 (
                     error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+                    None,
+                    None,
+                )
+            }
+            Some(Refusal::Misdirected) => {
+                shared
+                    .metrics
+                    .rejected
+                    .with_label_values(&["misdirected"])
+                    .inc();
+                (
+                    error_response(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        "this connection's certificate does not cover the requested host",
+                    ),
                     None,
                     None,
                 )
@@ -1008,6 +1038,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             proto: "https",
             timers: TimerPool::default(),
+            cert_names: None,
         };
         let (parts, _) = Request::new(()).into_parts();
         let snapshot = shared.state.load();

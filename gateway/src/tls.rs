@@ -145,16 +145,73 @@ impl SniResolver {
                 return Some(k.clone());
             }
             // A wildcard covers exactly one label, as in RFC 6125.
-            if let Some((_, k)) = self.wildcards.iter().find(|(suffix, _)| {
-                name.ends_with(suffix.as_str())
-                    && !name[..name.len() - suffix.len()].contains('.')
-                    && name.len() > suffix.len()
-            }) {
+            if let Some((_, k)) = self
+                .wildcards
+                .iter()
+                .find(|(suffix, _)| one_label_under(&name, suffix))
+            {
                 return Some(k.clone());
             }
         }
         self.default.clone()
     }
+}
+
+/// The names of the certificate [`SniResolver`] chooses for `server_name`, by the same rules;
+/// `None` when it would choose none.
+pub fn chosen_names<'a>(
+    certs: &'a [CertificateSpec],
+    server_name: Option<&str>,
+) -> Option<&'a [HostPattern]> {
+    if let Some(name) = server_name {
+        let name = name.to_ascii_lowercase();
+        let exact = certs.iter().find(|spec| {
+            spec.server_names
+                .iter()
+                .any(|p| matches!(p, HostPattern::Exact(n) if *n == name))
+        });
+        if let Some(spec) = exact {
+            return Some(&spec.server_names);
+        }
+        let mut best: Option<(usize, &CertificateSpec)> = None;
+        for spec in certs {
+            for p in &spec.server_names {
+                if let HostPattern::Suffix(suffix) = p {
+                    if one_label_under(&name, suffix) && best.is_none_or(|(l, _)| suffix.len() > l)
+                    {
+                        best = Some((suffix.len(), spec));
+                    }
+                }
+            }
+        }
+        if let Some((_, spec)) = best {
+            return Some(&spec.server_names);
+        }
+    }
+    certs
+        .iter()
+        .rev()
+        .find(|spec| spec.default)
+        .map(|spec| &spec.server_names[..])
+}
+
+/// Whether a certificate configured with `server_names` is valid for `host` (lower case, no
+/// port): one of its exact names, or under one of its wildcards by exactly one label. A
+/// certificate configured without names (a default one) is taken to cover every host.
+pub fn names_cover(names: &[HostPattern], host: &str) -> bool {
+    names.is_empty()
+        || names.iter().any(|p| match p {
+            HostPattern::Exact(n) => n == host,
+            HostPattern::Suffix(suffix) => one_label_under(host, suffix),
+            HostPattern::Any => true,
+        })
+}
+
+/// `name` is one label followed by `suffix` (which starts with a dot), as in RFC 6125.
+fn one_label_under(name: &str, suffix: &str) -> bool {
+    name.len() > suffix.len()
+        && name.ends_with(suffix)
+        && !name[..name.len() - suffix.len()].contains('.')
 }
 
 impl ResolvesServerCert for SniResolver {
@@ -303,6 +360,42 @@ mod tests {
             tls12,
             rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
         );
+    }
+
+    #[test]
+    fn chosen_names_are_those_of_the_certificate_sni_picks() {
+        let certs = [
+            spec(&["shop.example.com"], false),
+            spec(&["*.example.com", "example.com"], false),
+            spec(&["*.cdn.example.com"], false),
+            spec(&["fallback.test"], true),
+        ];
+        let r = SniResolver::new(&certs);
+        for sni in [
+            Some("shop.example.com"),
+            Some("Img.Example.com"),
+            Some("a.cdn.example.com"),
+            Some("a.b.example.com"),
+            Some("example.com"),
+            Some("other.test"),
+            None,
+        ] {
+            let key = r.choose(sni).unwrap();
+            let picked = certs.iter().find(|c| Arc::ptr_eq(&c.key, &key)).unwrap();
+            assert_eq!(
+                chosen_names(&certs, sni),
+                Some(&picked.server_names[..]),
+                "{sni:?}"
+            );
+        }
+        assert_eq!(chosen_names(&certs[..3], Some("other.test")), None);
+
+        let wild = &certs[1].server_names;
+        assert!(names_cover(wild, "img.example.com"));
+        assert!(names_cover(wild, "example.com"));
+        assert!(!names_cover(wild, "a.b.example.com"));
+        assert!(!names_cover(wild, "shop.example.org"));
+        assert!(names_cover(&[], "any.test"), "a certificate without names");
     }
 
     #[test]
