@@ -255,3 +255,17 @@ upstream = "app"
         4.0
     );
 }
+
+#[test]
+fn reject_misdirected_on_a_cleartext_listener_is_a_config_error() {
+    let pki = Pki::new();
+    let up = "127.0.0.1:9".parse().unwrap();
+    let extra = "[[listeners]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\nreject_misdirected = true\n";
+    let toml = basic_config(&pki, &[up], "", extra);
+    let err = gateway::Config::from_toml(&toml, "test.toml", pki.path())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reject_misdirected"), "{err}");
+    assert!(err.contains("https"), "{err}");
+}
