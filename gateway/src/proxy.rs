@@ -672,6 +672,8 @@ async fn forward(
 
 /// Refuses a declared-too-large body and wraps the rest in the size and stall limits, with the
 /// progress it records (none for an empty body).
+// A refusal is rare and answered at once: not worth boxing.
+#[allow(clippy::result_large_err)]
 fn admit_body(
     shared: &Shared,
     config: &Config,
@@ -884,6 +886,7 @@ fn plugin_failure_response(plugin: &str, outcome: Outcome) -> Response<ProxyBody
 }
 
 /// Runs response hooks and rebuilds the response from what they left.
+#[allow(clippy::too_many_arguments)]
 async fn plugin_response(
     chain: &RouteChain,
     ran: usize,
