@@ -457,27 +457,21 @@ where
         }
         let (state, res) = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > *this.remaining {
-                        let e = BodyLimitError::TooLarge;
-                        (BodyState::Failed(e), Poll::Ready(Some(Err(e.into()))))
-                    } else {
-                        *this.remaining -= len;
-                        let deadline = tokio::time::Instant::now() + *this.timeout;
-                        this.sleep.as_mut().reset(deadline);
-                        // A reader may stop at the end without asking again.
-                        let state = if this.inner.is_end_stream() {
-                            BodyState::Complete
-                        } else {
-                            BodyState::Reading
-                        };
-                        (state, Poll::Ready(Some(Ok(frame))))
-                    }
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > *this.remaining {
+                    let e = BodyLimitError::TooLarge;
+                    (BodyState::Failed(e), Poll::Ready(Some(Err(e.into()))))
                 } else {
+                    *this.remaining -= len;
                     let deadline = tokio::time::Instant::now() + *this.timeout;
                     this.sleep.as_mut().reset(deadline);
-                    (BodyState::Reading, Poll::Ready(Some(Ok(frame))))
+                    // A reader may stop at the end without asking again.
+                    let state = if this.inner.is_end_stream() {
+                        BodyState::Complete
+                    } else {
+                        BodyState::Reading
+                    };
+                    (state, Poll::Ready(Some(Ok(frame))))
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -739,6 +733,47 @@ mod tests {
             "a real stall still times out"
         );
         feeder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn body_progress_tells_waiting_on_the_client_from_complete() {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let progress = Arc::new(BodyProgress::default());
+        let mut body = Box::pin(
+            LimitedBody::new(ChannelBody(rx), 1024, Duration::from_secs(10))
+                .tracked(progress.clone()),
+        );
+        assert_eq!(progress.state(), BodyState::Reading, "not read yet");
+        let waited = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
+        assert!(waited.is_err());
+        assert_eq!(progress.state(), BodyState::WaitingOnClient);
+        tx.send(Bytes::from_static(b"part")).await.unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            progress.state(),
+            BodyState::Reading,
+            "a frame was handed on"
+        );
+        drop(tx);
+        assert!(body.frame().await.is_none());
+        assert_eq!(progress.state(), BodyState::Complete);
+
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let progress = Arc::new(BodyProgress::default());
+        let mut body = Box::pin(
+            LimitedBody::new(ChannelBody(rx), 4, Duration::from_secs(10)).tracked(progress.clone()),
+        );
+        tx.send(Bytes::from_static(b"too long")).await.unwrap();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(
+            find_body_limit_error(err.as_ref()),
+            Some(BodyLimitError::TooLarge)
+        );
+        assert_eq!(
+            progress.state(),
+            BodyState::Failed(BodyLimitError::TooLarge)
+        );
     }
 
     #[test]
