@@ -8,11 +8,13 @@ mod support;
 
 mod admin_api_reloads_and_guards_the_node;
 mod bad_config_files_give_located_errors;
+mod client_faults_never_eject_a_backend;
 mod config_watch_reloads_on_file_changes;
 mod demo_serves_the_storefront;
 mod graceful_drain_loses_no_request;
 mod hop_by_hop_and_forwarding_headers;
 mod hostile_plugins_are_contained;
+mod one_authority_per_request;
 mod reload_keeps_what_did_not_change;
 mod reloads_and_uploads_are_linearisable;
 mod routing_by_host_and_prefix;

@@ -14,7 +14,8 @@ pub struct Metrics {
     /// `gateway_upstream_request_duration_seconds{upstream}`: one upstream attempt, to its head.
     pub upstream_duration: HistogramVec,
     /// `gateway_upstream_errors_total{upstream,kind}`: failed upstream attempts by kind
-    /// (`connect`, `reset`, `timeout`, `no_backend`, `other`).
+    /// (`connect`, `reset`, `timeout`, `no_backend`, `other`; `client_body` for those the
+    /// client's body caused, which are not held against the backend).
     pub upstream_errors: IntCounterVec,
     /// `gateway_upstream_retries_total{upstream,outcome}`: retries made (`outcome=attempted`)
     /// or refused by the budget (`outcome=budget_exhausted`).
@@ -27,8 +28,9 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     /// `gateway_backend_healthy{upstream,backend}`: 1 when the backend takes traffic.
     pub backend_healthy: IntGaugeVec,
-    /// `gateway_rejected_requests_total{reason}`: requests refused by a limit
-    /// (`body_too_large`, `body_timeout`, `bad_request`).
+    /// `gateway_rejected_requests_total{reason}`: requests refused by a limit or for their
+    /// client's fault (`body_too_large`, `body_timeout`, `body_malformed`, `body_aborted`,
+    /// `bad_authority`, `misdirected`).
     pub rejected: IntCounterVec,
 }
 

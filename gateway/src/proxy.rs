@@ -14,7 +14,9 @@ use prometheus::{Histogram, IntCounter};
 
 use crate::config::{Config, HostPattern, RouteSpec};
 use crate::deadline::TimerPool;
-use crate::http_util::{self, BodyLimitError, GuardedBody, LimitedBody};
+use crate::http_util::{
+    self, BodyLimitError, BodyProgress, BodyState, GuardedBody, LimitedBody, RequestAuthority,
+};
 use crate::metrics::Metrics;
 use std::collections::HashMap;
 
@@ -212,6 +214,17 @@ pub struct ConnInfo {
     pub proto: &'static str,
     /// Timers for this connection's upstream request timeouts, reused across its requests.
     pub timers: TimerPool,
+    /// On a listener with `reject_misdirected`, the names of the certificate the connection
+    /// was served with: a request for another host gets 421.
+    pub cert_names: Option<Box<[HostPattern]>>,
+}
+
+/// Why a request is answered before routing.
+enum Refusal {
+    /// 400: no single valid authority.
+    Authority(http_util::AuthorityError),
+    /// 421: the host is not one the connection's certificate covers.
+    Misdirected,
 }
 
 /// Answers one downstream request.
@@ -231,9 +244,18 @@ pub async fn handle(
     // Unique per request: HPACK must not add it to its dynamic table, where every response
     // would evict a useful entry and lengthen the lookups of the next ones.
     request_id.set_sensitive(true);
-    let host = http_util::request_host(&req);
+    // One authority per request, for routing, `Host` upstream and the forwarding headers.
+    let (authority, refused) = match http_util::request_authority(&req) {
+        Ok(a) => (a, None),
+        Err(e) => (RequestAuthority::default(), Some(Refusal::Authority(e))),
+    };
+    let host = authority.host.as_deref();
+    let refused = refused.or_else(|| {
+        let names = conn.cert_names.as_deref()?;
+        (!crate::tls::names_cover(names, host?)).then_some(Refusal::Misdirected)
+    });
     let method = req.method().clone();
-    if !snapshot.models.is_empty() {
+    if !snapshot.models.is_empty() && refused.is_none() {
         if let Some(rest) = req
             .uri()
             .path()
@@ -270,7 +292,10 @@ pub async fn handle(
             }
         }
     }
-    let route = snapshot.router.route(host.as_deref(), req.uri().path());
+    let route = match refused {
+        None => snapshot.router.route(host, req.uri().path()),
+        Some(_) => None,
+    };
     // Kept for the access log only.
     let path = config
         .logging
@@ -279,16 +304,45 @@ pub async fn handle(
 
     let mut variant = None;
     let (mut response, upstream_name, backend) = match route {
-        None => (
-            error_response(StatusCode::NOT_FOUND, "no route matches this host and path"),
-            None,
-            None,
-        ),
+        None => match refused {
+            Some(Refusal::Authority(e)) => {
+                shared
+                    .metrics
+                    .rejected
+                    .with_label_values(&["bad_authority"])
+                    .inc();
+                (
+                    error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+                    None,
+                    None,
+                )
+            }
+            Some(Refusal::Misdirected) => {
+                shared
+                    .metrics
+                    .rejected
+                    .with_label_values(&["misdirected"])
+                    .inc();
+                (
+                    error_response(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        "this connection's certificate does not cover the requested host",
+                    ),
+                    None,
+                    None,
+                )
+            }
+            None => (
+                error_response(StatusCode::NOT_FOUND, "no route matches this host and path"),
+                None,
+                None,
+            ),
+        },
         Some(route) => {
             let (parts, body) = req.into_parts();
             match admit_body(shared, config, &parts, body) {
                 Err(resp) => (resp, None, None),
-                Ok((body, body_empty)) => match &route.chain {
+                Ok((body, progress)) => match &route.chain {
                     None => {
                         let pool = &snapshot.pools[route.spec.upstream];
                         let (resp, backend) = forward(
@@ -297,11 +351,11 @@ pub async fn handle(
                             &snapshot,
                             route,
                             pool,
-                            host.as_deref(),
+                            &authority,
                             &request_id,
                             parts,
                             body,
-                            body_empty,
+                            progress.as_deref(),
                         )
                         .await;
                         let backend = backend.map(|i| &pool.backends[i].authority);
@@ -316,11 +370,11 @@ pub async fn handle(
                             &snapshot,
                             route,
                             chain,
-                            host.as_deref(),
+                            &authority,
                             &request_id,
                             parts,
                             body,
-                            body_empty,
+                            progress.as_deref(),
                         ))
                         .await;
                         variant = out.variant;
@@ -371,7 +425,7 @@ pub async fn handle(
             target: "access",
             client = %conn.peer.ip(),
             method = %method,
-            host = host.as_deref().unwrap_or("-"),
+            host = host.unwrap_or("-"),
             path = path.as_deref().unwrap_or("-"),
             status = status.as_u16(),
             duration_us = elapsed.as_micros() as u64,
@@ -434,6 +488,8 @@ fn classify(err: &SendError) -> Failure {
     Failure::Other
 }
 
+/// Sends a request to `pool` with retries. `progress` is the request body's, `None` when the
+/// request has none.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
@@ -441,14 +497,15 @@ async fn forward(
     snapshot: &Snapshot,
     route: &Route,
     pool: &Arc<Pool>,
-    host: Option<&str>,
+    authority: &RequestAuthority,
     request_id: &HeaderValue,
     parts: http::request::Parts,
     body: ProxyBody,
-    body_empty: bool,
+    progress: Option<&BodyProgress>,
 ) -> (Response<ProxyBody>, Option<usize>) {
     let config = &snapshot.config;
     let metrics = &shared.metrics;
+    let body_empty = progress.is_none();
     let mut headers = parts.headers;
     http_util::strip_hop_by_hop(&mut headers);
     http_util::add_forwarded(
@@ -456,18 +513,14 @@ async fn forward(
         config.proxy.forwarded,
         conn.peer,
         conn.proto,
-        host,
+        authority.host.as_deref(),
     );
     if let Some(via) = &config.proxy.via_name {
         http_util::append_via(&mut headers, parts.version, via);
     }
     headers.insert(config.proxy.request_id_header.clone(), request_id.clone());
-    if !headers.contains_key(header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(header::HOST, v);
-            }
-        }
+    if let Some(v) = &authority.replace_host {
+        headers.insert(header::HOST, v.clone());
     }
 
     let path_and_query = upstream_path(&parts.uri, route);
@@ -557,40 +610,29 @@ async fn forward(
                 return (Response::from_parts(parts, body), Some(index));
             }
             Ok(Err(err)) => {
-                let failure = classify(&err);
+                // A body that broke on the client's side makes the exchange fail too, in ways
+                // (an h2 reset, an early close) that look like the backend's fault.
+                let failure = match progress.map(BodyProgress::state) {
+                    Some(BodyState::Failed(b)) => Failure::Body(b),
+                    _ => classify(&err),
+                };
                 tracing::debug!(upstream, backend = %backend.authority, error = %err, kind = failure.label(), "upstream attempt failed");
                 failure
             }
-            Err(_) => Failure::Timeout,
+            // Still waiting for the client to send the body: the client is the slow one.
+            Err(_) => match progress.map(BodyProgress::state) {
+                Some(BodyState::Failed(b)) => Failure::Body(b),
+                Some(BodyState::WaitingOnClient) => Failure::Body(BodyLimitError::Timeout),
+                _ => Failure::Timeout,
+            },
         };
         metrics
             .upstream_errors
             .with_label_values(&[upstream, failure.label()])
             .inc();
         match failure {
-            Failure::Body(BodyLimitError::TooLarge) => {
-                metrics
-                    .rejected
-                    .with_label_values(&["body_too_large"])
-                    .inc();
-                return (
-                    error_response(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body is larger than the gateway accepts",
-                    ),
-                    None,
-                );
-            }
-            Failure::Body(BodyLimitError::Timeout) => {
-                metrics.rejected.with_label_values(&["body_timeout"]).inc();
-                return (
-                    error_response(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request body was not received in time",
-                    ),
-                    None,
-                );
-            }
+            // The client's fault: never held against the backend.
+            Failure::Body(b) => return (body_fault_response(metrics, Some(b)), None),
             Failure::Timeout => {
                 pool.record_failure(index);
                 return (
@@ -628,13 +670,16 @@ async fn forward(
     }
 }
 
-/// Refuses a declared-too-large body and wraps the rest in the size and stall limits.
+/// Refuses a declared-too-large body and wraps the rest in the size and stall limits, with the
+/// progress it records (none for an empty body).
+// A refusal is rare and answered at once: not worth boxing.
+#[allow(clippy::result_large_err)]
 fn admit_body(
     shared: &Shared,
     config: &Config,
     parts: &http::request::Parts,
     body: Incoming,
-) -> Result<(ProxyBody, bool), Response<ProxyBody>> {
+) -> Result<(ProxyBody, Option<Arc<BodyProgress>>), Response<ProxyBody>> {
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -651,14 +696,16 @@ fn admit_body(
         ));
     }
     if body.is_end_stream() {
-        return Ok((empty_body(), true));
+        return Ok((empty_body(), None));
     }
+    let progress = Arc::new(BodyProgress::default());
     let limited = LimitedBody::new(
         body,
         config.limits.max_body_bytes,
         config.limits.body_read_timeout,
-    );
-    Ok((limited.boxed_unsync(), false))
+    )
+    .tracked(progress.clone());
+    Ok((limited.boxed_unsync(), Some(progress)))
 }
 
 /// The result of a request that went through a plugin chain.
@@ -669,38 +716,39 @@ struct PluginPass {
     variant: Option<String>,
 }
 
-fn body_limit_response(
-    shared: &Shared,
-    err: &(dyn std::error::Error + 'static),
-) -> Response<ProxyBody> {
-    match http_util::find_body_limit_error(err) {
-        Some(BodyLimitError::TooLarge) => {
-            shared
-                .metrics
-                .rejected
-                .with_label_values(&["body_too_large"])
-                .inc();
-            error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body is larger than the gateway accepts",
-            )
-        }
-        Some(BodyLimitError::Timeout) => {
-            shared
-                .metrics
-                .rejected
-                .with_label_values(&["body_timeout"])
-                .inc();
-            error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                "request body was not received in time",
-            )
-        }
-        None => error_response(
-            StatusCode::BAD_REQUEST,
-            "the request body could not be read",
+/// The answer to a request whose body the client cut off, stalled or broke, counted in
+/// `gateway_rejected_requests_total` by reason.
+fn body_fault_response(metrics: &Metrics, fault: Option<BodyLimitError>) -> Response<ProxyBody> {
+    let (reason, status, message) = match fault {
+        Some(BodyLimitError::TooLarge) => (
+            "body_too_large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than the gateway accepts",
         ),
-    }
+        Some(BodyLimitError::Timeout) => (
+            "body_timeout",
+            StatusCode::REQUEST_TIMEOUT,
+            "request body was not received in time",
+        ),
+        Some(BodyLimitError::Malformed) => (
+            "body_malformed",
+            StatusCode::BAD_REQUEST,
+            "request body framing is invalid",
+        ),
+        Some(BodyLimitError::Aborted) => (
+            "body_aborted",
+            StatusCode::BAD_REQUEST,
+            "request body ended before it was complete",
+        ),
+        None => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            )
+        }
+    };
+    metrics.rejected.with_label_values(&[reason]).inc();
+    error_response(status, message)
 }
 
 /// Runs the route's plugin chain around the upstream exchange.
@@ -711,12 +759,13 @@ async fn with_plugins(
     snapshot: &Snapshot,
     route: &Route,
     chain: &RouteChain,
-    host: Option<&str>,
+    authority: &RequestAuthority,
     request_id: &HeaderValue,
     mut parts: http::request::Parts,
     body: ProxyBody,
-    body_empty: bool,
+    progress: Option<&BodyProgress>,
 ) -> PluginPass {
+    let body_empty = progress.is_none();
     let default_variant = route
         .spec
         .default_variant
@@ -733,7 +782,12 @@ async fn with_plugins(
         (Some(limit), false) => match http_util::buffer_body(body, limit).await {
             Ok(http_util::Buffered::Whole(bytes)) => (full_body(bytes.clone()), Some(bytes)),
             Ok(http_util::Buffered::Partial(rest)) => (rest, None),
-            Err(e) => return fail(body_limit_response(shared, e.as_ref())),
+            Err(e) => {
+                return fail(body_fault_response(
+                    &shared.metrics,
+                    http_util::find_body_limit_error(e.as_ref()),
+                ))
+            }
         },
         (Some(_), true) => (body, Some(Bytes::new())),
         (None, _) => (body, None),
@@ -781,7 +835,7 @@ async fn with_plugins(
                 .map_or(route.spec.upstream, |(_, idx)| *idx);
             let pool = &snapshot.pools[upstream];
             let (resp, backend) = forward(
-                shared, conn, snapshot, route, pool, host, request_id, parts, body, body_empty,
+                shared, conn, snapshot, route, pool, authority, request_id, parts, body, progress,
             )
             .await;
             (resp, ran, Some(upstream), backend)
@@ -832,6 +886,7 @@ fn plugin_failure_response(plugin: &str, outcome: Outcome) -> Response<ProxyBody
 }
 
 /// Runs response hooks and rebuilds the response from what they left.
+#[allow(clippy::too_many_arguments)]
 async fn plugin_response(
     chain: &RouteChain,
     ran: usize,
@@ -925,11 +980,15 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
 
 /// Answers a cleartext request with 308 to the same URL on HTTPS.
 pub fn redirect(req: &Request<Incoming>, https_port: u16) -> Response<ProxyBody> {
-    let Some(host) = http_util::request_host(req) else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "a Host header is needed to redirect to HTTPS",
-        );
+    let host = match http_util::request_authority(req) {
+        Ok(RequestAuthority { host: Some(h), .. }) => h,
+        Ok(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "a Host header is needed to redirect to HTTPS",
+            )
+        }
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let host = if host.contains(':') {
         format!("[{host}]")
@@ -982,23 +1041,25 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             proto: "https",
             timers: TimerPool::default(),
+            cert_names: None,
         };
         let (parts, _) = Request::new(()).into_parts();
         let snapshot = shared.state.load();
         let route = snapshot.router.route(None, "/").unwrap();
         let pool = &snapshot.pools[0];
         let rid = HeaderValue::from_static("x");
+        let authority = RequestAuthority::default();
         let fut = forward(
             &shared,
             &conn,
             &snapshot,
             route,
             pool,
-            None,
+            &authority,
             &rid,
             parts,
             empty_body(),
-            true,
+            None,
         );
         let n = size(&fut);
         eprintln!("forward future: {n} bytes");

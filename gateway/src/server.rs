@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Limits, ListenerKind};
+use crate::config::{Config, Limits, ListenerKind, ListenerSpec};
 use crate::deadline::TimerPool;
 use crate::http_util::GuardedBody;
 use crate::metrics::{Metrics, MetricsError};
@@ -344,7 +344,7 @@ impl Gateway {
             let addr = listener.local_addr().expect("bound socket has an address");
             tracing::info!(listener = %spec.name, %addr, kind = ?spec.kind, "listening");
             listeners.push((spec.name.clone(), addr));
-            tokio::spawn(accept_loop(ctx.clone(), listener, spec.name, spec.kind));
+            tokio::spawn(accept_loop(ctx.clone(), listener, spec));
         }
         let draining = Arc::new(AtomicBool::new(false));
         let admin_shutdown = CancellationToken::new();
@@ -837,8 +837,9 @@ fn http_builder(limits: &Limits, hyper_head_timer: bool) -> auto::Builder<TokioE
     b
 }
 
-async fn accept_loop(ctx: Arc<ServeCtx>, listener: TcpListener, name: String, kind: ListenerKind) {
-    let name: Arc<str> = name.into();
+async fn accept_loop(ctx: Arc<ServeCtx>, listener: TcpListener, spec: ListenerSpec) {
+    let (kind, reject_misdirected) = (spec.kind, spec.reject_misdirected);
+    let name: Arc<str> = spec.name.into();
     let metrics = &ctx.shared.metrics;
     let active = metrics.active_connections.with_label_values(&[&*name]);
     let accepted = metrics.connections.with_label_values(&[&*name]);
@@ -867,6 +868,7 @@ async fn accept_loop(ctx: Arc<ServeCtx>, listener: TcpListener, name: String, ki
             active: ActiveGuard::new(active.clone()),
             handshake_failures: handshake_failures.clone(),
             listener: name.clone(),
+            reject_misdirected,
             _permit: permit,
         };
         ctx.tracker.spawn(conn.serve(stream, peer, kind));
@@ -905,6 +907,8 @@ struct Connection {
     active: ActiveGuard,
     handshake_failures: IntCounter,
     listener: Arc<str>,
+    /// The listener's `reject_misdirected`.
+    reject_misdirected: bool,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -1048,10 +1052,18 @@ impl Connection {
                 } else {
                     (&self.ctx.h1, Speaks::Http1)
                 };
+                let cert_names = self.reject_misdirected.then(|| {
+                    let sni = tls_stream.get_ref().1.server_name();
+                    let state = self.ctx.shared.state.load();
+                    crate::tls::chosen_names(&state.config.certificates, sni)
+                        .map(Into::into)
+                        .unwrap_or_default()
+                });
                 let info = ConnInfo {
                     peer,
                     proto: "https",
                     timers: TimerPool::default(),
+                    cert_names,
                 };
                 self.serve_http(builder, TokioIo::new(tls_stream), info, None, speaks)
                     .await;
@@ -1061,6 +1073,7 @@ impl Connection {
                     peer,
                     proto: "http",
                     timers: TimerPool::default(),
+                    cert_names: None,
                 };
                 self.serve_http(
                     &self.ctx.auto,
@@ -1076,6 +1089,7 @@ impl Connection {
                     peer,
                     proto: "http",
                     timers: TimerPool::default(),
+                    cert_names: None,
                 };
                 self.serve_http(
                     &self.ctx.auto,

@@ -369,6 +369,8 @@ pub struct ListenerSpec {
     pub bind: SocketAddr,
     /// Protocol.
     pub kind: ListenerKind,
+    /// HTTPS only: 421 for a request whose host the SNI-chosen certificate does not cover.
+    pub reject_misdirected: bool,
 }
 
 /// Load balancing policy.

@@ -285,6 +285,10 @@ pub struct RawListener {
     pub http_mode: Option<String>,
     /// For `redirect`: the HTTPS port to name in the Location header. Default 443.
     pub redirect_https_port: Option<u16>,
+    /// For `https` listeners: answer 421 Misdirected Request to a request whose host is not
+    /// among the `server_names` of the certificate chosen by SNI (a connection reused for
+    /// another site); a certificate without `server_names` covers every host. Default false.
+    pub reject_misdirected: Option<bool>,
 }
 
 /// `[[upstreams]]`

@@ -410,11 +410,18 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
                 "only applies with `http_mode = \"redirect\"`; remove it",
             );
         }
+        if rl.reject_misdirected.is_some() && kind != ListenerKind::Https {
+            c.fail(
+                at("reject_misdirected"),
+                "only applies to `protocol = \"https\"` listeners; remove it",
+            );
+        }
         if let Some(bind) = bind {
             listeners.push(ListenerSpec {
                 name: rl.name,
                 bind,
                 kind,
+                reject_misdirected: rl.reject_misdirected.unwrap_or(false),
             });
         }
     }
