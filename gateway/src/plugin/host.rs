@@ -45,19 +45,13 @@ pub struct StoreState {
 pub trait Ranker: Send + Sync {
     /// Scores `candidates` for `user` with `model`: the version and one score per candidate,
     /// in order.
-    fn rank<'a>(
-        &'a self,
-        model: &'a str,
-        user: u32,
-        candidates: Vec<u32>,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = std::result::Result<(String, Vec<f32>), String>>
-                + Send
-                + 'a,
-        >,
-    >;
+    fn rank<'a>(&'a self, model: &'a str, user: u32, candidates: Vec<u32>) -> RankFuture<'a>;
 }
+
+/// What [`Ranker::rank`] returns: the version and the scores, or why there are none.
+pub type RankFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::result::Result<(String, Vec<f32>), String>> + Send + 'a>,
+>;
 
 impl StoreState {
     /// A fresh state for an instance of `plugin`.

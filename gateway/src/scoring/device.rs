@@ -67,6 +67,8 @@ fn describe(info: &wgpu::AdapterInfo) -> String {
 }
 
 /// Where models run: a GPU device (real or software) or the CPU path.
+// One per process, made once and cloned at model loads: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum ComputeDevice {
     Gpu(GpuDevice),

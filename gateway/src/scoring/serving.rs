@@ -895,9 +895,7 @@ impl crate::plugin::host::Ranker for ModelsRanker {
         model: &'a str,
         user: u32,
         candidates: Vec<u32>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<(String, Vec<f32>), String>> + Send + 'a>,
-    > {
+    ) -> crate::plugin::host::RankFuture<'a> {
         Box::pin(async move {
             let slot = self
                 .0
