@@ -112,7 +112,7 @@ fn cases(oracle: &Oracle, seed: u64) -> Vec<Case> {
         let user = rng.below(N_USERS as u64) as u32;
         let case = match i % 12 {
             // Valid rank by user id.
-            0 | 1 | 2 => {
+            0..=2 => {
                 let n = 1 + rng.below(12) as usize;
                 let cands: Vec<u32> = (0..n).map(|_| rng.below(N_ITEMS as u64) as u32).collect();
                 Case {
@@ -132,7 +132,7 @@ fn cases(oracle: &Oracle, seed: u64) -> Vec<Case> {
                 }
             }
             // Valid top-k.
-            4 | 5 => {
+            4..=5 => {
                 let k = 1 + rng.below(20) as usize;
                 Case {
                     path: "/_gateway/models/recs/topk".into(),
@@ -141,7 +141,7 @@ fn cases(oracle: &Oracle, seed: u64) -> Vec<Case> {
                 }
             }
             // Valid predict on the MLP model.
-            6 | 7 => {
+            6..=7 => {
                 let rows: Vec<(u32, u32, Vec<f32>)> = (0..1 + rng.below(4))
                     .map(|_| {
                         (
