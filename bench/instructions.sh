@@ -18,12 +18,12 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 MODE=${1:-}
-GATEWAY=${2:-target/release/gateway}
+GATEWAY=${2:-target/dist/gateway}
 REQUESTS=${3:-20000}
 die() { echo "instructions.sh: $*" >&2; exit 1; }
 [[ $MODE == h1 || $MODE == h2 ]] || die "usage: bench/instructions.sh h1|h2 [GATEWAY_BINARY|nginx] [REQUESTS]"
 [[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "REQUESTS must be a positive integer, got '$REQUESTS'"
-[[ $GATEWAY == nginx || -x $GATEWAY ]] || die "$GATEWAY not found (cargo build --release -p gateway)"
+[[ $GATEWAY == nginx || -x $GATEWAY ]] || die "$GATEWAY not found (cargo build --profile dist -p gateway)"
 for tool in valgrind callgrind_control nginx h2load openssl; do
   command -v $tool >/dev/null || die "$tool is not installed"
 done

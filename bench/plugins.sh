@@ -25,7 +25,7 @@ GW_PORT=18445
 GW_ADMIN=19902
 CERT=/tmp/bench-cert.pem
 KEY=/tmp/bench-key.pem
-GATEWAY=$ROOT/target/release/gateway
+GATEWAY=$ROOT/target/dist/gateway
 
 die() { echo "plugins.sh: $*" >&2; exit 1; }
 for v in ROUNDS DURATION; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
@@ -41,7 +41,7 @@ if ((${#missing[@]})); then
   timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 if [[ $SKIP_BUILD != 1 ]]; then
-  timeout 1800 cargo build --release -p gateway
+  timeout 1800 cargo build --profile dist -p gateway
   timeout 1800 plugins/build.sh >/dev/null
 fi
 [[ -x $GATEWAY ]] || die "$GATEWAY not found"

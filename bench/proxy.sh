@@ -7,7 +7,7 @@
 #
 # Environment: ROUNDS (4; even, so each proxy runs first equally often), DURATION seconds per run (8), CONNS client connections (64),
 # STREAMS concurrent h2 streams per connection (10), SKIP_BUILD=1 to use the existing
-# target/release/gateway.
+# target/dist/gateway.
 #
 # Peers, all on 127.0.0.1 and all with one worker:
 #   18080  nginx upstream, a small JSON answer      bench/nginx/nginx-upstream.conf
@@ -40,7 +40,7 @@ GW_ADMIN_PORT=19901
 CERT=/tmp/bench-cert.pem
 KEY=/tmp/bench-key.pem
 GW_LOG=/tmp/bench-gw.log
-GATEWAY=$ROOT/target/release/gateway
+GATEWAY=$ROOT/target/dist/gateway
 
 die() { echo "proxy.sh: $*" >&2; exit 1; }
 
@@ -66,7 +66,7 @@ NGINX_VERSION=$(nginx -v 2>&1 | sed 's/^nginx version: //')
 
 # --- gateway -----------------------------------------------------------------------------------
 if [[ $SKIP_BUILD != 1 ]]; then
-  timeout 1800 cargo build --release -p gateway
+  timeout 1800 cargo build --profile dist -p gateway
 fi
 [[ -x $GATEWAY ]] || die "$GATEWAY not found (build it or unset SKIP_BUILD)"
 GW_VERSION=$("$GATEWAY" --version)

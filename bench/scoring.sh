@@ -30,10 +30,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SKIP_BUILD=${SKIP_BUILD:-0}
-BIN=target/release/examples/scoring_bench
+BIN=target/dist/examples/scoring_bench
 
 if [[ "$SKIP_BUILD" != 1 ]]; then
-    cargo build --release --example scoring_bench -p gateway
+    cargo build --profile dist --example scoring_bench -p gateway
 fi
 
 # The example's defaults: --backend auto --iters 200 --warmup 5 --max-seconds 15 --items 1000000

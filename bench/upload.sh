@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On-demand measurement, not part of CI: time from the start of an upload to the first request
 # served by the new version, for a plugin and for a ~100 MB model, through `gateway plugin
-# push` / `gateway model push` against a running release gateway on loopback.
+# push` / `gateway model push` against a running dist-profile gateway on loopback.
 #
 #   bench/upload.sh                  # 3 rounds each
 #   ROUNDS=1 SKIP_BUILD=1 bench/upload.sh
@@ -9,9 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ROUNDS=${ROUNDS:-3}
-GATEWAY=$ROOT/target/release/gateway
+GATEWAY=$ROOT/target/dist/gateway
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  cargo build --release -p gateway
+  cargo build --profile dist -p gateway
   plugins/build.sh >/dev/null
 fi
 command -v curl >/dev/null || { echo "upload.sh: curl is needed" >&2; exit 1; }
@@ -83,7 +83,7 @@ for i in $(seq "$ROUNDS"); do
 done
 size=$(stat -c %s "$WORK/big1.safetensors")
 echo
-echo "upload -> first request served by the new version (median of $ROUNDS, nproc $(nproc), release build, loopback)"
+echo "upload -> first request served by the new version (median of $ROUNDS, nproc $(nproc), dist build, loopback)"
 echo "  plugin ($(stat -c %s "$ROOT/plugins/dist/hygiene.wasm") bytes):  $(median <"$WORK/plugin") ms"
 echo "  model  ($size bytes):  $(median <"$WORK/model") ms"
 grep -iE "error|panic" "$WORK/gw.log" | head -5 || true
