@@ -101,7 +101,11 @@ async fn the_demo_command_serves_the_storefront_through_its_plugins() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args(["demo", "--https", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
+        // As on a headless node: no desktop session, Mesa's device-select layer not told off.
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -141,4 +145,14 @@ async fn the_demo_command_serves_the_storefront_through_its_plugins() {
         "{v}"
     );
     let _ = child.kill().await;
+    // A healthy start says nothing on stderr at warn level (Mesa's "XDG_RUNTIME_DIR is
+    // invalid" included).
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        !stderr.contains("XDG_RUNTIME_DIR") && !stderr.contains("error"),
+        "{stderr}"
+    );
 }

@@ -24,6 +24,18 @@ macro_rules! println {
     }};
 }
 
+/// Turns off Mesa's implicit Vulkan device-select layer unless the environment says otherwise.
+/// The layer connects to a Wayland or X display to find the desktop's GPU; on a headless node
+/// there is none and it prints `error: XDG_RUNTIME_DIR is invalid or not set` for every
+/// Vulkan instance, which reads like a failure of the gateway. The gateway picks its adapter
+/// itself (`scoring::acquire_device`), so the layer has nothing to add. Called first in
+/// `main`, while the process has one thread.
+fn quiet_vulkan_device_select() {
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 /// Ends the process after a failed write to stdout: quietly when the reader closed the pipe.
 fn stdout_failed(e: std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -200,6 +212,7 @@ enum ModelCommand {
 }
 
 fn main() -> ExitCode {
+    quiet_vulkan_device_select();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
