@@ -24,6 +24,7 @@ mod scoring_rejects_bad_models;
 mod scoring_serves_and_swaps_without_mixing;
 mod shipped_plugins_work_end_to_end;
 mod swaps_under_load_lose_no_request;
+mod the_sample_config_is_complete_and_checks;
 mod timeouts_and_limits;
 mod tls_sni_alpn_and_versions;
 mod uploads_are_validated_durable_and_reversible;

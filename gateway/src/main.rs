@@ -66,6 +66,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write the files a configuration names but that do not exist yet, to try it out: a
+    /// self-signed certificate for each missing certificate and key, a sample embedding model
+    /// for each missing model. Existing files are left alone.
+    SampleFiles {
+        /// Path to gateway.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Work with plugin components.
     Plugin {
         #[command(subcommand)]
@@ -216,6 +224,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
+        Command::SampleFiles { config } => sample_files(&config),
         Command::Run { config: path } => Config::load(&path)
             .map_err(anyhow::Error::from)
             .and_then(|c| run(c, Some(path), None)),
@@ -247,6 +256,62 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn sample_files(path: &Path) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let raw: gateway::config::raw::RawConfig = toml::from_str(&text)
+        .with_context(|| format!("{}: not a gateway configuration", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let write = |file: &Path, bytes: &[u8]| -> anyhow::Result<()> {
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(file, bytes).with_context(|| format!("writing {}", file.display()))?;
+        println!("wrote {}", file.display());
+        Ok(())
+    };
+    for c in &raw.tls.certificates {
+        let (cert, key) = (base.join(&c.cert), base.join(&c.key));
+        match (cert.exists(), key.exists()) {
+            (true, true) => println!("kept  {} and its key", cert.display()),
+            (false, false) => {
+                let names: Vec<&str> = if c.server_names.is_empty() {
+                    vec!["localhost"]
+                } else {
+                    c.server_names.iter().map(String::as_str).collect()
+                };
+                let (cert_pem, key_pem) = gateway::tls::self_signed(&names)
+                    .context("generating a self-signed certificate")?;
+                write(&cert, cert_pem.as_bytes())?;
+                write(&key, key_pem.as_bytes())?;
+            }
+            _ => anyhow::bail!(
+                "{} and {} must both exist or both be missing; move the other one away first",
+                cert.display(),
+                key.display()
+            ),
+        }
+    }
+    for m in &raw.models {
+        let file = base.join(&m.path);
+        if file.exists() {
+            println!("kept  {}", file.display());
+            continue;
+        }
+        let mut spec = gateway::scoring::SampleSpec::embedding(1000, 32, 1);
+        spec.n_users = 100;
+        spec.name = format!("sample-{}", m.name);
+        write(&file, &gateway::scoring::sample_model(&spec))?;
+        if m.sha256.is_some() {
+            eprintln!(
+                "note: models {:?} is pinned by sha256; the sample does not match the pin",
+                m.name
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
