@@ -112,7 +112,7 @@ fn cases(oracle: &Oracle, seed: u64) -> Vec<Case> {
         let user = rng.below(N_USERS as u64) as u32;
         let case = match i % 12 {
             // Valid rank by user id.
-            0 | 1 | 2 => {
+            0..=2 => {
                 let n = 1 + rng.below(12) as usize;
                 let cands: Vec<u32> = (0..n).map(|_| rng.below(N_ITEMS as u64) as u32).collect();
                 Case {

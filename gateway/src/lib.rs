@@ -15,12 +15,17 @@ pub mod http_util;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
-pub mod scoring;
+pub mod ranker;
+pub mod scoring_endpoint;
 pub mod server;
 pub mod store;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
+
+/// The scoring engine lives in its own crate (`gateway/crates/scoring`); re-exported under
+/// its old module name.
+pub use gateway_scoring as scoring;
 
 pub use config::{Config, ConfigError};
 pub use server::{DrainOutcome, Gateway, StartError};

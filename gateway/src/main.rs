@@ -524,12 +524,11 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
+/// Printed once the gateway is up (the demo's banner).
+type Banner = Box<dyn FnOnce(&Gateway)>;
+
 /// Serves until SIGTERM or SIGINT, then drains. SIGHUP reloads `path`, when given.
-fn run(
-    config: Config,
-    path: Option<PathBuf>,
-    banner: Option<Box<dyn FnOnce(&Gateway)>>,
-) -> anyhow::Result<ExitCode> {
+fn run(config: Config, path: Option<PathBuf>, banner: Option<Banner>) -> anyhow::Result<ExitCode> {
     init_logging(&config.logging);
     let rt = runtime(config.server.worker_threads)?;
     rt.block_on(async move {

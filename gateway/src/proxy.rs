@@ -273,7 +273,7 @@ pub async fn handle(
                     .boxed_unsync()
                 });
                 // Boxed, like the plugin path: the proxy path's future stays small.
-                let mut response = Box::pin(crate::scoring::endpoint::handle(
+                let mut response = Box::pin(crate::scoring_endpoint::handle(
                     &snapshot.models,
                     &rest,
                     req,

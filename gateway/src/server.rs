@@ -172,7 +172,7 @@ fn ranker_for(
     models: &HashMap<String, Arc<ModelSlot>>,
 ) -> Option<Arc<dyn crate::plugin::host::Ranker>> {
     (!models.is_empty()).then(|| {
-        Arc::new(crate::scoring::serving::ModelsRanker(models.clone()))
+        Arc::new(crate::ranker::ModelsRanker(models.clone()))
             as Arc<dyn crate::plugin::host::Ranker>
     })
 }

@@ -50,7 +50,11 @@ pub trait Ranker: Send + Sync {
 
 /// What [`Ranker::rank`] returns: the version and the scores, or why there are none.
 pub type RankFuture<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = std::result::Result<(String, Vec<f32>), String>> + Send + 'a>,
+    Box<
+        dyn std::future::Future<Output = std::result::Result<(String, Vec<f32>), String>>
+            + Send
+            + 'a,
+    >,
 >;
 
 impl StoreState {

@@ -25,7 +25,7 @@ use super::config::ModelLimits;
 use super::error::ModelError;
 
 /// Widest layer (input included) the MLP kernel handles.
-pub const MAX_MLP_WIDTH: usize = 1024;
+pub(crate) const MAX_MLP_WIDTH: usize = 1024;
 
 /// The two model kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,9 @@
 //!
 //! Answers are `{"model", "version", "results": [{"item", "score"}, ...]}` with the version
 //! also in `x-model-version`; every number of one answer comes from that version.
+//!
+//! It stays in the gateway package, next to the proxy that calls it, until the proxy has a
+//! crate of its own (then it moves there: HTTP does not belong in `gateway-scoring`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,8 +20,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::serving::{Ask, ModelSlot, OwnedQuery, ServeError};
 use crate::http_util::ReadError;
+use crate::scoring::serving::{Ask, ModelSlot, OwnedQuery, ServeError};
 use crate::upstream::ProxyBody;
 
 /// Largest request body the endpoint reads.

@@ -31,17 +31,25 @@
 //! tables to half precision at load and, where the adapter has `SHADER_F16` (the device is
 //! opened with it whenever the adapter offers it), stores them as f16 on the GPU: half the
 //! memory and half the bytes a catalog scan reads. Every path uses the same rounded values.
+//!
+//! # What this crate owns, and what it does not
+//!
+//! Model formats, models, the CPU and GPU paths, the WGSL kernels (`src/shaders.rs`,
+//! through the crate's own `shaders` path) and the serving slots with their dynamic batcher
+//! ([`serving`]). It is a leaf of the workspace: no HTTP (the JSON endpoint is the proxy's),
+//! no plugins (the plugin host's `Ranker` is implemented over [`serving::ModelSlot`] by the
+//! gateway package), no configuration files (callers build a [`ScoringConfig`]).
 
 mod config;
 mod cpu;
 mod device;
-pub mod endpoint;
 mod error;
 pub mod format;
 mod gpu;
 mod model;
 pub mod sample;
 pub mod serving;
+mod shaders;
 
 pub use config::{BackendChoice, BatchLimits, ModelLimits, ScoringConfig, TableStorage};
 pub use cpu::hit_order;

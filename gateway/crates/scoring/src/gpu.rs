@@ -14,12 +14,7 @@ use super::device::GpuDevice;
 use super::error::GpuError;
 use super::format::Layer;
 use super::model::Hit;
-
-const GATHER_SCORE: &str = include_str!("../../../shaders/gather_score.wgsl");
-const TOPK_COMMON: &str = include_str!("../../../shaders/topk_common.wgsl");
-const TOPK_SCAN: &str = include_str!("../../../shaders/topk_scan.wgsl");
-const TOPK_MERGE: &str = include_str!("../../../shaders/topk_merge.wgsl");
-const MLP_FORWARD: &str = include_str!("../../../shaders/mlp_forward.wgsl");
+use super::shaders::{GATHER_SCORE, MLP_FORWARD, TOPK_COMMON, TOPK_MERGE, TOPK_SCAN};
 
 /// Items one top-k workgroup sorts (topk_common.wgsl `WINDOW`).
 pub(crate) const WINDOW: usize = 1024;

@@ -15,15 +15,15 @@
 //! measurement stops after `--iters` batches or `--max-seconds`, whichever comes first (at
 //! least 3 batches), and prints how many it ran.
 //!
-//!   cargo run --release -p gateway --example scoring_bench -- --help
+//!   cargo run --release -p gateway-scoring --example scoring_bench -- --help
 //!   bench/scoring.sh --backend gpu --peak-gbps 3350
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use gateway::scoring::sample::SplitMix64;
-use gateway::scoring::{
+use gateway_scoring::sample::SplitMix64;
+use gateway_scoring::{
     acquire_device, sample_model, BackendChoice, BatchLimits, ComputeDevice, ExecutionPath, Model,
     ModelKind, ModelLimits, Query, RankRequest, SampleSpec, ScoringConfig, Similarity,
     TableStorage,

@@ -35,7 +35,7 @@ use super::{
 };
 
 /// Versions kept for rollback besides the live one.
-pub const HISTORY: usize = 3;
+pub(crate) const HISTORY: usize = 3;
 
 /// A loaded model and the version it answers as.
 pub struct ServedModel {
@@ -152,7 +152,7 @@ impl Ask {
 
 /// Series of one model slot.
 #[derive(Clone)]
-pub struct ModelMetrics {
+pub(crate) struct ModelMetrics {
     requests: IntCounterVec,
     batch_size: Histogram,
     queue: Histogram,
@@ -297,7 +297,13 @@ impl Default for BatchPolicy {
 /// `+f16` when its tables are f16-rounded (the same file then gives other scores, so it is
 /// another version).
 pub fn served_version(bytes: &[u8], storage: super::TableStorage) -> String {
-    let hash = crate::plugin::content_version(bytes);
+    use sha2::Digest;
+    // The same id as the content store's version of the file (12 hex digits of its SHA-256).
+    let hash: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     match storage {
         super::TableStorage::F32 => hash,
         super::TableStorage::F16 => format!("{hash}+f16"),
@@ -883,42 +889,6 @@ fn remap_request(e: ScoringError, owner: &[usize]) -> ScoringError {
             expected,
         },
         other => other,
-    }
-}
-
-/// The served models as the plugins' `ranking` import sees them.
-pub struct ModelsRanker(pub std::collections::HashMap<String, Arc<ModelSlot>>);
-
-impl crate::plugin::host::Ranker for ModelsRanker {
-    fn rank<'a>(
-        &'a self,
-        model: &'a str,
-        user: u32,
-        candidates: Vec<u32>,
-    ) -> crate::plugin::host::RankFuture<'a> {
-        Box::pin(async move {
-            let slot = self
-                .0
-                .get(model)
-                .ok_or_else(|| format!("no model named {model:?}"))?;
-            let order = candidates.clone();
-            let answer = slot
-                .ask(Ask::Rank {
-                    query: OwnedQuery::User(user),
-                    candidates,
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            // The answer is best first; give the scores back in the caller's order.
-            let by_item: std::collections::HashMap<u32, f32> =
-                answer.hits.iter().map(|h| (h.item, h.score)).collect();
-            let scores = order
-                .iter()
-                .map(|i| by_item.get(i).copied())
-                .collect::<Option<Vec<f32>>>()
-                .ok_or_else(|| format!("model {model:?} did not score every candidate"))?;
-            Ok((answer.version, scores))
-        })
     }
 }
 
