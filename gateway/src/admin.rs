@@ -458,14 +458,14 @@ async fn upload(
             .find(|m| m.name == name)
             .and_then(|m| m.sha256.clone()),
     };
-    if let Some(pin) = pin {
-        let found = crate::store::sha256_hex(&bytes);
-        if found != pin {
-            return error(
-                StatusCode::CONFLICT,
-                format!("{name:?} is pinned to SHA-256 {pin}; this upload is {found}"),
-            );
-        }
+    if let Err(m) = crate::store::check_pin(&bytes, pin.as_deref()) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{name:?} is pinned to SHA-256 {}; this upload is {}",
+                m.expected, m.found
+            ),
+        );
     }
     if let Err(r) = check_signature(&config, signature.as_deref(), &bytes) {
         tracing::warn!(target: "admin", token = %who, name, "upload refused: signature");

@@ -18,7 +18,6 @@ pub mod proxy;
 pub mod ranker;
 pub mod scoring_endpoint;
 pub mod server;
-pub mod store;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
@@ -26,6 +25,8 @@ pub mod watch;
 /// The scoring engine lives in its own crate (`gateway/crates/scoring`); re-exported under
 /// its old module name.
 pub use gateway_scoring as scoring;
+/// The artifact store and content hashes and pins (`gateway/crates/store`).
+pub use gateway_store as store;
 
 pub use config::{Config, ConfigError};
 pub use server::{DrainOutcome, Gateway, StartError};

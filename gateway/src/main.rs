@@ -297,7 +297,7 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
     let engine = gateway::plugin::PluginRuntime::new(&settings, &prometheus::Registry::new())?;
     let report = engine.inspect(&bytes);
     println!("{}", file.display());
-    println!("  version   {}", gateway::plugin::content_version(&bytes));
+    println!("  version   {}", gateway::store::content_version(&bytes));
     for i in &report.imports {
         println!("  imports   {i}");
     }

@@ -134,17 +134,10 @@ async fn load_models(
         let (bytes, version) = blocking(move || {
             let bytes = std::fs::read(&s.path)
                 .map_err(|e| fail(&s.name, format!("cannot read {}: {e}", s.path.display())))?;
-            if let Some(expected) = &s.sha256 {
-                let found = crate::store::sha256_hex(&bytes);
-                if &found != expected {
-                    return Err(fail(
-                        &s.name,
-                        format!("content SHA-256 {found} does not match the pinned {expected}"),
-                    ));
-                }
-            }
+            crate::store::check_pin(&bytes, s.sha256.as_deref())
+                .map_err(|m| fail(&s.name, m.to_string()))?;
             let version = crate::scoring::serving::served_version(&bytes, s.storage);
-            Ok((bytes, version))
+            Ok::<_, StartError>((bytes, version))
         })
         .await?;
         if let Some(slot) = current
@@ -485,7 +478,7 @@ async fn load_plugins(
                 source,
             })?;
             crate::plugin::check_pin(&s, &bytes)?;
-            let version = crate::plugin::content_version(&bytes);
+            let version = crate::store::content_version(&bytes);
             Ok::<_, PluginError>((bytes, version))
         })
         .await?;

@@ -258,7 +258,7 @@ pub struct AdminToken {
 impl AdminToken {
     /// Wraps a token.
     pub fn new(secret: &str) -> AdminToken {
-        let id = crate::plugin::content_version(secret.as_bytes())[..8].to_string();
+        let id = crate::store::content_version(secret.as_bytes())[..8].to_string();
         AdminToken {
             secret: secret.as_bytes().to_vec(),
             id,

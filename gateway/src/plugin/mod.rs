@@ -451,27 +451,18 @@ fn first_line(e: &wasmtime::Error) -> String {
         .to_string()
 }
 
-/// Refuses content that is not what the spec pins.
+/// Refuses content that is not what the spec pins ([`crate::store::check_pin`]).
 pub fn check_pin(spec: &PluginSpec, bytes: &[u8]) -> Result<(), PluginError> {
-    if let Some(expected) = &spec.sha256 {
-        let found = crate::store::sha256_hex(bytes);
-        if &found != expected {
-            return Err(PluginError::PinMismatch {
-                name: spec.name.clone(),
-                expected: expected.clone(),
-                found,
-            });
-        }
-    }
-    Ok(())
+    crate::store::check_pin(bytes, spec.sha256.as_deref()).map_err(|m| PluginError::PinMismatch {
+        name: spec.name.clone(),
+        expected: m.expected,
+        found: m.found,
+    })
 }
 
-/// A short, stable version id: the first 12 hex digits of the content's SHA-256.
-pub fn content_version(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(bytes);
-    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
-}
+/// A short, stable version id: the first 12 hex digits of the content's SHA-256. Defined by
+/// the store; re-exported here, where plugin versions are reported.
+pub use crate::store::content_version;
 
 struct Instance {
     store: Store<StoreState>,

@@ -5,6 +5,11 @@
 //! directory fsynced; the manifest is written the same way and last. A crash at any point
 //! leaves the previous manifest (the old version active) or the new one, never a half-written
 //! file in use: a blob that no manifest names is merely unused.
+//!
+//! This crate also owns content identity, in one place: [`sha256_hex`] (a blob's name),
+//! [`content_version`] (the short version plugins and models are reported by) and
+//! [`check_pin`] (the one SHA-256 pin check that plugin loading, model loading and admin
+//! uploads share). It is a leaf of the workspace: filesystem and hashing only.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -147,12 +152,49 @@ pub fn manifest_path(dir: &Path) -> PathBuf {
     dir.join("manifest.json")
 }
 
-/// Hex SHA-256 of `bytes`.
+/// Hex SHA-256 of `bytes`: the name a blob is stored under.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A short, stable version id: the first 12 hex digits of the content's SHA-256 (the prefix
+/// of its [`sha256_hex`]). Plugins and models are reported and compared by it.
+pub fn content_version(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Content that is not the one its pin names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("content SHA-256 {found} does not match the pinned {expected}")]
+pub struct PinMismatch {
+    /// The pin (hex SHA-256, as configured).
+    pub expected: String,
+    /// What the content hashes to.
+    pub found: String,
+}
+
+/// The one SHA-256 pin check: `Ok` when there is no pin or the content hashes to it. Each
+/// caller (plugin loading, model loading, admin uploads) words the refusal its own way.
+pub fn check_pin(bytes: &[u8], pin: Option<&str>) -> Result<(), PinMismatch> {
+    let Some(expected) = pin else {
+        return Ok(());
+    };
+    let found = sha256_hex(bytes);
+    if found == expected {
+        Ok(())
+    } else {
+        Err(PinMismatch {
+            expected: expected.to_string(),
+            found,
+        })
+    }
 }
 
 impl Store {
@@ -276,6 +318,26 @@ mod tests {
             Err(StoreError::Manifest { .. })
         ));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn versions_are_prefixes_of_the_hash_and_pins_compare_it() {
+        let hash = sha256_hex(b"abc");
+        assert_eq!(
+            hash,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(content_version(b"abc"), hash[..12]);
+        assert_eq!(check_pin(b"abc", None), Ok(()));
+        assert_eq!(check_pin(b"abc", Some(&hash)), Ok(()));
+        let other = sha256_hex(b"abd");
+        assert_eq!(
+            check_pin(b"abc", Some(&other)),
+            Err(PinMismatch {
+                expected: other.clone(),
+                found: hash.clone(),
+            })
+        );
     }
 
     fn tempfile_dir() -> PathBuf {
