@@ -17,6 +17,7 @@ pub mod plugin;
 pub mod proxy;
 pub mod ranker;
 pub mod scoring_endpoint;
+pub mod scoring_settings;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -96,7 +96,10 @@ async fn load_models(
     let device = match &state.device {
         Some(d) => d.clone(),
         None => {
-            let (backend, allow) = (config.scoring.backend, config.scoring.allow_software_gpu);
+            let (backend, allow) = (
+                crate::scoring_settings::backend_choice(config.scoring.backend),
+                config.scoring.allow_software_gpu,
+            );
             let d =
                 tokio::task::spawn_blocking(move || crate::scoring::acquire_device(backend, allow))
                     .await
@@ -123,7 +126,7 @@ async fn load_models(
         state.families = Some(families);
     }
     let mut cfg = crate::scoring::ScoringConfig {
-        backend: config.scoring.backend,
+        backend: crate::scoring_settings::backend_choice(config.scoring.backend),
         allow_software_gpu: config.scoring.allow_software_gpu,
         ..Default::default()
     };
@@ -136,7 +139,8 @@ async fn load_models(
                 .map_err(|e| fail(&s.name, format!("cannot read {}: {e}", s.path.display())))?;
             crate::store::check_pin(&bytes, s.sha256.as_deref())
                 .map_err(|m| fail(&s.name, m.to_string()))?;
-            let version = crate::scoring::serving::served_version(&bytes, s.storage);
+            let storage = crate::scoring_settings::table_storage(&s);
+            let version = crate::scoring::serving::served_version(&bytes, storage);
             Ok::<_, StartError>((bytes, version))
         })
         .await?;
@@ -148,7 +152,7 @@ async fn load_models(
             continue;
         }
         let (mut cfg2, dev2) = (cfg.clone(), device.clone());
-        cfg2.storage = spec.storage;
+        cfg2.storage = crate::scoring_settings::table_storage(spec);
         let model = tokio::task::spawn_blocking(move || {
             crate::scoring::Model::from_bytes(&bytes, &cfg2, &dev2)
         })
@@ -189,7 +193,7 @@ fn apply_models(
                 None => ModelSlot::start(
                     &name,
                     served,
-                    config.scoring.policy,
+                    crate::scoring_settings::batch_policy(&config.scoring.policy),
                     state
                         .families
                         .as_ref()

@@ -77,17 +77,69 @@ impl Config {
     }
 }
 
-/// `[scoring]`, validated.
+/// `[scoring]`, validated. Configuration's own types, not the scoring engine's: the gateway
+/// package converts them (`gateway::scoring_settings`), so config does not depend on scoring.
 #[derive(Debug, Clone)]
 pub struct ScoringSettings {
     /// Device choice.
-    pub backend: crate::scoring::BackendChoice,
+    pub backend: ScoringBackend,
     /// Software Vulkan allowed under `auto`.
     pub allow_software_gpu: bool,
     /// Batching.
-    pub policy: crate::scoring::serving::BatchPolicy,
+    pub policy: BatchSettings,
     /// Endpoint prefix, no trailing `/`.
     pub endpoint_prefix: String,
+}
+
+/// `[scoring] backend`: which compute path the scoring engine may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScoringBackend {
+    /// A real GPU, else the software Vulkan adapter when `allow_software_gpu`, else the CPU.
+    #[default]
+    Auto,
+    /// A real GPU only.
+    Gpu,
+    /// The software Vulkan adapter (lavapipe) only.
+    SoftwareGpu,
+    /// The CPU path only.
+    Cpu,
+}
+
+impl std::str::FromStr for ScoringBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ScoringBackend::Auto),
+            "gpu" => Ok(ScoringBackend::Gpu),
+            "software-gpu" => Ok(ScoringBackend::SoftwareGpu),
+            "cpu" => Ok(ScoringBackend::Cpu),
+            other => Err(format!(
+                "unknown backend {other:?}; expected auto, gpu, software-gpu or cpu"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ScoringBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ScoringBackend::Auto => "auto",
+            ScoringBackend::Gpu => "gpu",
+            ScoringBackend::SoftwareGpu => "software-gpu",
+            ScoringBackend::Cpu => "cpu",
+        })
+    }
+}
+
+/// `[scoring]` batching, per model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// Requests per dispatch at most.
+    pub max_batch: usize,
+    /// How long the first request of a batch may wait for others.
+    pub max_queue_delay: Duration,
+    /// Requests waiting at most; more are refused.
+    pub max_queue: usize,
 }
 
 /// `[[models]]`, validated.
@@ -99,8 +151,8 @@ pub struct ModelSpec {
     pub path: PathBuf,
     /// Required SHA-256 (lower-case hex), when pinned.
     pub sha256: Option<String>,
-    /// How its embedding tables are held.
-    pub storage: crate::scoring::TableStorage,
+    /// Embedding tables rounded to and held as f16 (`f16_storage`); f32 otherwise.
+    pub f16_storage: bool,
 }
 
 /// `[plugin_runtime]`, validated.

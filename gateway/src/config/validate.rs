@@ -658,12 +658,12 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         .backend
         .as_deref()
         .unwrap_or("auto")
-        .parse::<crate::scoring::BackendChoice>()
+        .parse::<ScoringBackend>()
     {
         Ok(b) => b,
         Err(e) => {
             c.fail(vec![Key("scoring"), Key("backend")], e.to_string());
-            crate::scoring::BackendChoice::Auto
+            ScoringBackend::Auto
         }
     };
     let mut endpoint_prefix = rs
@@ -679,7 +679,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             "must be a path such as \"/_gateway/models\" (not \"/\")",
         );
     }
-    let policy = crate::scoring::serving::BatchPolicy {
+    let policy = BatchSettings {
         max_batch: rs.max_batch.unwrap_or(64),
         max_queue_delay: std::time::Duration::from_micros(rs.max_queue_delay_us.unwrap_or(500)),
         max_queue: rs.max_queue.unwrap_or(4096),
@@ -713,11 +713,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
             name: rm.name,
             path,
             sha256,
-            storage: if rm.f16_storage.unwrap_or(false) {
-                crate::scoring::TableStorage::F16
-            } else {
-                crate::scoring::TableStorage::F32
-            },
+            f16_storage: rm.f16_storage.unwrap_or(false),
         });
     }
 
