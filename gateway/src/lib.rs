@@ -8,7 +8,6 @@
 
 pub mod admin;
 pub mod admin_client;
-pub mod config;
 pub mod deadline;
 pub mod demo;
 pub mod http_util;
@@ -23,6 +22,8 @@ pub mod tls;
 pub mod upstream;
 pub mod watch;
 
+/// Configuration: parse and validate (`gateway/crates/config`).
+pub use gateway_config as config;
 /// The scoring engine lives in its own crate (`gateway/crates/scoring`); re-exported under
 /// its old module name.
 pub use gateway_scoring as scoring;

@@ -1,13 +1,10 @@
-//! TLS for downstream listeners: certificate loading, choice by SNI, and the rustls server
-//! configuration (TLS 1.2 and 1.3 only, ALPN `h2` and `http/1.1`).
+//! TLS for downstream listeners: choice by SNI and the rustls server configuration (TLS 1.2
+//! and 1.3 only, ALPN `h2` and `http/1.1`). Certificates are loaded by the config crate
+//! (`gateway_config::certs`) while a config is checked.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -17,76 +14,17 @@ use crate::config::{CertificateSpec, HostPattern};
 /// Why a certificate or key could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// The certificate file is unreadable or holds no certificate.
-    #[error("certificate {path}: {reason}")]
-    Cert {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The key file is unreadable, holds no key, or the key does not fit the certificate.
-    #[error("private key {path}: {reason}")]
-    Key {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A certificate or key file could not be used.
+    #[error(transparent)]
+    Certificate(#[from] CertError),
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
 
-/// The crypto provider used everywhere in the gateway.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads a PEM chain and key and checks that they belong together.
-pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsError> {
-    let cert_err = |reason: String| TlsError::Cert {
-        path: cert_path.to_path_buf(),
-        reason,
-    };
-    let key_err = |reason: String| TlsError::Key {
-        path: key_path.to_path_buf(),
-        reason,
-    };
-    let chain = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|e| cert_err(pem_reason(&e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_err(pem_reason(&e)))?;
-    if chain.is_empty() {
-        return Err(cert_err(
-            "no \"BEGIN CERTIFICATE\" block found; expected a PEM chain, leaf first".into(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| key_err(pem_reason(&e)))?;
-    certified_key_from_der(chain, key).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => {
-            key_err("does not match the certificate's public key".into())
-        }
-        other => key_err(format!("unusable key: {other}")),
-    })
-}
-
-/// Builds a [`CertifiedKey`] from DER parts, checking that the key matches the leaf.
-pub fn certified_key_from_der(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<CertifiedKey, rustls::Error> {
-    CertifiedKey::from_der(chain, key, &provider())
-}
-
-fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
-    use rustls::pki_types::pem::Error;
-    match e {
-        Error::Io(io) => format!("cannot read: {io}"),
-        Error::NoItemsFound => "no PEM block of the expected kind found".into(),
-        other => format!("not valid PEM: {other:?}"),
-    }
-}
+/// Certificate loading is configuration's (it happens while a config is checked); the
+/// provider and the loaders are re-exported here for the TLS code and the tests.
+pub use crate::config::certs::{certified_key_from_der, load_certified_key, provider, CertError};
 
 /// Chooses a certificate by SNI: exact names first, then the longest matching wildcard, then
 /// the default.
@@ -241,6 +179,12 @@ pub fn self_signed(names: &[&str]) -> Result<(String, String), rcgen::Error> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
     use super::*;
 
     fn spec(names: &[&str], default: bool) -> CertificateSpec {
@@ -396,21 +340,5 @@ mod tests {
         assert!(!names_cover(wild, "a.b.example.com"));
         assert!(!names_cover(wild, "shop.example.org"));
         assert!(names_cover(&[], "any.test"), "a certificate without names");
-    }
-
-    #[test]
-    fn mismatched_key_is_rejected_with_its_path() {
-        let dir = std::env::temp_dir().join(format!("gw-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, _) = self_signed(&["a.test"]).unwrap();
-        let (_, other_key) = self_signed(&["b.test"]).unwrap();
-        std::fs::write(dir.join("c.pem"), cert).unwrap();
-        std::fs::write(dir.join("k.pem"), other_key).unwrap();
-        let err = load_certified_key(&dir.join("c.pem"), &dir.join("k.pem")).unwrap_err();
-        assert!(matches!(err, TlsError::Key { .. }), "{err}");
-        assert!(err.to_string().contains("does not match"), "{err}");
-        std::fs::write(dir.join("empty.pem"), "").unwrap();
-        let err = load_certified_key(&dir.join("empty.pem"), &dir.join("k.pem")).unwrap_err();
-        assert!(matches!(err, TlsError::Cert { .. }), "{err}");
     }
 }

@@ -324,7 +324,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         }
         let cert_path = resolve(base_dir, &rc.cert);
         let key_path = resolve(base_dir, &rc.key);
-        match crate::tls::load_certified_key(&cert_path, &key_path) {
+        match crate::certs::load_certified_key(&cert_path, &key_path) {
             Ok(key) => certificates.push(CertificateSpec {
                 server_names: names,
                 default,
@@ -333,7 +333,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
                 key_path: key_path.clone(),
             }),
             Err(e) => {
-                let field = if matches!(e, crate::tls::TlsError::Key { .. }) {
+                let field = if matches!(e, crate::certs::CertError::Key { .. }) {
                     "key"
                 } else {
                     "cert"
