@@ -5,12 +5,15 @@
 //!
 //! This crate owns the configuration's types, their defaults and checks, and the field path to
 //! line lookup for errors. It is a leaf of the workspace: the scoring section has its own types
-//! ([`ScoringSettings`]), converted to the engine's by the gateway package. Files a config names
-//! are read while it is checked: [`Config::load`] reads the config itself, [`certs`] loads the
-//! certificates, and validation reads admin token files and checks that plugin and model files
-//! exist (moving those reads into a separate phase is a follow-up, see ARCHITECTURE.md).
+//! ([`ScoringSettings`]), converted to the engine's by the gateway package.
+//!
+//! I/O is at the edges: [`Config::load`] reads the config file; validation ([`validate_with`])
+//! does none itself and asks a [`files::Files`] for the files and variables a config names
+//! (admin token, certificates through [`certs`], plugin and model files), so that a bad file is
+//! still reported at its field's line. [`files::Disk`] is the real one; tests pass their own.
 
 pub mod certs;
+pub mod files;
 pub mod raw;
 mod validate;
 
@@ -23,7 +26,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use rustls::sign::CertifiedKey;
 
-pub use validate::{decode_hex, parse_host_pattern, validate};
+pub use validate::{decode_hex, parse_host_pattern, validate, validate_with};
 
 /// A validated configuration, ready to run.
 #[derive(Debug, Clone)]
@@ -684,5 +687,106 @@ mod tests {
         assert!(HostPattern::Any.matches("anything"));
         assert!(exact.specificity() > wild.specificity());
         assert!(wild.specificity() > HostPattern::Any.specificity());
+    }
+
+    /// Files and variables served from memory; anything else is missing. Certificates are
+    /// generated on the spot, or refused when `bad_key` is set.
+    struct Fake {
+        files: std::collections::HashMap<PathBuf, String>,
+        vars: std::collections::HashMap<String, String>,
+        bad_key: bool,
+    }
+
+    impl files::Files for Fake {
+        fn read_to_string(&self, path: &Path) -> std::io::Result<String> {
+            self.files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| std::io::ErrorKind::NotFound.into())
+        }
+        fn is_file(&self, path: &Path) -> std::io::Result<bool> {
+            match self.files.contains_key(path) {
+                true => Ok(true),
+                false => Err(std::io::ErrorKind::NotFound.into()),
+            }
+        }
+        fn var(&self, name: &str) -> Option<String> {
+            self.vars.get(name).cloned()
+        }
+        fn certified_key(&self, _: &Path, key: &Path) -> Result<CertifiedKey, certs::CertError> {
+            if self.bad_key {
+                return Err(certs::CertError::Key {
+                    path: key.to_path_buf(),
+                    reason: "does not match the certificate's public key".into(),
+                });
+            }
+            use rustls::pki_types::pem::PemObject;
+            let made = rcgen::generate_simple_self_signed(vec!["x.test".to_string()]).unwrap();
+            let chain =
+                vec![
+                    rustls::pki_types::CertificateDer::from_pem_slice(made.cert.pem().as_bytes())
+                        .unwrap(),
+                ];
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(
+                made.signing_key.serialize_pem().as_bytes(),
+            )
+            .unwrap();
+            Ok(certs::certified_key_from_der(chain, key).unwrap())
+        }
+    }
+
+    const NAMES_FILES: &str = r#"
+[admin]
+bind = "0.0.0.0:9901"
+token_file = "token"
+
+[[tls.certificates]]
+cert = "c.pem"
+key = "k.pem"
+
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+backends = ["127.0.0.1:3000"]
+
+[[routes]]
+name = "all"
+upstream = "app"
+
+[[plugins]]
+name = "p"
+path = "p.wasm"
+"#;
+
+    #[test]
+    fn validation_reads_only_through_its_files() {
+        // A directory that does not exist: everything comes from the fake.
+        let base = Path::new("/nonexistent-gateway-config-test");
+        let raw = || toml::from_str::<raw::RawConfig>(NAMES_FILES).unwrap();
+        let mut fake = Fake {
+            files: [(base.join("token"), " s3cret\n".to_string())].into(),
+            vars: Default::default(),
+            bad_key: true,
+        };
+        let problems = validate_with(raw(), base, &fake).unwrap_err();
+        let fields: Vec<String> = problems
+            .iter()
+            .map(|p| validate::path_string(&p.path))
+            .collect();
+        assert_eq!(fields, ["tls.certificates[0].key", "plugins[0].path"]);
+        assert!(problems[0].message.contains("does not match"));
+
+        fake.bad_key = false;
+        fake.files.insert(base.join("p.wasm"), String::new());
+        let config = validate_with(raw(), base, &fake).unwrap();
+        let token = config.admin.token.expect("read from the fake token file");
+        assert!(token.matches(b"s3cret"));
+        // The first 8 hex digits of SHA-256("s3cret").
+        assert_eq!(token.id, "1ec1c26b");
+        assert_eq!(config.plugins[0].path, base.join("p.wasm"));
+        assert_eq!(config.certificates.len(), 1);
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use super::files::{Disk, Files};
 use super::raw::*;
 use super::*;
 
@@ -108,8 +109,19 @@ fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
-/// Applies defaults and checks every field; returns all problems found.
+/// Applies defaults and checks every field; returns all problems found. The files and
+/// variables the config names are read from the filesystem and the environment ([`Disk`]).
 pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+    validate_with(raw, base_dir, &Disk)
+}
+
+/// [`validate`], reading the files and variables the config names through `files`; this
+/// function itself does no I/O.
+pub fn validate_with(
+    raw: RawConfig,
+    base_dir: &Path,
+    files: &dyn Files,
+) -> Result<Config, Vec<Problem>> {
     use Seg::{Index, Key};
     let mut c = Checker {
         problems: Vec::new(),
@@ -244,7 +256,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
     let bind = parse_addr(&mut c, vec![Key("admin"), Key("bind")], admin_bind)
         .unwrap_or(([127, 0, 0, 1], 9901).into());
     let token = match (&raw.admin.token_file, &raw.admin.token_env) {
-        (Some(file), _) => match std::fs::read_to_string(resolve(base_dir, file)) {
+        (Some(file), _) => match files.read_to_string(&resolve(base_dir, file)) {
             Ok(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
             Ok(_) => {
                 c.fail(
@@ -261,8 +273,8 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
                 None
             }
         },
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
+        (None, Some(var)) => match files.var(var) {
+            Some(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
             _ => {
                 c.fail(
                     vec![Key("admin"), Key("token_env")],
@@ -324,7 +336,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         }
         let cert_path = resolve(base_dir, &rc.cert);
         let key_path = resolve(base_dir, &rc.key);
-        match crate::certs::load_certified_key(&cert_path, &key_path) {
+        match files.certified_key(&cert_path, &key_path) {
             Ok(key) => certificates.push(CertificateSpec {
                 server_names: names,
                 default,
@@ -600,8 +612,8 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         let at = |f: &'static str| vec![Key("plugins"), Index(i), Key(f)];
         check_name(&mut c, at("name"), &rp.name, &mut plugin_names, i, "plugin");
         let path = resolve(base_dir, &rp.path);
-        match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => {}
+        match files.is_file(&path) {
+            Ok(true) => {}
             Ok(_) => c.fail(at("path"), format!("{} is not a file", path.display())),
             Err(e) => c.fail(at("path"), format!("cannot read {}: {e}", path.display())),
         }
@@ -705,7 +717,7 @@ pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>>
         let at = |f: &'static str| vec![Key("models"), Index(i), Key(f)];
         check_name(&mut c, at("name"), &rm.name, &mut model_names, i, "model");
         let path = resolve(base_dir, &rm.path);
-        if !path.is_file() {
+        if !matches!(files.is_file(&path), Ok(true)) {
             c.fail(at("path"), format!("cannot read {}", path.display()));
         }
         let sha256 = check_pin(&mut c, at("sha256"), rm.sha256.as_deref());
