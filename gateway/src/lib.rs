@@ -8,22 +8,18 @@
 
 pub mod admin;
 pub mod admin_client;
-pub mod deadline;
 pub mod demo;
-pub mod http_util;
-pub mod metrics;
 pub mod plugin;
 pub mod proxy;
 pub mod ranker;
-pub mod scoring_endpoint;
 pub mod scoring_settings;
 pub mod server;
-pub mod tls;
-pub mod upstream;
 pub mod watch;
 
 /// Configuration: parse and validate (`gateway/crates/config`).
 pub use gateway_config as config;
+/// The proxy's building blocks (`gateway/crates/proxy`), under their old module names.
+pub use gateway_proxy::{deadline, http_util, metrics, scoring_endpoint, tls, upstream};
 /// The scoring engine lives in its own crate (`gateway/crates/scoring`); re-exported under
 /// its old module name.
 pub use gateway_scoring as scoring;

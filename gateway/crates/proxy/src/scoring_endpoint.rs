@@ -10,8 +10,7 @@
 //! Answers are `{"model", "version", "results": [{"item", "score"}, ...]}` with the version
 //! also in `x-model-version`; every number of one answer comes from that version.
 //!
-//! It stays in the gateway package, next to the proxy that calls it, until the proxy has a
-//! crate of its own (then it moves there: HTTP does not belong in `gateway-scoring`).
+//! It lives in the proxy crate, not in `gateway-scoring`: the engine has no HTTP.
 
 use std::collections::HashMap;
 use std::sync::Arc;
