@@ -273,8 +273,7 @@ fn last_reload(ctx: &ServeCtx) -> serde_json::Value {
 
 fn status(ctx: &ServeCtx) -> serde_json::Value {
     let snapshot = ctx.shared.state.load();
-    let plugins: Vec<_> = snapshot
-        .plugins()
+    let plugins: Vec<_> = crate::plugin::chain::in_use(&snapshot)
         .into_iter()
         .flatten()
         .map(|p| json!({ "name": p.name, "version": p.version, "idle_instances": p.idle_instances() }))

@@ -10,7 +10,6 @@ pub mod admin;
 pub mod admin_client;
 pub mod demo;
 pub mod plugin;
-pub mod proxy;
 pub mod ranker;
 pub mod scoring_settings;
 pub mod server;
@@ -18,7 +17,9 @@ pub mod watch;
 
 /// Configuration: parse and validate (`gateway/crates/config`).
 pub use gateway_config as config;
-/// The proxy's building blocks (`gateway/crates/proxy`), under their old module names.
+/// The proxy (`gateway/crates/proxy`): the request path and the hook contract, and its
+/// building blocks under their old module names.
+pub use gateway_proxy as proxy;
 pub use gateway_proxy::{deadline, http_util, metrics, scoring_endpoint, tls, upstream};
 /// The scoring engine lives in its own crate (`gateway/crates/scoring`); re-exported under
 /// its old module name.

@@ -297,7 +297,12 @@ impl Gateway {
             state: ArcSwap::from_pointee(Snapshot {
                 ranker: ranker_for(&models),
                 models,
-                ..Snapshot::build(config.clone(), &metrics, &plugins, None)
+                ..Snapshot::build(
+                    config.clone(),
+                    &metrics,
+                    &|route| crate::plugin::chain::bind(&plugins, route),
+                    None,
+                )
             }),
             metrics,
         });
@@ -661,7 +666,10 @@ impl ServeCtx {
         let certificates = config.certificates.clone();
         let tls_config = blocking(move || tls::server_config(&certificates)).await?;
         let current = self.shared.state.load_full();
-        let previous: Vec<Arc<LoadedPlugin>> = current.plugins().into_iter().flatten().collect();
+        let previous: Vec<Arc<LoadedPlugin>> = crate::plugin::chain::in_use(&current)
+            .into_iter()
+            .flatten()
+            .collect();
         let plugins = {
             let mut runtime = self.plugin_runtime.lock().await;
             load_plugins(&mut runtime, &config, &self.registry, &previous).await?
@@ -676,7 +684,7 @@ impl ServeCtx {
         let mut snapshot = Snapshot::build(
             Arc::new(config),
             &self.shared.metrics,
-            &plugins,
+            &|route| crate::plugin::chain::bind(&plugins, route),
             Some(&current),
         );
         snapshot.ranker = ranker_for(&models);

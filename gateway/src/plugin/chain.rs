@@ -10,7 +10,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use super::bindings::storefront::gateway::http::{LocalResponse, RequestAction};
 use super::host::{RequestState, ResponseState};
 use super::{LoadedPlugin, Outcome};
-use crate::config::FailurePolicy;
+use crate::config::{FailurePolicy, RouteSpec};
+use crate::proxy::hooks::{BoundHooks, HookFuture, LocalAnswer, RequestOutcome, RouteHooks};
 
 /// The plugins of one route, resolved to loaded versions.
 pub struct RouteChain {
@@ -22,41 +23,6 @@ pub struct RouteChain {
     pub body_limit: Option<usize>,
     /// Variant names the route defines.
     pub variants: Arc<[String]>,
-}
-
-/// Where the request stands after the request hooks.
-pub enum RequestOutcome {
-    /// Go upstream; `ran` plugins will see the response.
-    Forward {
-        /// Plugins whose request hook ran.
-        ran: usize,
-    },
-    /// A plugin answered; `ran` plugins (it included) will see the response.
-    Local {
-        /// The answer.
-        response: LocalAnswer,
-        /// Plugins whose request hook ran.
-        ran: usize,
-    },
-    /// A plugin failed on a fail-closed route.
-    Failed {
-        /// The plugin.
-        plugin: String,
-        /// How it failed.
-        outcome: Outcome,
-        /// Plugins before it, which will see the error response.
-        ran: usize,
-    },
-}
-
-/// A validated local response.
-pub struct LocalAnswer {
-    /// Status.
-    pub status: StatusCode,
-    /// Headers.
-    pub headers: HeaderMap,
-    /// Body.
-    pub body: Bytes,
 }
 
 fn local_answer(local: LocalResponse) -> Option<LocalAnswer> {
@@ -166,7 +132,7 @@ impl RouteChain {
             }
             _ => Some(RequestOutcome::Failed {
                 plugin: plugin.name.clone(),
-                outcome,
+                reason: outcome.label(),
                 ran: index,
             }),
         }
@@ -204,4 +170,76 @@ impl RouteChain {
         }
         (state, None)
     }
+}
+
+impl RouteHooks for RouteChain {
+    fn body_limit(&self) -> Option<usize> {
+        self.body_limit
+    }
+
+    fn variants(&self) -> Arc<[String]> {
+        self.variants.clone()
+    }
+
+    fn on_request(&self, state: RequestState) -> HookFuture<'_, (RequestState, RequestOutcome)> {
+        Box::pin(RouteChain::on_request(self, state))
+    }
+
+    fn on_response(
+        &self,
+        ran: usize,
+        state: ResponseState,
+    ) -> HookFuture<'_, (ResponseState, Option<(String, &'static str)>)> {
+        Box::pin(async move {
+            let (state, failed) = RouteChain::on_response(self, ran, state).await;
+            (
+                state,
+                failed.map(|(plugin, outcome)| (plugin, outcome.label())),
+            )
+        })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Binds a route to its plugin chain over `plugins` (indexed like the config's plugins), with
+/// the `name@version,...` list for `x-plugin-versions`; `None` for a route without plugins.
+pub fn bind(plugins: &[Arc<LoadedPlugin>], spec: &RouteSpec) -> Option<BoundHooks> {
+    if spec.plugins.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = spec
+        .plugins
+        .iter()
+        .map(|&i| format!("{}@{}", plugins[i].name, plugins[i].version))
+        .collect();
+    let chain = RouteChain {
+        plugins: spec.plugins.iter().map(|&i| plugins[i].clone()).collect(),
+        policy: spec.plugin_failure,
+        body_limit: spec.plugin_body_limit,
+        variants: spec.variants.iter().map(|(n, _)| n.clone()).collect(),
+    };
+    Some(BoundHooks {
+        hooks: Arc::new(chain),
+        versions: HeaderValue::from_str(&list.join(",")).ok(),
+    })
+}
+
+/// The loaded plugins a snapshot's routes use, by config index.
+pub fn in_use(snapshot: &crate::proxy::Snapshot) -> Vec<Option<Arc<LoadedPlugin>>> {
+    let mut out = vec![None; snapshot.config.plugins.len()];
+    for route in snapshot.router.routes() {
+        let chain = route
+            .chain
+            .as_ref()
+            .and_then(|c| c.as_any().downcast_ref::<RouteChain>());
+        if let Some(chain) = chain {
+            for (&i, p) in route.spec.plugins.iter().zip(&chain.plugins) {
+                out[i] = Some(p.clone());
+            }
+        }
+    }
+    out
 }

@@ -2,12 +2,11 @@
 //! metrics, key-value store, and the request/response handles.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
@@ -15,6 +14,8 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result};
 
 use super::bindings::storefront::gateway::{host, http as wit_http, ranking};
+// The data the proxy's hooks exchange, defined by the proxy crate (`gateway_proxy::hooks`).
+pub use gateway_proxy::hooks::{RankFuture, Ranker, RequestState, ResponseState};
 
 /// Headers plugins may not touch: the gateway owns framing and the connection.
 const PROTECTED: [&str; 5] = [
@@ -40,22 +41,6 @@ pub struct StoreState {
     /// The models the current call may rank with.
     pub ranker: Option<Arc<dyn Ranker>>,
 }
-
-/// What the `ranking` import calls: the served models of the configuration in force.
-pub trait Ranker: Send + Sync {
-    /// Scores `candidates` for `user` with `model`: the version and one score per candidate,
-    /// in order.
-    fn rank<'a>(&'a self, model: &'a str, user: u32, candidates: Vec<u32>) -> RankFuture<'a>;
-}
-
-/// What [`Ranker::rank`] returns: the version and the scores, or why there are none.
-pub type RankFuture<'a> = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = std::result::Result<(String, Vec<f32>), String>>
-            + Send
-            + 'a,
-    >,
->;
 
 impl StoreState {
     /// A fresh state for an instance of `plugin`.
@@ -218,60 +203,6 @@ impl host::Host for StoreState {
             .kv
             .increment(key, delta, ttl_ms.map(Duration::from_millis)))
     }
-}
-
-/// The downstream request as a plugin sees and edits it.
-pub struct RequestState {
-    /// Method.
-    pub method: Method,
-    /// Path, without query.
-    pub path: String,
-    /// Query without `?`.
-    pub query: Option<String>,
-    /// Headers.
-    pub headers: HeaderMap,
-    /// Client address.
-    pub client: IpAddr,
-    /// Matched route.
-    pub route: Arc<str>,
-    /// Chosen variant.
-    pub variant: Option<String>,
-    /// Variants the route defines.
-    pub variants: Arc<[String]>,
-    /// Buffered body, when the route opts in.
-    pub body: Option<Bytes>,
-    /// A plugin changed path or query.
-    pub target_changed: bool,
-    /// Served models, for the `ranking` import during this call.
-    pub ranker: Option<Arc<dyn Ranker>>,
-}
-
-/// The upstream (or local) response as a plugin sees and edits it.
-pub struct ResponseState {
-    /// Status.
-    pub status: StatusCode,
-    /// Headers.
-    pub headers: HeaderMap,
-    /// Method of the request answered.
-    pub request_method: Method,
-    /// Path of the request answered, as received.
-    pub request_path: String,
-    /// Query of the request answered.
-    pub request_query: Option<String>,
-    /// Matched route.
-    pub route: Arc<str>,
-    /// Variant that served it.
-    pub variant: Option<String>,
-    /// Buffered body, when the route opts in and it fit.
-    pub body: Option<Bytes>,
-    /// The route opts in to body access.
-    pub body_access: bool,
-    /// Largest body a plugin may set.
-    pub body_limit: usize,
-    /// A plugin replaced the body.
-    pub body_changed: bool,
-    /// Served models, for the `ranking` import during this call.
-    pub ranker: Option<Arc<dyn Ranker>>,
 }
 
 fn header_edit(

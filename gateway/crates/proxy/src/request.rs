@@ -20,9 +20,7 @@ use crate::http_util::{
 use crate::metrics::Metrics;
 use std::collections::HashMap;
 
-use crate::plugin::chain::{RequestOutcome, RouteChain};
-use crate::plugin::host::{Ranker, RequestState, ResponseState};
-use crate::plugin::{LoadedPlugin, Outcome};
+use crate::hooks::{BoundHooks, Ranker, RequestOutcome, RequestState, ResponseState, RouteHooks};
 use crate::scoring::serving::ModelSlot;
 use crate::upstream::conn::SendError;
 use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
@@ -33,8 +31,8 @@ pub struct Route {
     pub spec: RouteSpec,
     /// The name, shared with plugin calls.
     pub name: Arc<str>,
-    /// The plugin chain, when the route has one.
-    pub chain: Option<RouteChain>,
+    /// The hooks (the plugin chain), when the route has some.
+    pub chain: Option<Arc<dyn RouteHooks>>,
     /// `name@version,...` of the chain, for `x-plugin-versions`.
     plugin_versions: Option<HeaderValue>,
     duration: Histogram,
@@ -61,35 +59,28 @@ fn class_index(status: StatusCode) -> usize {
 }
 
 impl Router {
-    /// Compiles routes, resolves their series, and binds their plugin chains to `plugins`
-    /// (indexed like the config's plugins).
-    pub fn new(routes: &[RouteSpec], metrics: &Metrics, plugins: &[Arc<LoadedPlugin>]) -> Router {
+    /// Compiles routes, resolves their series, and binds each route's hooks with `bind`
+    /// (the plugin host's chains; `None` for a route without).
+    pub fn new(
+        routes: &[RouteSpec],
+        metrics: &Metrics,
+        bind: &dyn Fn(&RouteSpec) -> Option<BoundHooks>,
+    ) -> Router {
         Router {
             routes: routes
                 .iter()
-                .map(|spec| Route {
-                    spec: spec.clone(),
-                    name: spec.name.as_str().into(),
-                    plugin_versions: (!spec.plugins.is_empty())
-                        .then(|| {
-                            let list: Vec<String> = spec
-                                .plugins
-                                .iter()
-                                .map(|&i| format!("{}@{}", plugins[i].name, plugins[i].version))
-                                .collect();
-                            HeaderValue::from_str(&list.join(",")).ok()
-                        })
-                        .flatten(),
-                    chain: (!spec.plugins.is_empty()).then(|| RouteChain {
-                        plugins: spec.plugins.iter().map(|&i| plugins[i].clone()).collect(),
-                        policy: spec.plugin_failure,
-                        body_limit: spec.plugin_body_limit,
-                        variants: spec.variants.iter().map(|(n, _)| n.clone()).collect(),
-                    }),
-                    duration: metrics
-                        .request_duration
-                        .with_label_values(&[spec.name.as_str()]),
-                    by_class: class_counters(metrics, &spec.name),
+                .map(|spec| {
+                    let bound = bind(spec);
+                    Route {
+                        spec: spec.clone(),
+                        name: spec.name.as_str().into(),
+                        plugin_versions: bound.as_ref().and_then(|b| b.versions.clone()),
+                        chain: bound.map(|b| b.hooks),
+                        duration: metrics
+                            .request_duration
+                            .with_label_values(&[spec.name.as_str()]),
+                        by_class: class_counters(metrics, &spec.name),
+                    }
                 })
                 .collect(),
             unmatched: class_counters(metrics, "unmatched"),
@@ -97,6 +88,11 @@ impl Router {
             scoring: class_counters(metrics, "_scoring"),
             scoring_duration: metrics.request_duration.with_label_values(&["_scoring"]),
         }
+    }
+
+    /// The routes, in config order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// The best route for a host (lower case, no port) and path.
@@ -154,13 +150,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds the router over loaded plugins, and the pools: a pool whose settings did not
-    /// change is carried over from `previous` with its connections and health state; new ones
-    /// start their health checks.
+    /// Builds the router, binding each route's hooks with `bind`, and the pools: a pool whose
+    /// settings did not change is carried over from `previous` with its connections and health
+    /// state; new ones start their health checks.
     pub fn build(
         config: Arc<Config>,
         metrics: &Metrics,
-        plugins: &[Arc<LoadedPlugin>],
+        bind: &dyn Fn(&RouteSpec) -> Option<BoundHooks>,
         previous: Option<&Snapshot>,
     ) -> Snapshot {
         let pools = config
@@ -173,7 +169,7 @@ impl Snapshot {
                     .unwrap_or_else(|| Pool::new(u.clone(), metrics))
             })
             .collect();
-        let router = Router::new(&config.routes, metrics, plugins);
+        let router = Router::new(&config.routes, metrics, bind);
         Snapshot {
             config,
             router,
@@ -182,19 +178,6 @@ impl Snapshot {
             generation: 1,
             ranker: None,
         }
-    }
-
-    /// The loaded plugins this snapshot's routes use, by config index.
-    pub fn plugins(&self) -> Vec<Option<Arc<LoadedPlugin>>> {
-        let mut out = vec![None; self.config.plugins.len()];
-        for route in &self.router.routes {
-            if let Some(chain) = &route.chain {
-                for (&i, p) in route.spec.plugins.iter().zip(&chain.plugins) {
-                    out[i] = Some(p.clone());
-                }
-            }
-        }
-        out
     }
 }
 
@@ -369,7 +352,7 @@ pub async fn handle(
                             conn,
                             &snapshot,
                             route,
-                            chain,
+                            chain.as_ref(),
                             &authority,
                             &request_id,
                             parts,
@@ -758,7 +741,7 @@ async fn with_plugins(
     conn: &ConnInfo,
     snapshot: &Snapshot,
     route: &Route,
-    chain: &RouteChain,
+    chain: &dyn RouteHooks,
     authority: &RequestAuthority,
     request_id: &HeaderValue,
     mut parts: http::request::Parts,
@@ -778,7 +761,7 @@ async fn with_plugins(
     };
 
     // The request body, buffered when the route lets plugins read it.
-    let (body, seen_body) = match (chain.body_limit, body_empty) {
+    let (body, seen_body) = match (chain.body_limit(), body_empty) {
         (Some(limit), false) => match http_util::buffer_body(body, limit).await {
             Ok(http_util::Buffered::Whole(bytes)) => (full_body(bytes.clone()), Some(bytes)),
             Ok(http_util::Buffered::Partial(rest)) => (rest, None),
@@ -803,7 +786,7 @@ async fn with_plugins(
         client: conn.peer.ip().to_canonical(),
         route: route.name.clone(),
         variant: default_variant,
-        variants: chain.variants.clone(),
+        variants: chain.variants(),
         body: seen_body,
         target_changed: false,
         ranker: snapshot.ranker.clone(),
@@ -848,9 +831,9 @@ async fn with_plugins(
         }
         RequestOutcome::Failed {
             plugin,
-            outcome,
+            reason,
             ran,
-        } => (plugin_failure_response(&plugin, outcome), ran, None, None),
+        } => (plugin_failure_response(&plugin, reason), ran, None, None),
     };
 
     if ran > 0 {
@@ -875,20 +858,17 @@ async fn with_plugins(
     }
 }
 
-fn plugin_failure_response(plugin: &str, outcome: Outcome) -> Response<ProxyBody> {
+fn plugin_failure_response(plugin: &str, reason: &str) -> Response<ProxyBody> {
     error_response(
         StatusCode::INTERNAL_SERVER_ERROR,
-        &format!(
-            "plugin {plugin} failed ({}) and this route fails closed",
-            outcome.label()
-        ),
+        &format!("plugin {plugin} failed ({reason}) and this route fails closed"),
     )
 }
 
 /// Runs response hooks and rebuilds the response from what they left.
 #[allow(clippy::too_many_arguments)]
 async fn plugin_response(
-    chain: &RouteChain,
+    chain: &dyn RouteHooks,
     ran: usize,
     response: Response<ProxyBody>,
     method: &Method,
@@ -899,7 +879,7 @@ async fn plugin_response(
     ranker: Option<Arc<dyn Ranker>>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
-    let (body, seen_body) = match chain.body_limit {
+    let (body, seen_body) = match chain.body_limit() {
         Some(limit) => match http_util::buffer_body(body, limit).await {
             Ok(http_util::Buffered::Whole(bytes)) => (None, Some(bytes)),
             Ok(http_util::Buffered::Partial(rest)) => (Some(rest), None),
@@ -921,14 +901,14 @@ async fn plugin_response(
         route: route.name.clone(),
         variant,
         body: seen_body,
-        body_access: chain.body_limit.is_some(),
-        body_limit: chain.body_limit.unwrap_or(0),
+        body_access: chain.body_limit().is_some(),
+        body_limit: chain.body_limit().unwrap_or(0),
         body_changed: false,
         ranker,
     };
     let (state, failed) = chain.on_response(ran, state).await;
-    if let Some((plugin, outcome)) = failed {
-        return plugin_failure_response(&plugin, outcome);
+    if let Some((plugin, reason)) = failed {
+        return plugin_failure_response(&plugin, reason);
     }
     parts.status = state.status;
     parts.headers = state.headers;
@@ -1025,16 +1005,38 @@ mod tests {
             .unwrap();
         let _guard = rt.enter();
         let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-        let config = crate::demo::demo_config(
-            &std::env::temp_dir().join(format!("gw-size-{}", std::process::id())),
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1:0".parse().unwrap(),
-            "127.0.0.1:1".parse().unwrap(),
-            None,
-        )
-        .unwrap();
+        // A minimal config: one certificate, listener, upstream and route.
+        let dir = std::env::temp_dir().join(format!("gw-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = crate::tls::self_signed(&["localhost"]).unwrap();
+        std::fs::write(dir.join("c.pem"), cert).unwrap();
+        std::fs::write(dir.join("k.pem"), key).unwrap();
+        let toml = r#"
+[[tls.certificates]]
+cert = "c.pem"
+key = "k.pem"
+
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:0"
+
+[[upstreams]]
+name = "app"
+backends = ["127.0.0.1:1"]
+
+[[routes]]
+name = "all"
+upstream = "app"
+"#;
+        let config = Config::from_toml(toml, "size.toml", &dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
         let shared = Shared {
-            state: ArcSwap::from_pointee(Snapshot::build(Arc::new(config), &metrics, &[], None)),
+            state: ArcSwap::from_pointee(Snapshot::build(
+                Arc::new(config),
+                &metrics,
+                &|_| None,
+                None,
+            )),
             metrics,
         };
         let conn = ConnInfo {
@@ -1096,7 +1098,7 @@ mod tests {
                 spec("exact-api", &["www.shop.test"], "/api/v2"),
             ],
             &metrics,
-            &[],
+            &|_| None,
         );
         let name = |h: Option<&str>, p: &str| router.route(h, p).map(|r| r.spec.name.clone());
         assert_eq!(name(Some("other.test"), "/"), Some("any".into()));
@@ -1114,7 +1116,7 @@ mod tests {
     #[test]
     fn strip_prefix_keeps_query() {
         let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-        let router = Router::new(&[spec("r", &["*"], "/api")], &metrics, &[]);
+        let router = Router::new(&[spec("r", &["*"], "/api")], &metrics, &|_| None);
         let route = router.route(None, "/api/items").unwrap();
         assert_eq!(
             upstream_path(&"/api/items?q=1".parse().unwrap(), route),
