@@ -9,7 +9,6 @@
 pub mod admin;
 pub mod admin_client;
 pub mod demo;
-pub mod plugin;
 pub mod ranker;
 pub mod scoring_settings;
 pub mod server;
@@ -17,6 +16,8 @@ pub mod watch;
 
 /// Configuration: parse and validate (`gateway/crates/config`).
 pub use gateway_config as config;
+/// The WebAssembly plugin host (`gateway/crates/plugin-host`).
+pub use gateway_plugin_host as plugin;
 /// The proxy (`gateway/crates/proxy`): the request path and the hook contract, and its
 /// building blocks under their old module names.
 pub use gateway_proxy as proxy;

@@ -5,6 +5,19 @@
 //! once, and a small pool of ready instances (each `init`ed) that requests borrow. An instance
 //! whose call failed in any way is dropped, never reused; a replacement is made off the
 //! request path.
+//!
+//! # What this crate owns
+//!
+//! The wasmtime host (engine, instance pools, limits, host services: `host`), the bindings of
+//! the WIT contract (`bindings`, over the crate's own `wit` path, a link to the repository's
+//! top-level `wit/`), and a route's chain (`chain`), which implements the proxy's
+//! `gateway_proxy::hooks::RouteHooks`. Dependencies point down: config, store (content
+//! versions and pins) and the proxy's hook contract; nothing here knows the binary.
+
+// The crates below, under the names the modules use.
+use gateway_config as config;
+use gateway_proxy as proxy;
+use gateway_store as store;
 
 pub mod bindings;
 pub mod chain;
