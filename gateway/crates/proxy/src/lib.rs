@@ -25,6 +25,7 @@ pub mod tls;
 pub mod upstream;
 
 mod request;
+mod retry;
 pub use request::{
     error_response, handle, prefix_matches, redirect, ConnInfo, Route, Router, Shared, Snapshot,
 };

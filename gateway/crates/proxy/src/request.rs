@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use std::collections::HashMap;
 
 use crate::hooks::{BoundHooks, Ranker, RequestOutcome, RequestState, ResponseState, RouteHooks};
+use crate::retry::{Failure, RetryPolicy};
 use crate::scoring::serving::ModelSlot;
 use crate::upstream::conn::SendError;
 use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
@@ -422,28 +423,6 @@ pub async fn handle(
     response
 }
 
-/// Why an upstream attempt failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    Connect,
-    Reset,
-    Timeout,
-    Body(BodyLimitError),
-    Other,
-}
-
-impl Failure {
-    fn label(self) -> &'static str {
-        match self {
-            Failure::Connect => "connect",
-            Failure::Reset => "reset",
-            Failure::Timeout => "timeout",
-            Failure::Body(_) => "client_body",
-            Failure::Other => "other",
-        }
-    }
-}
-
 fn classify(err: &SendError) -> Failure {
     let hyper_err = match err {
         SendError::Connect { .. } | SendError::ConnectTimeout { .. } => return Failure::Connect,
@@ -507,11 +486,8 @@ async fn forward(
     }
 
     let path_and_query = upstream_path(&parts.uri, route);
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    );
-    let replayable = idempotent && body_empty;
+    let policy = RetryPolicy::new(&parts.method, body_empty, pool.spec.max_retries);
+    let replayable = policy.replayable();
     let mut body = Some(body);
     pool.budget.deposit();
     let upstream = pool.spec.name.as_str();
@@ -547,7 +523,7 @@ async fn forward(
         attempts += 1;
         // Whether a failure of this attempt can be retried (the condition below); if not, the
         // headers move into it instead of being copied.
-        let may_retry = replayable && attempts <= pool.spec.max_retries as usize;
+        let may_retry = policy.may_retry(attempts);
         let backend = &pool.backends[index];
         let request = pool.request_to(
             backend,
@@ -629,8 +605,7 @@ async fn forward(
             _ => pool.record_failure(index),
         }
         last_failure = Some(failure);
-        let retryable = may_retry && matches!(failure, Failure::Connect | Failure::Reset);
-        if retryable {
+        if policy.retries(attempts, failure) {
             if pool.budget.try_withdraw() {
                 metrics
                     .retries
