@@ -6,7 +6,6 @@
 
 #![recursion_limit = "256"]
 
-pub mod admin;
 pub mod admin_client;
 pub mod demo;
 pub mod ranker;
@@ -14,6 +13,8 @@ pub mod scoring_settings;
 pub mod server;
 pub mod watch;
 
+/// The admin listener and API over the `Control` trait (`gateway/crates/admin`).
+pub use gateway_admin as admin;
 /// Configuration: parse and validate (`gateway/crates/config`).
 pub use gateway_config as config;
 /// The WebAssembly plugin host (`gateway/crates/plugin-host`).

@@ -32,6 +32,7 @@ use crate::proxy::{self, ConnInfo, Shared, Snapshot};
 use crate::scoring::serving::{ModelSlot, ServedModel};
 use crate::store::{Kind, Manifest, Store, StoreError};
 use crate::tls::{self, TlsError};
+use gateway_admin::{Activated, ArtifactError, ReloadReport, Target};
 use std::collections::HashMap;
 
 /// Why the gateway could not start.
@@ -531,15 +532,6 @@ impl ReloadError {
     }
 }
 
-/// What the last reload did.
-#[derive(Debug, Clone)]
-pub struct ReloadReport {
-    /// When it finished.
-    pub at: std::time::SystemTime,
-    /// The error, when it failed.
-    pub error: Option<String>,
-}
-
 /// Runs blocking work (file I/O, hashing, fsync) off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
@@ -587,56 +579,55 @@ async fn with_record(mut config: Config) -> Result<Config, StoreError> {
     Ok(config)
 }
 
-/// Why an upload, a rollback or forgetting uploads changed nothing.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ArtifactError {
-    /// The configuration has no `[store] dir`.
-    #[error("uploads need a [store] dir in the config")]
-    NoStore,
-    /// The name has no `[[plugins]]` or `[[models]]` entry.
-    #[error("{0:?} is not in the config; add its [[plugins]] or [[models]] entry first")]
-    NotConfigured(String),
-    /// A rollback of a name without uploads.
-    #[error("no uploads of {0:?}")]
-    NoUploads(String),
-    /// A rollback with nothing (or not the version asked for) to go back to.
-    #[error("{0}")]
-    NothingToRollBackTo(String),
-    /// Uploads the serving configuration uses cannot be forgotten.
-    #[error("{name:?} is in use by {users}; remove it from the config first")]
-    InUse {
-        /// The name.
-        name: String,
-        /// What uses it, comma-separated.
-        users: String,
-    },
-    /// The store could not be read or written.
-    #[error(transparent)]
-    Store(StoreError),
-    /// The version did not load, validate or warm up.
-    #[error(transparent)]
-    Rejected(StartError),
-}
+impl gateway_admin::Control for ServeCtx {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.state.load_full()
+    }
 
-/// What an upload or a rollback is to make active.
-pub(crate) enum Target<'a> {
-    /// An upload already in the store, by its SHA-256.
-    Upload(String),
-    /// The previous upload, or the one whose SHA-256 starts with the prefix.
-    Rollback(Option<&'a str>),
-}
+    fn plugins(&self, snapshot: &Snapshot) -> Vec<gateway_admin::PluginStatus> {
+        crate::plugin::chain::in_use(snapshot)
+            .into_iter()
+            .flatten()
+            .map(|p| gateway_admin::PluginStatus {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                idle_instances: p.idle_instances(),
+            })
+            .collect()
+    }
 
-/// What an upload or a rollback made active.
-pub(crate) enum Activated {
-    /// An upload, recorded active in the store: its SHA-256.
-    Stored(String),
-    /// A model version held in memory (the model has no uploads).
-    Held {
-        /// The version now live.
-        version: String,
-        /// The model's slot, for its history.
-        slot: Arc<ModelSlot>,
-    },
+    fn last_reload(&self) -> Option<ReloadReport> {
+        self.last_reload.lock().expect("reload report lock").clone()
+    }
+
+    fn recent_uploads(&self) -> &std::sync::Mutex<std::collections::VecDeque<Instant>> {
+        &self.recent_uploads
+    }
+
+    async fn reload_from_file(&self) -> Result<(), gateway_admin::ReloadRefused> {
+        ServeCtx::reload_from_file(self).await.map_err(|e| match e {
+            ReloadError::NoFile => gateway_admin::ReloadRefused::NoFile(e.to_string()),
+            e => gateway_admin::ReloadRefused::Failed(e.to_string()),
+        })
+    }
+
+    async fn activate(
+        &self,
+        kind: Kind,
+        name: &str,
+        target: Target<'_>,
+    ) -> Result<Activated, ArtifactError> {
+        ServeCtx::activate(self, kind, name, target).await
+    }
+
+    async fn forget(
+        &self,
+        kind: Kind,
+        name: &str,
+        users: impl FnOnce(&Config) -> Vec<String> + Send,
+    ) -> Result<(), ArtifactError> {
+        ServeCtx::forget(self, kind, name, users).await
+    }
 }
 
 impl ServeCtx {
@@ -782,7 +773,7 @@ impl ServeCtx {
         match self.build_and_swap(config, Some((store, record))).await {
             Ok(()) => Ok(Activated::Stored(sha)),
             Err(StartError::Store(e)) => Err(ArtifactError::Store(e)),
-            Err(e) => Err(ArtifactError::Rejected(e)),
+            Err(e) => Err(ArtifactError::Rejected(Box::new(e))),
         }
     }
 

@@ -16,9 +16,25 @@
 //!
 //! Every mutating call is logged with the token's id (a hash prefix, never the token).
 
+//!
+//! The handlers drive the gateway through the narrow [`Control`] trait, which the binary
+//! implements; this crate depends on config, store, scoring and the proxy's types, never on
+//! the binary.
+
 // The checks of a call return the refusal itself (a ready response) as their error: refusals
 // are rare and answered at once, so boxing them would buy nothing.
 #![allow(clippy::result_large_err)]
+
+// The crates below, under the names the handlers use.
+use gateway_config as config;
+use gateway_proxy as proxy;
+use gateway_scoring as scoring;
+use gateway_store as store;
+
+mod control;
+pub use control::{
+    Activated, ArtifactError, Control, PluginStatus, ReloadRefused, ReloadReport, Target,
+};
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,15 +51,15 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::{Activated, ArtifactError, ServeCtx, Target};
+use crate::proxy::http_util;
+use crate::proxy::upstream::{full_body, ProxyBody};
 use crate::store::{Kind, Store};
-use crate::upstream::{full_body, ProxyBody};
 
 /// Accepts admin connections until `shutdown`.
-pub(crate) async fn serve(
+pub async fn serve<C: Control>(
     listener: TcpListener,
     registry: Registry,
-    ctx: Arc<ServeCtx>,
+    ctx: Arc<C>,
     draining: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
@@ -71,7 +87,9 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let (registry, ctx, draining) = (registry.clone(), ctx.clone(), draining.clone());
-                async move { Ok::<_, Infallible>(respond(req, &registry, &ctx, &draining).await) }
+                async move {
+                    Ok::<_, Infallible>(respond(req, &registry, ctx.as_ref(), &draining).await)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
@@ -94,17 +112,17 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
 }
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
-    crate::http_util::json_response(status, &value)
+    http_util::json_response(status, &value)
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyBody> {
-    crate::http_util::json_error(status, message)
+    http_util::json_error(status, message)
 }
 
 async fn respond(
     req: Request<Incoming>,
     registry: &Registry,
-    ctx: &ServeCtx,
+    ctx: &impl Control,
     draining: &AtomicBool,
 ) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
@@ -136,7 +154,7 @@ async fn respond(
             if draining.load(Ordering::SeqCst) {
                 return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
             }
-            let snapshot = ctx.shared.state.load();
+            let snapshot = ctx.snapshot();
             let mut body = String::from("ready\n");
             let mut models: Vec<_> = snapshot.models.values().collect();
             models.sort_by(|a, b| a.name.cmp(&b.name));
@@ -172,8 +190,11 @@ async fn respond(
 }
 
 /// Checks the bearer token; returns the caller's token id.
-fn authenticate(req: &Request<Incoming>, ctx: &ServeCtx) -> Result<String, Response<ProxyBody>> {
-    let snapshot = ctx.shared.state.load();
+fn authenticate(
+    req: &Request<Incoming>,
+    ctx: &impl Control,
+) -> Result<String, Response<ProxyBody>> {
+    let snapshot = ctx.snapshot();
     let Some(token) = &snapshot.config.admin.token else {
         return Err(error(
             StatusCode::FORBIDDEN,
@@ -195,7 +216,7 @@ fn authenticate(req: &Request<Incoming>, ctx: &ServeCtx) -> Result<String, Respo
     }
 }
 
-async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Response<ProxyBody> {
+async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Response<ProxyBody> {
     let who = match authenticate(&req, ctx) {
         Ok(id) => id,
         Err(r) => return r,
@@ -206,7 +227,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Respon
         (Method::GET, ["status"]) => json_response(StatusCode::OK, status(ctx)),
         (Method::GET, ["config"]) => text(
             StatusCode::OK,
-            format!("{:#?}\n", ctx.shared.state.load().config),
+            format!("{:#?}\n", ctx.snapshot().config),
         ),
         (Method::GET, ["reload"]) => {
             json_response(StatusCode::OK, json!({ "last_reload": last_reload(ctx) }))
@@ -218,7 +239,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Respon
                     StatusCode::OK,
                     json!({ "reloaded": true, "status": status(ctx) }),
                 ),
-                Err(e @ crate::server::ReloadError::NoFile) => error(StatusCode::CONFLICT, e),
+                Err(e @ ReloadRefused::NoFile(_)) => error(StatusCode::CONFLICT, e),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
             }
         }
@@ -260,8 +281,8 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &ServeCtx) -> Respon
     }
 }
 
-fn last_reload(ctx: &ServeCtx) -> serde_json::Value {
-    match ctx.last_reload.lock().expect("reload report lock").as_ref() {
+fn last_reload(ctx: &impl Control) -> serde_json::Value {
+    match ctx.last_reload().as_ref() {
         None => serde_json::Value::Null,
         Some(r) => json!({
             "at_unix_ms": r.at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -271,12 +292,14 @@ fn last_reload(ctx: &ServeCtx) -> serde_json::Value {
     }
 }
 
-fn status(ctx: &ServeCtx) -> serde_json::Value {
-    let snapshot = ctx.shared.state.load();
-    let plugins: Vec<_> = crate::plugin::chain::in_use(&snapshot)
+fn status(ctx: &impl Control) -> serde_json::Value {
+    let snapshot = ctx.snapshot();
+    let plugins: Vec<_> = ctx
+        .plugins(&snapshot)
         .into_iter()
-        .flatten()
-        .map(|p| json!({ "name": p.name, "version": p.version, "idle_instances": p.idle_instances() }))
+        .map(
+            |p| json!({ "name": p.name, "version": p.version, "idle_instances": p.idle_instances }),
+        )
         .collect();
     let mut models: Vec<_> = snapshot
         .models
@@ -322,8 +345,8 @@ fn kind_of(segment: &str) -> Kind {
 /// (which may share a store); each takes this before its gateway's reload lock.
 static UPLOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn open_store(ctx: &ServeCtx) -> Result<Store, Response<ProxyBody>> {
-    let dir = ctx.shared.state.load().config.store_dir.clone();
+fn open_store(ctx: &impl Control) -> Result<Store, Response<ProxyBody>> {
+    let dir = ctx.snapshot().config.store_dir.clone();
     let Some(dir) = dir else {
         return Err(error(
             StatusCode::CONFLICT,
@@ -355,7 +378,7 @@ fn users(config: &crate::config::Config, kind: Kind, name: &str) -> Vec<String> 
     }
 }
 
-fn artifacts(ctx: &ServeCtx, kind: Kind) -> Response<ProxyBody> {
+fn artifacts(ctx: &impl Control, kind: Kind) -> Response<ProxyBody> {
     let store = match open_store(ctx) {
         Ok(s) => s,
         Err(r) => return r,
@@ -364,7 +387,7 @@ fn artifacts(ctx: &ServeCtx, kind: Kind) -> Response<ProxyBody> {
         Ok(m) => m,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let config = ctx.shared.state.load().config.clone();
+    let config = ctx.snapshot().config.clone();
     let list: Vec<_> = manifest
         .entries(kind)
         .iter()
@@ -388,7 +411,7 @@ fn refused(e: ArtifactError) -> Response<ProxyBody> {
 
 async fn upload(
     req: Request<Incoming>,
-    ctx: &ServeCtx,
+    ctx: &impl Control,
     kind: Kind,
     name: &str,
     who: &str,
@@ -398,7 +421,7 @@ async fn upload(
         Ok(s) => s,
         Err(r) => return r,
     };
-    let config = ctx.shared.state.load().config.clone();
+    let config = ctx.snapshot().config.clone();
     let configured = match kind {
         Kind::Plugin => config.plugins.iter().any(|p| p.name == name),
         Kind::Model => config.models.iter().any(|m| m.name == name),
@@ -409,7 +432,7 @@ async fn upload(
             format!("{name:?} is not in the config; add its [[plugins]] or [[models]] entry first"),
         );
     }
-    if let Err(r) = upload_allowed(&ctx.recent_uploads, config.admin.max_uploads_per_minute) {
+    if let Err(r) = upload_allowed(ctx.recent_uploads(), config.admin.max_uploads_per_minute) {
         return r;
     }
     let signature = req
@@ -417,26 +440,24 @@ async fn upload(
         .get("x-signature")
         .map(|v| v.as_bytes().to_vec());
     let limit = config.admin.max_upload_bytes as usize;
-    let bytes = match crate::http_util::read_to_limit(
-        req.into_body().map_err(Into::into).boxed_unsync(),
-        limit,
-    )
-    .await
-    {
-        Ok(b) => b,
-        Err(crate::http_util::ReadError::TooLarge) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("uploads are limited to {limit} bytes"),
-            )
-        }
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "the upload was cut off before its end",
-            )
-        }
-    };
+    let bytes =
+        match http_util::read_to_limit(req.into_body().map_err(Into::into).boxed_unsync(), limit)
+            .await
+        {
+            Ok(b) => b,
+            Err(http_util::ReadError::TooLarge) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("uploads are limited to {limit} bytes"),
+                )
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "the upload was cut off before its end",
+                )
+            }
+        };
     if bytes.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -499,7 +520,7 @@ async fn upload(
 }
 
 async fn rollback(
-    ctx: &ServeCtx,
+    ctx: &impl Control,
     kind: Kind,
     name: &str,
     version: Option<&str>,
@@ -525,7 +546,7 @@ async fn rollback(
     }
 }
 
-async fn forget(ctx: &ServeCtx, kind: Kind, name: &str, who: &str) -> Response<ProxyBody> {
+async fn forget(ctx: &impl Control, kind: Kind, name: &str, who: &str) -> Response<ProxyBody> {
     let _one_at_a_time = UPLOADS.lock().await;
     match ctx
         .forget(kind, name, |config| users(config, kind, name))
@@ -603,5 +624,31 @@ fn check_signature(
             StatusCode::FORBIDDEN,
             "x-signature does not verify with any trusted key",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_are_limited_per_sliding_minute() {
+        let recent = std::sync::Mutex::new(std::collections::VecDeque::new());
+        assert!(upload_allowed(&recent, 2).is_ok());
+        assert!(upload_allowed(&recent, 2).is_ok());
+        let refused = upload_allowed(&recent, 2).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "60");
+        // Uploads older than a minute no longer count.
+        let old = std::time::Instant::now() - Duration::from_secs(61);
+        recent.lock().unwrap().iter_mut().for_each(|t| *t = old);
+        assert!(upload_allowed(&recent, 2).is_ok());
+        assert_eq!(recent.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn path_segments_name_the_artifact_kind() {
+        assert_eq!(kind_of("plugins"), Kind::Plugin);
+        assert_eq!(kind_of("models"), Kind::Model);
     }
 }
