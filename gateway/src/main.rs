@@ -480,7 +480,10 @@ async fn push(
     sign_key: Option<&std::path::Path>,
 ) -> Result<(), gateway::admin_client::ClientError> {
     let (answer, took) = node.push(kind, name, file, sign_key).await?;
-    println!("{}", answer.trim());
+    println!(
+        "{}",
+        serde_json::to_string(&answer).expect("the answer serializes")
+    );
     println!(
         "activated in {} ms (upload, validation, warm-up and swap)",
         took.as_millis()

@@ -31,6 +31,7 @@ use gateway_proxy as proxy;
 use gateway_scoring as scoring;
 use gateway_store as store;
 
+pub mod api;
 mod control;
 pub use control::{
     Activated, ArtifactError, Control, PluginStatus, ReloadRefused, ReloadReport, Target,
@@ -113,6 +114,14 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
 
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
     http_util::json_response(status, &value)
+}
+
+/// A 200 answer with one of the [`api`] types.
+fn typed_response(answer: &impl serde::Serialize) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::OK,
+        serde_json::to_value(answer).expect("admin answers serialize"),
+    )
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyBody> {
@@ -513,10 +522,7 @@ async fn upload(
         return refused(e);
     }
     tracing::info!(target: "admin", token = %who, name, sha256 = %sha, bytes = size, "upload activated");
-    json_response(
-        StatusCode::OK,
-        json!({ "name": name, "sha256": sha, "version": &sha[..12] }),
-    )
+    typed_response(&api::Activated::new(name, &sha))
 }
 
 async fn rollback(
@@ -530,17 +536,15 @@ async fn rollback(
     match ctx.activate(kind, name, Target::Rollback(version)).await {
         Ok(Activated::Stored(target)) => {
             tracing::info!(target: "admin", token = %who, name, sha256 = %target, "rolled back");
-            json_response(
-                StatusCode::OK,
-                json!({ "name": name, "sha256": target, "version": &target[..12] }),
-            )
+            typed_response(&api::Activated::new(name, &target))
         }
         Ok(Activated::Held { version, slot }) => {
             tracing::info!(target: "admin", token = %who, model = %name, version = %version, "model rolled back");
-            json_response(
-                StatusCode::OK,
-                json!({ "model": name, "version": version, "history": slot.history() }),
-            )
+            typed_response(&api::ModelRolledBack {
+                model: name.to_string(),
+                version,
+                history: slot.history(),
+            })
         }
         Err(e) => refused(e),
     }
@@ -554,7 +558,9 @@ async fn forget(ctx: &impl Control, kind: Kind, name: &str, who: &str) -> Respon
     {
         Ok(()) => {
             tracing::info!(target: "admin", token = %who, name, "uploads forgotten");
-            json_response(StatusCode::OK, json!({ "removed": name }))
+            typed_response(&api::Removed {
+                removed: name.to_string(),
+            })
         }
         Err(e) => refused(e),
     }
