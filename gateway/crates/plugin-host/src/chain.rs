@@ -14,7 +14,7 @@ use crate::config::{FailurePolicy, RouteSpec};
 use crate::proxy::hooks::{BoundHooks, HookFuture, LocalAnswer, RequestOutcome, RouteHooks};
 
 /// The plugins of one route, resolved to loaded versions.
-pub struct RouteChain {
+pub(crate) struct RouteChain {
     /// In request order.
     pub plugins: Vec<Arc<LoadedPlugin>>,
     /// What a failure does.

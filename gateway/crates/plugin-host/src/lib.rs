@@ -111,7 +111,7 @@ pub enum PluginError {
 
 /// The hook a call is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
+pub(crate) enum Hook {
     /// `on-request`.
     Request = 0,
     /// `on-response`.

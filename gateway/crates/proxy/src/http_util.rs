@@ -44,7 +44,7 @@ fn hop_by_hop_names() -> [&'static HeaderName; 9] {
 ///
 /// One pass over the names present decides; most messages have none of these, and then
 /// nothing is hashed or removed.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let fixed = hop_by_hop_names();
     // Bit i: fixed[i] is present.
     let mut present = 0u16;
@@ -99,7 +99,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Whether a client-supplied request id is safe to keep: 1 to 128 characters from a small
 /// alphabet, so it can go into logs and headers verbatim.
-pub fn valid_request_id(v: &HeaderValue) -> bool {
+pub(crate) fn valid_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty()
         && b.len() <= 128
@@ -109,14 +109,14 @@ pub fn valid_request_id(v: &HeaderValue) -> bool {
 }
 
 /// A fresh random request id (UUID v4).
-pub fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
     HeaderValue::from_str(s).expect("uuid is a valid header value")
 }
 
 /// Adds forwarding headers for a request from `client`, received over `proto` for `host`.
-pub fn add_forwarded(
+pub(crate) fn add_forwarded(
     headers: &mut HeaderMap,
     mode: ForwardedMode,
     client: SocketAddr,
@@ -160,7 +160,7 @@ pub fn add_forwarded(
 }
 
 /// Appends `<version> <name>` to `Via`.
-pub fn append_via(headers: &mut HeaderMap, version: http::Version, name: &HeaderValue) {
+pub(crate) fn append_via(headers: &mut HeaderMap, version: http::Version, name: &HeaderValue) {
     let v = match version {
         http::Version::HTTP_10 => "1.0",
         http::Version::HTTP_2 => "2",
@@ -179,7 +179,7 @@ pub fn append_via(headers: &mut HeaderMap, version: http::Version, name: &Header
 
 /// Why a request's authority was refused with 400 (RFC 9112 §3.2, RFC 9113 §8.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AuthorityError {
+pub(crate) enum AuthorityError {
     /// An HTTP/1.1 or h2 request named no host.
     #[error("the request names no host (a Host header is required)")]
     Missing,
@@ -200,7 +200,7 @@ pub enum AuthorityError {
 /// The one authority of a request, decided by [`request_authority`]: routed on, reported in
 /// the forwarding headers, and sent upstream as `Host`.
 #[derive(Debug, Default)]
-pub struct RequestAuthority {
+pub(crate) struct RequestAuthority {
     /// The host, lower case, without port or trailing dot; `None` on an HTTP/1.0 request
     /// without a `Host`.
     pub host: Option<String>,
@@ -213,7 +213,9 @@ pub struct RequestAuthority {
 /// form) wins over `Host`; on h2 a `Host` naming another host or port is refused, as RFC 9113
 /// §8.3.1 advises. An HTTP/1.1 or h2 request without one, more than one `Host` header, an
 /// invalid value or user information (`user@host`) are refused too.
-pub fn request_authority<B>(req: &http::Request<B>) -> Result<RequestAuthority, AuthorityError> {
+pub(crate) fn request_authority<B>(
+    req: &http::Request<B>,
+) -> Result<RequestAuthority, AuthorityError> {
     let mut host_headers = req.headers().get_all(header::HOST).iter();
     let host_header = host_headers.next();
     if host_headers.next().is_some() {
@@ -343,7 +345,9 @@ impl BodyLimitError {
 }
 
 /// Finds a [`BodyLimitError`] in an error's source chain.
-pub fn find_body_limit_error(err: &(dyn std::error::Error + 'static)) -> Option<BodyLimitError> {
+pub(crate) fn find_body_limit_error(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<BodyLimitError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(b) = e.downcast_ref::<BodyLimitError>() {
@@ -357,11 +361,11 @@ pub fn find_body_limit_error(err: &(dyn std::error::Error + 'static)) -> Option<
 /// Where a request body streamed upstream stands, as its [`LimitedBody`] last saw it; shared
 /// with the request's handler, which learns from it whose fault a failed exchange was.
 #[derive(Debug, Default)]
-pub struct BodyProgress(AtomicU8);
+pub(crate) struct BodyProgress(AtomicU8);
 
 /// A state of a [`BodyProgress`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyState {
+pub(crate) enum BodyState {
     /// Not read yet, or the last read gave a frame: the body is waiting on the upstream.
     Reading,
     /// The last read found nothing: the body is waiting on the client.
@@ -431,7 +435,7 @@ impl<B> LimitedBody<B> {
     }
 
     /// Records the body's progress in `progress` as it is read.
-    pub fn tracked(mut self, progress: Arc<BodyProgress>) -> Self {
+    pub(crate) fn tracked(mut self, progress: Arc<BodyProgress>) -> Self {
         self.progress = Some(progress);
         self
     }
@@ -608,7 +612,7 @@ pub async fn read_to_limit(
 }
 
 /// A body read into memory up to a limit.
-pub enum Buffered {
+pub(crate) enum Buffered {
     /// The whole body.
     Whole(Bytes),
     /// Larger than the limit (or with trailers): what was read, followed by the rest.
@@ -617,7 +621,7 @@ pub enum Buffered {
 
 /// Reads `body` into memory if it is at most `limit` bytes; otherwise gives back a body that
 /// replays what was read and streams the rest.
-pub async fn buffer_body(
+pub(crate) async fn buffer_body(
     mut body: crate::upstream::ProxyBody,
     limit: usize,
 ) -> Result<Buffered, BoxError> {

@@ -26,6 +26,4 @@ pub mod upstream;
 
 mod request;
 mod retry;
-pub use request::{
-    error_response, handle, prefix_matches, redirect, ConnInfo, Route, Router, Shared, Snapshot,
-};
+pub use request::{handle, redirect, ConnInfo, Route, Router, Shared, Snapshot};

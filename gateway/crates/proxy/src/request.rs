@@ -128,7 +128,7 @@ impl Router {
 }
 
 /// `/api` matches `/api` and `/api/...`, never `/apix`; `/` matches everything.
-pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub(crate) fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
         || (path.starts_with(prefix)
             && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
@@ -918,7 +918,7 @@ fn upstream_path(uri: &Uri, route: &Route) -> http::uri::PathAndQuery {
 }
 
 /// A short plain-text error the gateway itself answers with.
-pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+pub(crate) fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let text = format!(
         "{} {}: {message}\n",
         status.as_u16(),

@@ -24,7 +24,7 @@ use crate::scoring::serving::{Ask, ModelSlot, OwnedQuery, ServeError};
 use crate::upstream::ProxyBody;
 
 /// Largest request body the endpoint reads.
-pub const MAX_BODY: usize = 1 << 20;
+pub(crate) const MAX_BODY: usize = 1 << 20;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

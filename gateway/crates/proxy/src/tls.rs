@@ -28,7 +28,7 @@ pub use crate::config::certs::{certified_key_from_der, load_certified_key, provi
 
 /// Chooses a certificate by SNI: exact names first, then the longest matching wildcard, then
 /// the default.
-pub struct SniResolver {
+pub(crate) struct SniResolver {
     exact: std::collections::HashMap<String, Arc<CertifiedKey>>,
     wildcards: Vec<(String, Arc<CertifiedKey>)>,
     default: Option<Arc<CertifiedKey>>,
@@ -76,7 +76,7 @@ impl SniResolver {
     }
 
     /// The certificate for a server name (or none sent).
-    pub fn choose(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn choose(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         if let Some(name) = server_name {
             let name = name.to_ascii_lowercase();
             if let Some(k) = self.exact.get(&name) {
@@ -136,7 +136,7 @@ pub fn chosen_names<'a>(
 /// Whether a certificate configured with `server_names` is valid for `host` (lower case, no
 /// port): one of its exact names, or under one of its wildcards by exactly one label. A
 /// certificate configured without names (a default one) is taken to cover every host.
-pub fn names_cover(names: &[HostPattern], host: &str) -> bool {
+pub(crate) fn names_cover(names: &[HostPattern], host: &str) -> bool {
     names.is_empty()
         || names.iter().any(|p| match p {
             HostPattern::Exact(n) => n == host,

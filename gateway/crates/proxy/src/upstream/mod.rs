@@ -143,7 +143,7 @@ impl Pool {
 
     /// Picks an available backend not in `tried` (indices), by the pool's policy, and counts
     /// the request in flight on it.
-    pub fn pick(&self, tried: &[usize]) -> Option<(usize, InFlight)> {
+    pub(crate) fn pick(&self, tried: &[usize]) -> Option<(usize, InFlight)> {
         let n = self.backends.len();
         // A retry continues after the backend that failed instead of taking a fresh turn, so
         // retries do not skew the rotation.
@@ -169,7 +169,7 @@ impl Pool {
 
     /// A request to `backend` in the form its protocol needs: origin-form with `Host` for
     /// HTTP/1.1 (a `Host` already in `headers` is kept), absolute for h2.
-    pub fn request_to(
+    pub(crate) fn request_to(
         &self,
         backend: &Backend,
         method: http::Method,
@@ -204,14 +204,14 @@ impl Pool {
     }
 
     /// Records a successful exchange with a backend.
-    pub fn record_success(&self, index: usize) {
+    pub(crate) fn record_success(&self, index: usize) {
         self.backends[index]
             .consecutive_failures
             .store(0, Ordering::Relaxed);
     }
 
     /// Records a failed exchange; ejects the backend after too many in a row.
-    pub fn record_failure(&self, index: usize) {
+    pub(crate) fn record_failure(&self, index: usize) {
         let threshold = self.spec.eject_after_failures;
         if threshold == 0 {
             return;
@@ -338,14 +338,14 @@ impl RetryBudget {
     }
 
     /// Called once per original request.
-    pub fn deposit(&self) {
+    pub(crate) fn deposit(&self) {
         if self.deposit_milli > 0 {
             self.add(self.deposit_milli);
         }
     }
 
     /// Takes one retry from the budget; false when it is spent.
-    pub fn try_withdraw(&self) -> bool {
+    pub(crate) fn try_withdraw(&self) -> bool {
         self.refill(self.start.elapsed());
         self.balance_milli
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
