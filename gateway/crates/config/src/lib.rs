@@ -154,6 +154,7 @@ pub struct PluginRuntimeSettings {
     pub fuel: bool,
 }
 
+/// The `[plugin_runtime]` defaults, used by validation for every field left out.
 impl Default for PluginRuntimeSettings {
     fn default() -> Self {
         PluginRuntimeSettings {
@@ -285,6 +286,14 @@ pub struct AdminSettings {
     pub max_upload_bytes: u64,
     /// Uploads per minute.
     pub max_uploads_per_minute: u32,
+}
+
+impl AdminSettings {
+    /// Where the admin listener binds without `[admin] bind`: loopback only.
+    pub const DEFAULT_BIND: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        9901,
+    ));
 }
 
 /// A secret compared in constant time; its id (a hash prefix) is what logs show.

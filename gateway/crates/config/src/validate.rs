@@ -252,9 +252,11 @@ pub fn validate_with(
     };
 
     // [admin]
-    let admin_bind = raw.admin.bind.as_deref().unwrap_or("127.0.0.1:9901");
-    let bind = parse_addr(&mut c, vec![Key("admin"), Key("bind")], admin_bind)
-        .unwrap_or(([127, 0, 0, 1], 9901).into());
+    let bind = match raw.admin.bind.as_deref() {
+        Some(text) => parse_addr(&mut c, vec![Key("admin"), Key("bind")], text)
+            .unwrap_or(AdminSettings::DEFAULT_BIND),
+        None => AdminSettings::DEFAULT_BIND,
+    };
     let token = match (&raw.admin.token_file, &raw.admin.token_env) {
         (Some(file), _) => match files.read_to_string(&resolve(base_dir, file)) {
             Ok(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
@@ -587,10 +589,14 @@ pub fn validate_with(
 
     // [plugin_runtime]
     let pr = &raw.plugin_runtime;
+    let defaults = PluginRuntimeSettings::default();
+    let epoch_tick_ms = pr
+        .epoch_tick_ms
+        .unwrap_or(defaults.epoch_tick.as_millis() as u64);
     let plugin_runtime = PluginRuntimeSettings {
-        max_instances: pr.max_instances.unwrap_or(256),
-        epoch_tick: ms(pr.epoch_tick_ms.unwrap_or(1)),
-        fuel: pr.fuel.unwrap_or(false),
+        max_instances: pr.max_instances.unwrap_or(defaults.max_instances),
+        epoch_tick: ms(epoch_tick_ms),
+        fuel: pr.fuel.unwrap_or(defaults.fuel),
     };
     if !(1..=100_000).contains(&plugin_runtime.max_instances) {
         c.fail(
@@ -598,7 +604,7 @@ pub fn validate_with(
             "must be between 1 and 100000",
         );
     }
-    if !(1..=1000).contains(&pr.epoch_tick_ms.unwrap_or(1)) {
+    if !(1..=1000).contains(&epoch_tick_ms) {
         c.fail(
             vec![Key("plugin_runtime"), Key("epoch_tick_ms")],
             "must be between 1 and 1000 milliseconds",
