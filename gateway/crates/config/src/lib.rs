@@ -7,10 +7,12 @@
 //! line lookup for errors. It is a leaf of the workspace: the scoring section has its own types
 //! ([`ScoringSettings`]), converted to the engine's by the gateway package.
 //!
-//! I/O is at the edges: [`Config::load`] reads the config file; validation ([`validate_with`])
-//! does none itself and asks a [`files::Files`] for the files and variables a config names
-//! (admin token, certificates through [`certs`], plugin and model files), so that a bad file is
-//! still reported at its field's line. [`files::Disk`] is the real one; tests pass their own.
+//! I/O is at the edges. [`Config::load`] reads the config file. Validation has two phases:
+//! [`check`] applies defaults and checks every value without I/O, noting the files and
+//! variables the config names; [`Checked::load_files`] then reads them through a
+//! [`files::Files`] (the admin token, certificates through [`certs`], plugin and model files).
+//! Each read keeps its place among the problems, so a bad file is reported at its field's
+//! line, in the same order as before. [`files::Disk`] is the real one; tests pass their own.
 
 pub mod certs;
 pub mod files;
@@ -26,7 +28,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use rustls::sign::CertifiedKey;
 
-pub use validate::{decode_hex, parse_host_pattern, validate, validate_with};
+pub use validate::{check, decode_hex, parse_host_pattern, validate, validate_with, Checked};
 
 /// A validated configuration, ready to run.
 #[derive(Debug, Clone)]
@@ -787,6 +789,23 @@ path = "p.wasm"
             .collect();
         assert_eq!(fields, ["tls.certificates[0].key", "plugins[0].path"]);
         assert!(problems[0].message.contains("does not match"));
+
+        // The file phase's problems keep their place among the others.
+        let bad_bind = NAMES_FILES.replace("bind = \"127.0.0.1:0\"", "bind = \"nope\"");
+        let checked = check(toml::from_str(&bad_bind).unwrap(), base);
+        let problems = checked.load_files(&fake).unwrap_err();
+        let fields: Vec<String> = problems
+            .iter()
+            .map(|p| validate::path_string(&p.path))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "tls.certificates[0].key",
+                "listeners[0].bind",
+                "plugins[0].path"
+            ]
+        );
 
         fake.bad_key = false;
         fake.files.insert(base.join("p.wasm"), String::new());

@@ -92,39 +92,82 @@ pub fn locate(doc: &toml_edit::Document<&str>, path: &[Seg]) -> Option<usize> {
     best.map(|s| s.start)
 }
 
+/// What the checks found, in order: problems, and the reads of the file phase at the place
+/// where their field is checked (so a file's problem keeps its place in the list).
+enum Entry {
+    Problem(Problem),
+    Read(Read),
+}
+
+/// A file or variable the configuration names, read by [`Checked::load_files`].
+enum Read {
+    /// `[admin] token_file`: `shown` as written, for the message.
+    TokenFile { path: PathBuf, shown: String },
+    /// `[admin] token_env`.
+    TokenEnv(String),
+    /// A `[[tls.certificates]]` entry; added to the config when it loads.
+    Certificate {
+        index: usize,
+        server_names: Vec<HostPattern>,
+        default: bool,
+        cert_path: PathBuf,
+        key_path: PathBuf,
+    },
+    /// A plugin's component file must be a readable file.
+    PluginFile { index: usize, path: PathBuf },
+    /// A model file must be a readable file.
+    ModelFile { index: usize, path: PathBuf },
+}
+
 struct Checker {
-    problems: Vec<Problem>,
+    entries: Vec<Entry>,
 }
 
 impl Checker {
     fn fail(&mut self, path: Vec<Seg>, message: impl Into<String>) {
-        self.problems.push(Problem {
+        self.entries.push(Entry::Problem(Problem {
             path,
             message: message.into(),
-        });
+        }));
     }
+
+    fn read(&mut self, read: Read) {
+        self.entries.push(Entry::Read(read));
+    }
+}
+
+/// A configuration whose values are checked, before the files it names are read: the first
+/// of validation's two phases ([`check`]), pure; [`Checked::load_files`] is the second.
+pub struct Checked {
+    config: Config,
+    entries: Vec<Entry>,
 }
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
-/// Applies defaults and checks every field; returns all problems found. The files and
-/// variables the config names are read from the filesystem and the environment ([`Disk`]).
+/// Applies defaults and checks every field, then reads the files and variables the config
+/// names from the filesystem and the environment ([`Disk`]); returns all problems found.
 pub fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
     validate_with(raw, base_dir, &Disk)
 }
 
-/// [`validate`], reading the files and variables the config names through `files`; this
-/// function itself does no I/O.
+/// [`validate`], reading the files and variables the config names through `files`.
 pub fn validate_with(
     raw: RawConfig,
     base_dir: &Path,
     files: &dyn Files,
 ) -> Result<Config, Vec<Problem>> {
+    check(raw, base_dir).load_files(files)
+}
+
+/// The first phase of validation, without I/O: applies defaults and checks every value,
+/// noting the files and variables the config names (`base_dir` anchors relative paths).
+pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
     use Seg::{Index, Key};
     let mut c = Checker {
-        problems: Vec::new(),
+        entries: Vec::new(),
     };
 
     // [server]
@@ -257,41 +300,17 @@ pub fn validate_with(
             .unwrap_or(AdminSettings::DEFAULT_BIND),
         None => AdminSettings::DEFAULT_BIND,
     };
-    let token = match (&raw.admin.token_file, &raw.admin.token_env) {
-        (Some(file), _) => match files.read_to_string(&resolve(base_dir, file)) {
-            Ok(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
-            Ok(_) => {
-                c.fail(
-                    vec![Key("admin"), Key("token_file")],
-                    "the token file is empty",
-                );
-                None
-            }
-            Err(e) => {
-                c.fail(
-                    vec![Key("admin"), Key("token_file")],
-                    format!("cannot read {file}: {e}"),
-                );
-                None
-            }
-        },
-        (None, Some(var)) => match files.var(var) {
-            Some(t) if !t.trim().is_empty() => Some(AdminToken::new(t.trim())),
-            _ => {
-                c.fail(
-                    vec![Key("admin"), Key("token_env")],
-                    format!("environment variable {var} is unset or empty"),
-                );
-                None
-            }
-        },
-        (None, None) => None,
-    };
-    if token.is_none()
-        && !bind.ip().is_loopback()
-        && raw.admin.token_file.is_none()
-        && raw.admin.token_env.is_none()
-    {
+    // The token itself is read in the file phase.
+    match (&raw.admin.token_file, &raw.admin.token_env) {
+        (Some(file), _) => c.read(Read::TokenFile {
+            path: resolve(base_dir, file),
+            shown: file.clone(),
+        }),
+        (None, Some(var)) => c.read(Read::TokenEnv(var.clone())),
+        (None, None) => {}
+    }
+    let token = None;
+    if !bind.ip().is_loopback() && raw.admin.token_file.is_none() && raw.admin.token_env.is_none() {
         c.fail(
             vec![Key("admin"), Key("bind")],
             format!("{bind} is not a loopback address; set token_file or token_env so the admin API is not open to the network"),
@@ -305,7 +324,6 @@ pub fn validate_with(
     };
 
     // [[tls.certificates]]
-    let mut certificates = Vec::new();
     let cert_count = raw.tls.certificates.len();
     let mut defaults = 0;
     for (i, rc) in raw.tls.certificates.into_iter().enumerate() {
@@ -336,26 +354,16 @@ pub fn validate_with(
                 "list the SNI names this certificate answers, or mark it `default = true`",
             );
         }
-        let cert_path = resolve(base_dir, &rc.cert);
-        let key_path = resolve(base_dir, &rc.key);
-        match files.certified_key(&cert_path, &key_path) {
-            Ok(key) => certificates.push(CertificateSpec {
-                server_names: names,
-                default,
-                key: Arc::new(key),
-                cert_path,
-                key_path: key_path.clone(),
-            }),
-            Err(e) => {
-                let field = if matches!(e, crate::certs::CertError::Key { .. }) {
-                    "key"
-                } else {
-                    "cert"
-                };
-                c.fail(at(field), e.to_string());
-            }
-        }
+        // Loaded in the file phase, which adds it to the config.
+        c.read(Read::Certificate {
+            index: i,
+            server_names: names,
+            default,
+            cert_path: resolve(base_dir, &rc.cert),
+            key_path: resolve(base_dir, &rc.key),
+        });
     }
+    let certificates = Vec::new();
     if cert_count > 1 && defaults != 1 {
         c.fail(
             vec![Key("tls"), Key("certificates")],
@@ -618,11 +626,10 @@ pub fn validate_with(
         let at = |f: &'static str| vec![Key("plugins"), Index(i), Key(f)];
         check_name(&mut c, at("name"), &rp.name, &mut plugin_names, i, "plugin");
         let path = resolve(base_dir, &rp.path);
-        match files.is_file(&path) {
-            Ok(true) => {}
-            Ok(_) => c.fail(at("path"), format!("{} is not a file", path.display())),
-            Err(e) => c.fail(at("path"), format!("cannot read {}: {e}", path.display())),
-        }
+        c.read(Read::PluginFile {
+            index: i,
+            path: path.clone(),
+        });
         let config = match rp.config {
             None => String::new(),
             Some(toml::Value::String(s)) => s,
@@ -723,9 +730,10 @@ pub fn validate_with(
         let at = |f: &'static str| vec![Key("models"), Index(i), Key(f)];
         check_name(&mut c, at("name"), &rm.name, &mut model_names, i, "model");
         let path = resolve(base_dir, &rm.path);
-        if !matches!(files.is_file(&path), Ok(true)) {
-            c.fail(at("path"), format!("cannot read {}", path.display()));
-        }
+        c.read(Read::ModelFile {
+            index: i,
+            path: path.clone(),
+        });
         let sha256 = check_pin(&mut c, at("sha256"), rm.sha256.as_deref());
         models.push(ModelSpec {
             name: rm.name,
@@ -899,8 +907,8 @@ pub fn validate_with(
         );
     }
 
-    if c.problems.is_empty() {
-        Ok(Config {
+    Checked {
+        config: Config {
             server,
             limits,
             logging,
@@ -917,9 +925,104 @@ pub fn validate_with(
             store_dir,
             trusted_keys,
             require_signatures,
-        })
-    } else {
-        Err(c.problems)
+        },
+        entries: c.entries,
+    }
+}
+
+impl Checked {
+    /// The second phase of validation: reads the files and variables the config names
+    /// through `files` (the admin token, certificates and keys; plugin and model files must be
+    /// readable files). Returns the configuration, or every problem of both phases in the
+    /// order their fields were checked.
+    pub fn load_files(self, files: &dyn Files) -> Result<Config, Vec<Problem>> {
+        use Seg::{Index, Key};
+        let Checked {
+            mut config,
+            entries,
+        } = self;
+        let mut problems = Vec::new();
+        let mut fail = |path: Vec<Seg>, message: String| problems.push(Problem { path, message });
+        for entry in entries {
+            let read = match entry {
+                Entry::Problem(p) => {
+                    fail(p.path, p.message);
+                    continue;
+                }
+                Entry::Read(read) => read,
+            };
+            match read {
+                Read::TokenFile { path, shown } => match files.read_to_string(&path) {
+                    Ok(t) if !t.trim().is_empty() => {
+                        config.admin.token = Some(AdminToken::new(t.trim()))
+                    }
+                    Ok(_) => fail(
+                        vec![Key("admin"), Key("token_file")],
+                        "the token file is empty".into(),
+                    ),
+                    Err(e) => fail(
+                        vec![Key("admin"), Key("token_file")],
+                        format!("cannot read {shown}: {e}"),
+                    ),
+                },
+                Read::TokenEnv(var) => match files.var(&var) {
+                    Some(t) if !t.trim().is_empty() => {
+                        config.admin.token = Some(AdminToken::new(t.trim()))
+                    }
+                    _ => fail(
+                        vec![Key("admin"), Key("token_env")],
+                        format!("environment variable {var} is unset or empty"),
+                    ),
+                },
+                Read::Certificate {
+                    index,
+                    server_names,
+                    default,
+                    cert_path,
+                    key_path,
+                } => match files.certified_key(&cert_path, &key_path) {
+                    Ok(key) => config.certificates.push(CertificateSpec {
+                        server_names,
+                        default,
+                        key: Arc::new(key),
+                        cert_path,
+                        key_path,
+                    }),
+                    Err(e) => {
+                        let field = if matches!(e, crate::certs::CertError::Key { .. }) {
+                            "key"
+                        } else {
+                            "cert"
+                        };
+                        fail(
+                            vec![Key("tls"), Key("certificates"), Index(index), Key(field)],
+                            e.to_string(),
+                        );
+                    }
+                },
+                Read::PluginFile { index, path } => {
+                    let at = vec![Key("plugins"), Index(index), Key("path")];
+                    match files.is_file(&path) {
+                        Ok(true) => {}
+                        Ok(_) => fail(at, format!("{} is not a file", path.display())),
+                        Err(e) => fail(at, format!("cannot read {}: {e}", path.display())),
+                    }
+                }
+                Read::ModelFile { index, path } => {
+                    if !matches!(files.is_file(&path), Ok(true)) {
+                        fail(
+                            vec![Key("models"), Index(index), Key("path")],
+                            format!("cannot read {}", path.display()),
+                        );
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
     }
 }
 
