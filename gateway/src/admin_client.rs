@@ -192,12 +192,15 @@ impl Node {
     }
 
     /// The node's status document.
-    pub async fn status(&self) -> Result<String, ClientError> {
+    pub async fn status(&self) -> Result<crate::admin::api::Status, ClientError> {
         let (status, body) = self.call(Method::GET, "/admin/status", None, None).await?;
         if status != 200 {
             return Err(ClientError::Refused { status, body });
         }
-        Ok(body)
+        serde_json::from_str(&body).map_err(|e| ClientError::Transport {
+            url: self.url.clone(),
+            reason: format!("unexpected answer {body:?}: {e}"),
+        })
     }
 }
 

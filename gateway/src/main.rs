@@ -216,7 +216,11 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Status { target } => client(&target, |node| async move {
-            println!("{}", node.status().await?);
+            let status = node.status().await?;
+            println!(
+                "{}",
+                serde_json::to_string(&status).expect("the status serializes")
+            );
             Ok(())
         }),
         Command::Plugin {

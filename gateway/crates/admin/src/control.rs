@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+pub use crate::api::PluginStatus;
 use crate::config::Config;
 use crate::proxy::Snapshot;
 use crate::scoring::serving::ModelSlot;
@@ -40,17 +41,6 @@ pub trait Control: Send + Sync + 'static {
         name: &str,
         users: impl FnOnce(&Config) -> Vec<String> + Send,
     ) -> impl Future<Output = Result<(), ArtifactError>> + Send;
-}
-
-/// A loaded plugin, as `GET /admin/status` lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginStatus {
-    /// Its name in the config.
-    pub name: String,
-    /// The version serving.
-    pub version: String,
-    /// Instances ready for a request.
-    pub idle_instances: usize,
 }
 
 /// Why `POST /admin/reload` did not reload.

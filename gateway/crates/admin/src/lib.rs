@@ -48,7 +48,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::Registry;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -233,21 +232,23 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
     let method = req.method().clone();
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match (method.clone(), segments.as_slice()) {
-        (Method::GET, ["status"]) => json_response(StatusCode::OK, status(ctx)),
+        (Method::GET, ["status"]) => typed_response(&status(ctx)),
         (Method::GET, ["config"]) => text(
             StatusCode::OK,
             format!("{:#?}\n", ctx.snapshot().config),
         ),
         (Method::GET, ["reload"]) => {
-            json_response(StatusCode::OK, json!({ "last_reload": last_reload(ctx) }))
+            typed_response(&api::LastReloadAnswer {
+                last_reload: last_reload(ctx),
+            })
         }
         (Method::POST, ["reload"]) => {
             tracing::info!(target: "admin", token = %who, "reload requested");
             match ctx.reload_from_file().await {
-                Ok(()) => json_response(
-                    StatusCode::OK,
-                    json!({ "reloaded": true, "status": status(ctx) }),
-                ),
+                Ok(()) => typed_response(&api::Reloaded {
+                    reloaded: true,
+                    status: status(ctx),
+                }),
                 Err(e @ ReloadRefused::NoFile(_)) => error(StatusCode::CONFLICT, e),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
             }
@@ -290,56 +291,58 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
     }
 }
 
-fn last_reload(ctx: &impl Control) -> serde_json::Value {
-    match ctx.last_reload().as_ref() {
-        None => serde_json::Value::Null,
-        Some(r) => json!({
-            "at_unix_ms": r.at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-            "ok": r.error.is_none(),
-            "error": r.error,
-        }),
-    }
+fn last_reload(ctx: &impl Control) -> Option<api::LastReload> {
+    ctx.last_reload().map(|r| api::LastReload {
+        at_unix_ms: r
+            .at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        ok: r.error.is_none(),
+        error: r.error,
+    })
 }
 
-fn status(ctx: &impl Control) -> serde_json::Value {
+fn status(ctx: &impl Control) -> api::Status {
     let snapshot = ctx.snapshot();
-    let plugins: Vec<_> = ctx
-        .plugins(&snapshot)
-        .into_iter()
-        .map(
-            |p| json!({ "name": p.name, "version": p.version, "idle_instances": p.idle_instances }),
-        )
-        .collect();
+    let plugins = ctx.plugins(&snapshot);
     let mut models: Vec<_> = snapshot
         .models
         .values()
         .map(|slot| {
             let live = slot.live();
-            json!({
-                "name": slot.name,
-                "version": live.version,
-                "kind": live.model.info().kind.to_string(),
-                "device": format!("{:?}", live.model.execution_path()),
-                "storage": live.model.table_storage().to_string(),
-                "held_bytes": live.model.held_bytes(),
-                "history": slot.history(),
-            })
+            api::ModelStatus {
+                name: slot.name.clone(),
+                version: live.version.clone(),
+                kind: live.model.info().kind.to_string(),
+                device: format!("{:?}", live.model.execution_path()),
+                storage: live.model.table_storage().to_string(),
+                held_bytes: live.model.held_bytes(),
+                history: slot.history(),
+            }
         })
         .collect();
-    models.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    let routes: Vec<_> = snapshot
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    let routes = snapshot
         .config
         .routes
         .iter()
-        .map(|r| {
-            json!({
-                "name": r.name,
-                "upstream": snapshot.config.upstreams[r.upstream].name,
-                "plugins": r.plugins.iter().map(|&i| snapshot.config.plugins[i].name.clone()).collect::<Vec<_>>(),
-            })
+        .map(|r| api::RouteStatus {
+            name: r.name.clone(),
+            upstream: snapshot.config.upstreams[r.upstream].name.clone(),
+            plugins: r
+                .plugins
+                .iter()
+                .map(|&i| snapshot.config.plugins[i].name.clone())
+                .collect(),
         })
         .collect();
-    json!({ "routes": routes, "plugins": plugins, "models": models, "last_reload": last_reload(ctx) })
+    api::Status {
+        routes,
+        plugins,
+        models,
+        last_reload: last_reload(ctx),
+    }
 }
 
 fn kind_of(segment: &str) -> Kind {
@@ -400,9 +403,14 @@ fn artifacts(ctx: &impl Control, kind: Kind) -> Response<ProxyBody> {
     let list: Vec<_> = manifest
         .entries(kind)
         .iter()
-        .map(|(name, e)| json!({ "name": name, "active": e.active, "versions": e.versions, "used_by": users(&config, kind, name) }))
+        .map(|(name, e)| api::Artifact {
+            name: name.clone(),
+            active: e.active.clone(),
+            versions: e.versions.clone(),
+            used_by: users(&config, kind, name),
+        })
         .collect();
-    json_response(StatusCode::OK, json!({ "artifacts": list }))
+    typed_response(&api::Artifacts { artifacts: list })
 }
 
 /// The answer to an upload, rollback or forget that changed nothing.
