@@ -27,7 +27,7 @@ const PROTECTED: [&str; 5] = [
 ];
 
 /// Store data of one plugin instance.
-pub struct StoreState {
+pub(crate) struct StoreState {
     /// Handles the guest holds (requests and responses lent for one call).
     pub table: ResourceTable,
     /// Memory cap.
@@ -69,7 +69,7 @@ impl StoreState {
 }
 
 /// Refuses linear memory growth past a cap and remembers that it did.
-pub struct MemoryLimiter {
+pub(crate) struct MemoryLimiter {
     max: usize,
     /// A growth was refused.
     pub exceeded: bool,
@@ -103,7 +103,7 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 /// Shared by every instance of one plugin version.
-pub struct PluginCtx {
+pub(crate) struct PluginCtx {
     /// Plugin name from config.
     pub name: String,
     /// Content hash prefix of the component.
@@ -543,7 +543,7 @@ impl wit_http::HostResponse for StoreState {
 }
 
 /// A plugin's key-value store: bounded, with per-key expiry checked on access.
-pub struct KvStore {
+pub(crate) struct KvStore {
     entries: Mutex<HashMap<String, KvEntry>>,
     max_entries: usize,
 }
@@ -658,7 +658,7 @@ impl KvStore {
 }
 
 /// The families that plugins' own metrics live in, shared by all plugins.
-pub struct PluginMetricFamilies {
+pub(crate) struct PluginMetricFamilies {
     registry: Registry,
     counters: Mutex<HashMap<String, IntCounterVec>>,
     gauges: Mutex<HashMap<String, prometheus::GaugeVec>>,
@@ -689,7 +689,7 @@ fn valid_metric_name(name: &str) -> bool {
 }
 
 /// One plugin's handles into the shared families, resolved once per name.
-pub struct PluginOwnMetrics {
+pub(crate) struct PluginOwnMetrics {
     plugin: String,
     families: Arc<PluginMetricFamilies>,
     counters: Mutex<HashMap<String, Option<IntCounter>>>,

@@ -285,7 +285,7 @@ impl PluginRuntime {
     }
 
     /// Compiles and checks a component against the plugin world (no instance is made).
-    pub fn compile(
+    pub(crate) fn compile(
         &self,
         name: &str,
         bytes: &[u8],
