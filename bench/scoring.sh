@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On-demand benchmark, not part of CI: the scoring engine's GPU path against its CPU path, in one
-# invocation (gateway/examples/scoring_bench.rs), on synthetic models built in memory.
+# invocation (gateway/crates/scoring/examples/scoring_bench.rs), on synthetic models built in memory.
 #
 #   bench/scoring.sh                              # auto backend, full sizes (1M x 128 catalog)
 #   bench/scoring.sh --backend gpu --peak-gbps 3350
@@ -33,7 +33,7 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 BIN=target/dist/examples/scoring_bench
 
 if [[ "$SKIP_BUILD" != 1 ]]; then
-    cargo build --profile dist --example scoring_bench -p gateway
+    cargo build --profile dist --example scoring_bench -p gateway-scoring
 fi
 
 # The example's defaults: --backend auto --iters 200 --warmup 5 --max-seconds 15 --items 1000000

@@ -143,15 +143,15 @@ impl Node {
         Ok((status, String::from_utf8_lossy(&text).into_owned()))
     }
 
-    /// Uploads a plugin or model file as `name`; returns the node's answer and the time from
-    /// the first byte sent to the node confirming activation.
+    /// Uploads a plugin or model file as `name`; returns the node's answer (the version now
+    /// active) and the time from the first byte sent to the node confirming activation.
     pub async fn push(
         &self,
         kind: &str,
         name: &str,
         file: &Path,
         sign_key: Option<&Path>,
-    ) -> Result<(String, Duration), ClientError> {
+    ) -> Result<(crate::admin::api::Activated, Duration), ClientError> {
         let bytes = std::fs::read(file).map_err(|source| ClientError::Read {
             path: file.display().to_string(),
             source,
@@ -184,16 +184,23 @@ impl Node {
         if status != 200 {
             return Err(ClientError::Refused { status, body });
         }
-        Ok((body, started.elapsed()))
+        let answer = serde_json::from_str(&body).map_err(|e| ClientError::Transport {
+            url: self.url.clone(),
+            reason: format!("unexpected answer {body:?}: {e}"),
+        })?;
+        Ok((answer, started.elapsed()))
     }
 
     /// The node's status document.
-    pub async fn status(&self) -> Result<String, ClientError> {
+    pub async fn status(&self) -> Result<crate::admin::api::Status, ClientError> {
         let (status, body) = self.call(Method::GET, "/admin/status", None, None).await?;
         if status != 200 {
             return Err(ClientError::Refused { status, body });
         }
-        Ok(body)
+        serde_json::from_str(&body).map_err(|e| ClientError::Transport {
+            url: self.url.clone(),
+            reason: format!("unexpected answer {body:?}: {e}"),
+        })
     }
 }
 

@@ -238,7 +238,11 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from),
         Command::Status { target } => client(&target, |node| async move {
-            println!("{}", node.status().await?);
+            let status = node.status().await?;
+            println!(
+                "{}",
+                serde_json::to_string(&status).expect("the status serializes")
+            );
             Ok(())
         }),
         Command::Plugin {
@@ -261,8 +265,7 @@ fn main() -> ExitCode {
 fn sample_files(path: &Path) -> anyhow::Result<ExitCode> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let raw: gateway::config::raw::RawConfig = toml::from_str(&text)
-        .with_context(|| format!("{}: not a gateway configuration", path.display()))?;
+    let raw = Config::parse_raw(&text, &path.display().to_string())?;
     let base = path.parent().unwrap_or(Path::new("."));
     let write = |file: &Path, bytes: &[u8]| -> anyhow::Result<()> {
         if let Some(dir) = file.parent() {
@@ -375,7 +378,7 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
     let engine = gateway::plugin::PluginRuntime::new(&settings, &prometheus::Registry::new())?;
     let report = engine.inspect(&bytes);
     println!("{}", file.display());
-    println!("  version   {}", gateway::plugin::content_version(&bytes));
+    println!("  version   {}", gateway::store::content_version(&bytes));
     for i in &report.imports {
         println!("  imports   {i}");
     }
@@ -558,7 +561,10 @@ async fn push(
     sign_key: Option<&std::path::Path>,
 ) -> Result<(), gateway::admin_client::ClientError> {
     let (answer, took) = node.push(kind, name, file, sign_key).await?;
-    println!("{}", answer.trim());
+    println!(
+        "{}",
+        serde_json::to_string(&answer).expect("the answer serializes")
+    );
     println!(
         "activated in {} ms (upload, validation, warm-up and swap)",
         took.as_millis()

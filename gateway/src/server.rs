@@ -32,6 +32,7 @@ use crate::proxy::{self, ConnInfo, Shared, Snapshot};
 use crate::scoring::serving::{ModelSlot, ServedModel};
 use crate::store::{Kind, Manifest, Store, StoreError};
 use crate::tls::{self, TlsError};
+use gateway_admin::{Activated, ArtifactError, ReloadReport, Target};
 use std::collections::HashMap;
 
 /// Why the gateway could not start.
@@ -96,7 +97,10 @@ async fn load_models(
     let device = match &state.device {
         Some(d) => d.clone(),
         None => {
-            let (backend, allow) = (config.scoring.backend, config.scoring.allow_software_gpu);
+            let (backend, allow) = (
+                crate::scoring_settings::backend_choice(config.scoring.backend),
+                config.scoring.allow_software_gpu,
+            );
             let d =
                 tokio::task::spawn_blocking(move || crate::scoring::acquire_device(backend, allow))
                     .await
@@ -123,7 +127,7 @@ async fn load_models(
         state.families = Some(families);
     }
     let mut cfg = crate::scoring::ScoringConfig {
-        backend: config.scoring.backend,
+        backend: crate::scoring_settings::backend_choice(config.scoring.backend),
         allow_software_gpu: config.scoring.allow_software_gpu,
         ..Default::default()
     };
@@ -134,17 +138,11 @@ async fn load_models(
         let (bytes, version) = blocking(move || {
             let bytes = std::fs::read(&s.path)
                 .map_err(|e| fail(&s.name, format!("cannot read {}: {e}", s.path.display())))?;
-            if let Some(expected) = &s.sha256 {
-                let found = crate::store::sha256_hex(&bytes);
-                if &found != expected {
-                    return Err(fail(
-                        &s.name,
-                        format!("content SHA-256 {found} does not match the pinned {expected}"),
-                    ));
-                }
-            }
-            let version = crate::scoring::serving::served_version(&bytes, s.storage);
-            Ok((bytes, version))
+            crate::store::check_pin(&bytes, s.sha256.as_deref())
+                .map_err(|m| fail(&s.name, m.to_string()))?;
+            let storage = crate::scoring_settings::table_storage(&s);
+            let version = crate::scoring::serving::served_version(&bytes, storage);
+            Ok::<_, StartError>((bytes, version))
         })
         .await?;
         if let Some(slot) = current
@@ -155,7 +153,7 @@ async fn load_models(
             continue;
         }
         let (mut cfg2, dev2) = (cfg.clone(), device.clone());
-        cfg2.storage = spec.storage;
+        cfg2.storage = crate::scoring_settings::table_storage(spec);
         let model = tokio::task::spawn_blocking(move || {
             crate::scoring::Model::from_bytes(&bytes, &cfg2, &dev2)
         })
@@ -172,7 +170,7 @@ fn ranker_for(
     models: &HashMap<String, Arc<ModelSlot>>,
 ) -> Option<Arc<dyn crate::plugin::host::Ranker>> {
     (!models.is_empty()).then(|| {
-        Arc::new(crate::scoring::serving::ModelsRanker(models.clone()))
+        Arc::new(crate::ranker::ModelsRanker(models.clone()))
             as Arc<dyn crate::plugin::host::Ranker>
     })
 }
@@ -196,7 +194,7 @@ fn apply_models(
                 None => ModelSlot::start(
                     &name,
                     served,
-                    config.scoring.policy,
+                    crate::scoring_settings::batch_policy(&config.scoring.policy),
                     state
                         .families
                         .as_ref()
@@ -300,7 +298,12 @@ impl Gateway {
             state: ArcSwap::from_pointee(Snapshot {
                 ranker: ranker_for(&models),
                 models,
-                ..Snapshot::build(config.clone(), &metrics, &plugins, None)
+                ..Snapshot::build(
+                    config.clone(),
+                    &metrics,
+                    &|route| crate::plugin::chain::bind(&plugins, route),
+                    None,
+                )
             }),
             metrics,
         });
@@ -485,7 +488,7 @@ async fn load_plugins(
                 source,
             })?;
             crate::plugin::check_pin(&s, &bytes)?;
-            let version = crate::plugin::content_version(&bytes);
+            let version = crate::store::content_version(&bytes);
             Ok::<_, PluginError>((bytes, version))
         })
         .await?;
@@ -527,15 +530,6 @@ impl ReloadError {
             ReloadError::Apply(_) => "other",
         }
     }
-}
-
-/// What the last reload did.
-#[derive(Debug, Clone)]
-pub struct ReloadReport {
-    /// When it finished.
-    pub at: std::time::SystemTime,
-    /// The error, when it failed.
-    pub error: Option<String>,
 }
 
 /// Runs blocking work (file I/O, hashing, fsync) off the async workers.
@@ -585,56 +579,55 @@ async fn with_record(mut config: Config) -> Result<Config, StoreError> {
     Ok(config)
 }
 
-/// Why an upload, a rollback or forgetting uploads changed nothing.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ArtifactError {
-    /// The configuration has no `[store] dir`.
-    #[error("uploads need a [store] dir in the config")]
-    NoStore,
-    /// The name has no `[[plugins]]` or `[[models]]` entry.
-    #[error("{0:?} is not in the config; add its [[plugins]] or [[models]] entry first")]
-    NotConfigured(String),
-    /// A rollback of a name without uploads.
-    #[error("no uploads of {0:?}")]
-    NoUploads(String),
-    /// A rollback with nothing (or not the version asked for) to go back to.
-    #[error("{0}")]
-    NothingToRollBackTo(String),
-    /// Uploads the serving configuration uses cannot be forgotten.
-    #[error("{name:?} is in use by {users}; remove it from the config first")]
-    InUse {
-        /// The name.
-        name: String,
-        /// What uses it, comma-separated.
-        users: String,
-    },
-    /// The store could not be read or written.
-    #[error(transparent)]
-    Store(StoreError),
-    /// The version did not load, validate or warm up.
-    #[error(transparent)]
-    Rejected(StartError),
-}
+impl gateway_admin::Control for ServeCtx {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.state.load_full()
+    }
 
-/// What an upload or a rollback is to make active.
-pub(crate) enum Target<'a> {
-    /// An upload already in the store, by its SHA-256.
-    Upload(String),
-    /// The previous upload, or the one whose SHA-256 starts with the prefix.
-    Rollback(Option<&'a str>),
-}
+    fn plugins(&self, snapshot: &Snapshot) -> Vec<gateway_admin::PluginStatus> {
+        crate::plugin::chain::in_use(snapshot)
+            .into_iter()
+            .flatten()
+            .map(|p| gateway_admin::PluginStatus {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                idle_instances: p.idle_instances(),
+            })
+            .collect()
+    }
 
-/// What an upload or a rollback made active.
-pub(crate) enum Activated {
-    /// An upload, recorded active in the store: its SHA-256.
-    Stored(String),
-    /// A model version held in memory (the model has no uploads).
-    Held {
-        /// The version now live.
-        version: String,
-        /// The model's slot, for its history.
-        slot: Arc<ModelSlot>,
-    },
+    fn last_reload(&self) -> Option<ReloadReport> {
+        self.last_reload.lock().expect("reload report lock").clone()
+    }
+
+    fn recent_uploads(&self) -> &std::sync::Mutex<std::collections::VecDeque<Instant>> {
+        &self.recent_uploads
+    }
+
+    async fn reload_from_file(&self) -> Result<(), gateway_admin::ReloadRefused> {
+        ServeCtx::reload_from_file(self).await.map_err(|e| match e {
+            ReloadError::NoFile => gateway_admin::ReloadRefused::NoFile(e.to_string()),
+            e => gateway_admin::ReloadRefused::Failed(e.to_string()),
+        })
+    }
+
+    async fn activate(
+        &self,
+        kind: Kind,
+        name: &str,
+        target: Target<'_>,
+    ) -> Result<Activated, ArtifactError> {
+        ServeCtx::activate(self, kind, name, target).await
+    }
+
+    async fn forget(
+        &self,
+        kind: Kind,
+        name: &str,
+        users: impl FnOnce(&Config) -> Vec<String> + Send,
+    ) -> Result<(), ArtifactError> {
+        ServeCtx::forget(self, kind, name, users).await
+    }
 }
 
 impl ServeCtx {
@@ -664,7 +657,10 @@ impl ServeCtx {
         let certificates = config.certificates.clone();
         let tls_config = blocking(move || tls::server_config(&certificates)).await?;
         let current = self.shared.state.load_full();
-        let previous: Vec<Arc<LoadedPlugin>> = current.plugins().into_iter().flatten().collect();
+        let previous: Vec<Arc<LoadedPlugin>> = crate::plugin::chain::in_use(&current)
+            .into_iter()
+            .flatten()
+            .collect();
         let plugins = {
             let mut runtime = self.plugin_runtime.lock().await;
             load_plugins(&mut runtime, &config, &self.registry, &previous).await?
@@ -679,7 +675,7 @@ impl ServeCtx {
         let mut snapshot = Snapshot::build(
             Arc::new(config),
             &self.shared.metrics,
-            &plugins,
+            &|route| crate::plugin::chain::bind(&plugins, route),
             Some(&current),
         );
         snapshot.ranker = ranker_for(&models);
@@ -777,7 +773,7 @@ impl ServeCtx {
         match self.build_and_swap(config, Some((store, record))).await {
             Ok(()) => Ok(Activated::Stored(sha)),
             Err(StartError::Store(e)) => Err(ArtifactError::Store(e)),
-            Err(e) => Err(ArtifactError::Rejected(e)),
+            Err(e) => Err(ArtifactError::Rejected(Box::new(e))),
         }
     }
 

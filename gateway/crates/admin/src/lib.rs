@@ -1,0 +1,668 @@
+//! The admin listener: `/metrics`, `/healthz` and `/readyz` for monitoring, and the admin API
+//! under `/admin/`, which needs the bearer token from `[admin]` (compared in constant time;
+//! without a configured token it is disabled, and the listener may only bind to loopback).
+//!
+//! - `GET /admin/status`: routes, plugins and models with their versions, the last reload;
+//! - `GET /admin/config`: the effective configuration;
+//! - `POST /admin/reload`, `GET /admin/reload`: reload the config file; the last outcome;
+//! - `POST /admin/models/{name}/rollback[?version=V]`: make an earlier model version live.
+//! - `GET /admin/plugins`, `GET /admin/models`: uploaded versions, which is active, who uses it;
+//! - `PUT /admin/plugins/{name}`, `PUT /admin/models/{name}` (body: the file): validate,
+//!   compile/load and warm it, store it durably, then activate it atomically — or answer 422
+//!   and change nothing;
+//! - `POST /admin/plugins/{name}/rollback[?version=SHA-PREFIX]`: activate an earlier upload;
+//! - `DELETE /admin/plugins/{name}`, `DELETE /admin/models/{name}`: forget the uploads of a
+//!   name no route or endpoint uses (the config file's path applies again).
+//!
+//! Every mutating call is logged with the token's id (a hash prefix, never the token).
+
+//!
+//! The handlers drive the gateway through the narrow [`Control`] trait, which the binary
+//! implements; this crate depends on config, store, scoring and the proxy's types, never on
+//! the binary.
+
+// The checks of a call return the refusal itself (a ready response) as their error: refusals
+// are rare and answered at once, so boxing them would buy nothing.
+#![allow(clippy::result_large_err)]
+
+// The crates below, under the names the handlers use.
+use gateway_config as config;
+use gateway_proxy as proxy;
+use gateway_scoring as scoring;
+use gateway_store as store;
+
+pub mod api;
+mod control;
+pub use control::{
+    Activated, ArtifactError, Control, PluginStatus, ReloadRefused, ReloadReport, Target,
+};
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::http_util;
+use crate::proxy::upstream::{full_body, ProxyBody};
+use crate::store::{Kind, Store};
+
+/// Accepts admin connections until `shutdown`.
+pub async fn serve<C: Control>(
+    listener: TcpListener,
+    registry: Registry,
+    ctx: Arc<C>,
+    draining: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let builder = Arc::new({
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
+        b
+    });
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let (registry, ctx, draining, builder, shutdown) = (
+            registry.clone(),
+            ctx.clone(),
+            draining.clone(),
+            builder.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let (registry, ctx, draining) = (registry.clone(), ctx.clone(), draining.clone());
+                async move {
+                    Ok::<_, Infallible>(respond(req, &registry, ctx.as_ref(), &draining).await)
+                }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); let _ = conn.await; }
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(full_body(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
+    http_util::json_response(status, &value)
+}
+
+/// A 200 answer with one of the [`api`] types.
+fn typed_response(answer: &impl serde::Serialize) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::OK,
+        serde_json::to_value(answer).expect("admin answers serialize"),
+    )
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyBody> {
+    http_util::json_error(status, message)
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    registry: &Registry,
+    ctx: &impl Control,
+    draining: &AtomicBool,
+) -> Response<ProxyBody> {
+    let path = req.uri().path().to_string();
+    if let Some(rest) = path.strip_prefix("/admin/") {
+        return admin_api(req, rest, ctx).await;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+    }
+    match path.as_str() {
+        "/metrics" => {
+            let mut buf = String::new();
+            if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut buf)
+            {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics failed: {e}\n"),
+                );
+            }
+            let mut r = text(StatusCode::OK, buf);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            if draining.load(Ordering::SeqCst) {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+            }
+            let snapshot = ctx.snapshot();
+            let mut body = String::from("ready\n");
+            let mut models: Vec<_> = snapshot.models.values().collect();
+            models.sort_by(|a, b| a.name.cmp(&b.name));
+            for slot in models {
+                let live = slot.live();
+                body.push_str(&format!(
+                    "model {}: version {} ({} tables) on {:?}\n",
+                    slot.name,
+                    live.version,
+                    live.model.table_storage(),
+                    live.model.execution_path()
+                ));
+            }
+            for pool in &snapshot.pools {
+                let up = pool
+                    .backends
+                    .iter()
+                    .filter(|b| pool.is_available(b))
+                    .count();
+                body.push_str(&format!(
+                    "upstream {}: {up}/{} backends available\n",
+                    pool.spec.name,
+                    pool.backends.len()
+                ));
+            }
+            text(StatusCode::OK, body)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "admin endpoints: /metrics /healthz /readyz /admin/...\n".into(),
+        ),
+    }
+}
+
+/// Checks the bearer token; returns the caller's token id.
+fn authenticate(
+    req: &Request<Incoming>,
+    ctx: &impl Control,
+) -> Result<String, Response<ProxyBody>> {
+    let snapshot = ctx.snapshot();
+    let Some(token) = &snapshot.config.admin.token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: set token_file or token_env in [admin]",
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if token.matches(presented) {
+        Ok(token.id.clone())
+    } else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        Err(r)
+    }
+}
+
+async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Response<ProxyBody> {
+    let who = match authenticate(&req, ctx) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let method = req.method().clone();
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["status"]) => typed_response(&status(ctx)),
+        (Method::GET, ["config"]) => text(
+            StatusCode::OK,
+            format!("{:#?}\n", ctx.snapshot().config),
+        ),
+        (Method::GET, ["reload"]) => {
+            typed_response(&api::LastReloadAnswer {
+                last_reload: last_reload(ctx),
+            })
+        }
+        (Method::POST, ["reload"]) => {
+            tracing::info!(target: "admin", token = %who, "reload requested");
+            match ctx.reload_from_file().await {
+                Ok(()) => typed_response(&api::Reloaded {
+                    reloaded: true,
+                    status: status(ctx),
+                }),
+                Err(e @ ReloadRefused::NoFile(_)) => error(StatusCode::CONFLICT, e),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+            }
+        }
+        (Method::POST, ["models", name, "rollback"]) => {
+            let version = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("version=")));
+            // A model deployed by upload rolls back through the store, so the rollback
+            // survives a restart; otherwise through the versions held in memory.
+            let version = version.map(str::to_string);
+            rollback(ctx, Kind::Model, name, version.as_deref(), &who).await
+        }
+        (Method::GET, [kind @ ("plugins" | "models")]) => artifacts(ctx, kind_of(kind)),
+        (Method::PUT, [kind @ ("plugins" | "models"), name]) => {
+            upload(req, ctx, kind_of(kind), name, &who).await
+        }
+        (Method::POST, ["plugins", name, "rollback"]) => {
+            let version = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("version=")))
+                .map(str::to_string);
+            rollback(ctx, Kind::Plugin, name, version.as_deref(), &who).await
+        }
+        (Method::DELETE, [kind @ ("plugins" | "models"), name]) => {
+            forget(ctx, kind_of(kind), name, &who).await
+        }
+        (_, ["status" | "config" | "reload" | "plugins" | "models"])
+        | (_, ["plugins" | "models", _])
+        | (_, ["plugins" | "models", _, "rollback"]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here"),
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback",
+        ),
+    }
+}
+
+fn last_reload(ctx: &impl Control) -> Option<api::LastReload> {
+    ctx.last_reload().map(|r| api::LastReload {
+        at_unix_ms: r
+            .at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        ok: r.error.is_none(),
+        error: r.error,
+    })
+}
+
+fn status(ctx: &impl Control) -> api::Status {
+    let snapshot = ctx.snapshot();
+    let plugins = ctx.plugins(&snapshot);
+    let mut models: Vec<_> = snapshot
+        .models
+        .values()
+        .map(|slot| {
+            let live = slot.live();
+            api::ModelStatus {
+                name: slot.name.clone(),
+                version: live.version.clone(),
+                kind: live.model.info().kind.to_string(),
+                device: format!("{:?}", live.model.execution_path()),
+                storage: live.model.table_storage().to_string(),
+                held_bytes: live.model.held_bytes(),
+                history: slot.history(),
+            }
+        })
+        .collect();
+    models.sort_by(|a, b| a.name.cmp(&b.name));
+    let routes = snapshot
+        .config
+        .routes
+        .iter()
+        .map(|r| api::RouteStatus {
+            name: r.name.clone(),
+            upstream: snapshot.config.upstreams[r.upstream].name.clone(),
+            plugins: r
+                .plugins
+                .iter()
+                .map(|&i| snapshot.config.plugins[i].name.clone())
+                .collect(),
+        })
+        .collect();
+    api::Status {
+        routes,
+        plugins,
+        models,
+        last_reload: last_reload(ctx),
+    }
+}
+
+fn kind_of(segment: &str) -> Kind {
+    if segment == "plugins" {
+        Kind::Plugin
+    } else {
+        Kind::Model
+    }
+}
+
+/// Uploads, rollbacks and forgets are applied one at a time across the gateways of a process
+/// (which may share a store); each takes this before its gateway's reload lock.
+static UPLOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn open_store(ctx: &impl Control) -> Result<Store, Response<ProxyBody>> {
+    let dir = ctx.snapshot().config.store_dir.clone();
+    let Some(dir) = dir else {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "uploads need a [store] dir in the config",
+        ));
+    };
+    Store::open(&dir).map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+/// Which routes (plugins) or whether the endpoint (models) uses a name.
+fn users(config: &crate::config::Config, kind: Kind, name: &str) -> Vec<String> {
+    match kind {
+        Kind::Plugin => match config.plugins.iter().position(|p| p.name == name) {
+            Some(i) => config
+                .routes
+                .iter()
+                .filter(|r| r.plugins.contains(&i))
+                .map(|r| r.name.clone())
+                .collect(),
+            None => Vec::new(),
+        },
+        Kind::Model => {
+            if config.models.iter().any(|m| m.name == name) {
+                vec![config.scoring.endpoint_prefix.clone()]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+}
+
+fn artifacts(ctx: &impl Control, kind: Kind) -> Response<ProxyBody> {
+    let store = match open_store(ctx) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let manifest = match store.manifest() {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let config = ctx.snapshot().config.clone();
+    let list: Vec<_> = manifest
+        .entries(kind)
+        .iter()
+        .map(|(name, e)| api::Artifact {
+            name: name.clone(),
+            active: e.active.clone(),
+            versions: e.versions.clone(),
+            used_by: users(&config, kind, name),
+        })
+        .collect();
+    typed_response(&api::Artifacts { artifacts: list })
+}
+
+/// The answer to an upload, rollback or forget that changed nothing.
+fn refused(e: ArtifactError) -> Response<ProxyBody> {
+    let status = match &e {
+        ArtifactError::NoStore
+        | ArtifactError::NothingToRollBackTo(_)
+        | ArtifactError::InUse { .. } => StatusCode::CONFLICT,
+        ArtifactError::NotConfigured(_) | ArtifactError::NoUploads(_) => StatusCode::NOT_FOUND,
+        ArtifactError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ArtifactError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    error(status, e)
+}
+
+async fn upload(
+    req: Request<Incoming>,
+    ctx: &impl Control,
+    kind: Kind,
+    name: &str,
+    who: &str,
+) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    let store = match open_store(ctx) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let config = ctx.snapshot().config.clone();
+    let configured = match kind {
+        Kind::Plugin => config.plugins.iter().any(|p| p.name == name),
+        Kind::Model => config.models.iter().any(|m| m.name == name),
+    };
+    if !configured {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("{name:?} is not in the config; add its [[plugins]] or [[models]] entry first"),
+        );
+    }
+    if let Err(r) = upload_allowed(ctx.recent_uploads(), config.admin.max_uploads_per_minute) {
+        return r;
+    }
+    let signature = req
+        .headers()
+        .get("x-signature")
+        .map(|v| v.as_bytes().to_vec());
+    let limit = config.admin.max_upload_bytes as usize;
+    let bytes =
+        match http_util::read_to_limit(req.into_body().map_err(Into::into).boxed_unsync(), limit)
+            .await
+        {
+            Ok(b) => b,
+            Err(http_util::ReadError::TooLarge) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("uploads are limited to {limit} bytes"),
+                )
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "the upload was cut off before its end",
+                )
+            }
+        };
+    if bytes.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body must be the file to upload",
+        );
+    }
+    // Integrity first: nothing is stored unless the content is the pinned one and carries a
+    // valid signature when signatures are required.
+    let pin = match kind {
+        Kind::Plugin => config
+            .plugins
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.sha256.clone()),
+        Kind::Model => config
+            .models
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.sha256.clone()),
+    };
+    if let Err(m) = crate::store::check_pin(&bytes, pin.as_deref()) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{name:?} is pinned to SHA-256 {}; this upload is {}",
+                m.expected, m.found
+            ),
+        );
+    }
+    if let Err(r) = check_signature(&config, signature.as_deref(), &bytes) {
+        tracing::warn!(target: "admin", token = %who, name, "upload refused: signature");
+        return r;
+    }
+    let _one_at_a_time = UPLOADS.lock().await;
+    let size = bytes.len();
+    let put = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.put(kind, &bytes)).await
+    };
+    let (sha, created) = match put {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    // Load, validate and warm it in a full reload that records it active before it serves.
+    if let Err(e) = ctx.activate(kind, name, Target::Upload(sha.clone())).await {
+        tracing::warn!(target: "admin", token = %who, name, sha256 = %sha, error = %e, "upload rejected");
+        // Leave the store as it was: a blob this upload created goes again.
+        if created {
+            let blob = store.blob_path(kind, &sha);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(blob)).await;
+        }
+        return refused(e);
+    }
+    tracing::info!(target: "admin", token = %who, name, sha256 = %sha, bytes = size, "upload activated");
+    typed_response(&api::Activated::new(name, &sha))
+}
+
+async fn rollback(
+    ctx: &impl Control,
+    kind: Kind,
+    name: &str,
+    version: Option<&str>,
+    who: &str,
+) -> Response<ProxyBody> {
+    let _one_at_a_time = UPLOADS.lock().await;
+    match ctx.activate(kind, name, Target::Rollback(version)).await {
+        Ok(Activated::Stored(target)) => {
+            tracing::info!(target: "admin", token = %who, name, sha256 = %target, "rolled back");
+            typed_response(&api::Activated::new(name, &target))
+        }
+        Ok(Activated::Held { version, slot }) => {
+            tracing::info!(target: "admin", token = %who, model = %name, version = %version, "model rolled back");
+            typed_response(&api::ModelRolledBack {
+                model: name.to_string(),
+                version,
+                history: slot.history(),
+            })
+        }
+        Err(e) => refused(e),
+    }
+}
+
+async fn forget(ctx: &impl Control, kind: Kind, name: &str, who: &str) -> Response<ProxyBody> {
+    let _one_at_a_time = UPLOADS.lock().await;
+    match ctx
+        .forget(kind, name, |config| users(config, kind, name))
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(target: "admin", token = %who, name, "uploads forgotten");
+            typed_response(&api::Removed {
+                removed: name.to_string(),
+            })
+        }
+        Err(e) => refused(e),
+    }
+}
+
+/// Accepts at most `per_minute` uploads in any sliding minute; `recent` holds the times of
+/// this gateway's accepted uploads.
+fn upload_allowed(
+    recent: &std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+    per_minute: u32,
+) -> Result<(), Response<ProxyBody>> {
+    let mut recent = recent.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+    {
+        recent.pop_front();
+    }
+    if recent.len() >= per_minute as usize {
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("at most {per_minute} uploads per minute"),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        return Err(r);
+    }
+    recent.push_back(now);
+    Ok(())
+}
+
+/// Verifies `x-signature` (hex Ed25519 over the body) against the trusted keys.
+fn check_signature(
+    config: &crate::config::Config,
+    signature: Option<&[u8]>,
+    body: &[u8],
+) -> Result<(), Response<ProxyBody>> {
+    let Some(sig) = signature else {
+        if config.require_signatures {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "uploads must carry x-signature: an Ed25519 signature of the body, in hex",
+            ));
+        }
+        return Ok(());
+    };
+    let parsed = std::str::from_utf8(sig)
+        .ok()
+        .and_then(crate::config::decode_hex)
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        .map(|b| ed25519_dalek::Signature::from_bytes(&b));
+    let Some(sig) = parsed else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "x-signature must be 128 hex digits",
+        ));
+    };
+    if config
+        .trusted_keys
+        .iter()
+        .any(|k| k.verify_strict(body, &sig).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::FORBIDDEN,
+            "x-signature does not verify with any trusted key",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uploads_are_limited_per_sliding_minute() {
+        let recent = std::sync::Mutex::new(std::collections::VecDeque::new());
+        assert!(upload_allowed(&recent, 2).is_ok());
+        assert!(upload_allowed(&recent, 2).is_ok());
+        let refused = upload_allowed(&recent, 2).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "60");
+        // Uploads older than a minute no longer count.
+        let old = std::time::Instant::now() - Duration::from_secs(61);
+        recent.lock().unwrap().iter_mut().for_each(|t| *t = old);
+        assert!(upload_allowed(&recent, 2).is_ok());
+        assert_eq!(recent.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn path_segments_name_the_artifact_kind() {
+        assert_eq!(kind_of("plugins"), Kind::Plugin);
+        assert_eq!(kind_of("models"), Kind::Model);
+    }
+}

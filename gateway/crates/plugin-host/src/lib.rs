@@ -1,0 +1,770 @@
+//! WebAssembly plugins: the wasmtime engine, loading a component for the `plugin` world, and
+//! calling its hooks under a deadline, a memory cap and an output budget.
+//!
+//! A [`LoadedPlugin`] is one version of one plugin: compiled once, an `InstancePre` prepared
+//! once, and a small pool of ready instances (each `init`ed) that requests borrow. An instance
+//! whose call failed in any way is dropped, never reused; a replacement is made off the
+//! request path.
+//!
+//! # What this crate owns
+//!
+//! The wasmtime host (engine, instance pools, limits, host services: `host`), the bindings of
+//! the WIT contract (`bindings`, over the crate's own `wit` path, a link to the repository's
+//! top-level `wit/`), and a route's chain (`chain`), which implements the proxy's
+//! `gateway_proxy::hooks::RouteHooks`. Dependencies point down: config, store (content
+//! versions and pins) and the proxy's hook contract; nothing here knows the binary.
+
+// The crates below, under the names the modules use.
+use gateway_config as config;
+use gateway_proxy as proxy;
+use gateway_store as store;
+
+pub mod bindings;
+pub mod chain;
+pub mod host;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceType};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use crate::config::{PluginRuntimeSettings, PluginSpec};
+use bindings::storefront::gateway::http::RequestAction;
+use bindings::{Plugin, PluginPre};
+use host::{
+    KvStore, PluginCtx, PluginMetricFamilies, PluginOwnMetrics, RequestState, ResponseState,
+    StoreState,
+};
+
+/// The world plugins must implement, as named in `wit/gateway.wit`.
+pub const WORLD: &str = "storefront:gateway/plugin@0.1.0";
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The file could not be read.
+    #[error("plugin {name:?}: cannot read {path}: {source}")]
+    Read {
+        /// Plugin name.
+        name: String,
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file's content is not the one the config pins.
+    #[error("plugin {name:?}: content SHA-256 {found} does not match the pinned {expected}")]
+    PinMismatch {
+        /// Plugin name.
+        name: String,
+        /// The pin.
+        expected: String,
+        /// What the file hashes to.
+        found: String,
+    },
+    /// The bytes are not a valid WebAssembly component.
+    #[error("plugin {name:?}: not a WebAssembly component: {reason}")]
+    NotAComponent {
+        /// Plugin name.
+        name: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A component, but not one for the plugin world.
+    #[error("plugin {name:?}: the component does not implement {WORLD}: {reason}")]
+    WrongWorld {
+        /// Plugin name.
+        name: String,
+        /// What is missing or mismatched.
+        reason: String,
+    },
+    /// `init` returned an error.
+    #[error("plugin {name:?}: init refused its configuration: {message}")]
+    InitRefused {
+        /// Plugin name.
+        name: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// `init` or instantiation trapped, ran out of time or memory.
+    #[error("plugin {name:?}: could not start an instance: {reason}")]
+    Instantiate {
+        /// Plugin name.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The engine could not be configured.
+    #[error("plugin engine: {0}")]
+    Engine(String),
+    /// Plugin metrics could not be registered.
+    #[error("plugin metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// The hook a call is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hook {
+    /// `on-request`.
+    Request = 0,
+    /// `on-response`.
+    Response = 1,
+}
+
+impl Hook {
+    fn label(self) -> &'static str {
+        match self {
+            Hook::Request => "on_request",
+            Hook::Response => "on_response",
+        }
+    }
+}
+
+/// How one hook call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Returned normally.
+    Ok = 0,
+    /// Answered the request itself.
+    LocalResponse = 1,
+    /// Trapped (including panics and `unreachable`).
+    Trap = 2,
+    /// Ran past its deadline (or its fuel).
+    Timeout = 3,
+    /// Tried to grow memory past its cap.
+    Memory = 4,
+    /// Produced output over its budget or malformed (bad local response).
+    BadOutput = 5,
+    /// No instance could be made.
+    Unavailable = 6,
+}
+
+const OUTCOMES: [Outcome; 7] = [
+    Outcome::Ok,
+    Outcome::LocalResponse,
+    Outcome::Trap,
+    Outcome::Timeout,
+    Outcome::Memory,
+    Outcome::BadOutput,
+    Outcome::Unavailable,
+];
+
+impl Outcome {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::LocalResponse => "local_response",
+            Outcome::Trap => "trap",
+            Outcome::Timeout => "timeout",
+            Outcome::Memory => "memory",
+            Outcome::BadOutput => "bad_output",
+            Outcome::Unavailable => "unavailable",
+        }
+    }
+
+    /// Whether the call failed.
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Outcome::Ok | Outcome::LocalResponse)
+    }
+}
+
+/// Series about plugin calls.
+#[derive(Clone)]
+struct HookSeries {
+    invocations: IntCounterVec,
+    duration: HistogramVec,
+}
+
+/// The engine shared by all plugins, with its deadline ticker.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    settings: PluginRuntimeSettings,
+    series: HookSeries,
+    families: Arc<PluginMetricFamilies>,
+    /// Key-value stores by plugin name, kept across versions and reloads.
+    kv: Mutex<HashMap<String, Arc<KvStore>>>,
+    /// Compiled components by content version, so a reload that brings back a version seen
+    /// recently (a rollback, a flip between two files) does not compile it again.
+    compiled: Mutex<Vec<(String, PluginPre<StoreState>)>>,
+}
+
+/// Compiled components kept for reuse.
+const COMPILED_CACHE: usize = 16;
+
+impl PluginRuntime {
+    /// Builds the engine (pooling allocator, epoch interruption) and starts the epoch ticker.
+    /// Plugin series are registered into `registry`.
+    pub fn new(
+        settings: &PluginRuntimeSettings,
+        registry: &Registry,
+    ) -> Result<Arc<PluginRuntime>, PluginError> {
+        let engine_err = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+        let n = settings.max_instances;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n)
+            .total_tables(n.saturating_mul(4))
+            .total_stacks(n)
+            // Slots are address space; each plugin's own cap is enforced by its limiter.
+            .max_memory_size(4 << 30);
+        let mut cfg = wasmtime::Config::new();
+        cfg.wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(settings.fuel)
+            .max_wasm_stack(512 * 1024)
+            .async_stack_size(2 << 20)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg).map_err(engine_err)?;
+        let mut linker = Linker::new(&engine);
+        Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
+        // The world `use`s these types from `http`, so components also import them at the top
+        // level; they are the same host types.
+        let mut root = linker.root();
+        root.resource("request", ResourceType::host::<RequestState>(), |_, _| {
+            Ok(())
+        })
+        .map_err(engine_err)?;
+        root.resource("response", ResourceType::host::<ResponseState>(), |_, _| {
+            Ok(())
+        })
+        .map_err(engine_err)?;
+
+        let tick = settings.epoch_tick;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(tick);
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("starting the epoch thread: {e}")))?;
+
+        let series = HookSeries {
+            invocations: IntCounterVec::new(
+                Opts::new(
+                    "gateway_plugin_invocations_total",
+                    "Plugin hook calls, by plugin, version, hook and outcome.",
+                ),
+                &["plugin", "version", "hook", "outcome"],
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "gateway_plugin_hook_duration_seconds",
+                    "Time of one plugin hook call, instance checkout included.",
+                )
+                .buckets(
+                    prometheus::exponential_buckets(0.000_001, 2.0, 22).expect("static buckets"),
+                ),
+                &["plugin", "hook"],
+            )?,
+        };
+        registry.register(Box::new(series.invocations.clone()))?;
+        registry.register(Box::new(series.duration.clone()))?;
+        Ok(Arc::new(PluginRuntime {
+            engine,
+            linker,
+            settings: settings.clone(),
+            series,
+            families: PluginMetricFamilies::new(registry.clone()),
+            kv: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Compiles and checks a component against the plugin world (no instance is made).
+    pub(crate) fn compile(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(Component, PluginPre<StoreState>), PluginError> {
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| PluginError::NotAComponent {
+                name: name.to_string(),
+                reason: first_line(&e),
+            })?;
+        let mut linker = self.linker.clone();
+        // WASI imports that Rust's std pulls in are linked to traps: plugins get no
+        // filesystem, network, environment or clock beyond the contract.
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| PluginError::WrongWorld {
+                name: name.to_string(),
+                reason: first_line(&e),
+            })?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::WrongWorld {
+                name: name.to_string(),
+                reason: first_line(&e),
+            })?;
+        let pre = PluginPre::new(pre).map_err(|e| PluginError::WrongWorld {
+            name: name.to_string(),
+            reason: first_line(&e),
+        })?;
+        Ok((component, pre))
+    }
+
+    /// Loads one plugin version from its file: compile, check, and start its ready instances
+    /// (each runs `init`). Nothing is returned unless every step succeeded.
+    pub async fn load(
+        self: &Arc<Self>,
+        spec: &PluginSpec,
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let bytes = std::fs::read(&spec.path).map_err(|source| PluginError::Read {
+            name: spec.name.clone(),
+            path: spec.path.display().to_string(),
+            source,
+        })?;
+        self.load_bytes(spec, bytes).await
+    }
+
+    /// As [`PluginRuntime::load`], from bytes already read.
+    pub async fn load_bytes(
+        self: &Arc<Self>,
+        spec: &PluginSpec,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        check_pin(spec, &bytes)?;
+        let version = content_version(&bytes);
+        let this = self.clone();
+        let name = spec.name.clone();
+        let cached = self
+            .compiled
+            .lock()
+            .expect("compile cache lock")
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, p)| p.clone());
+        let pre = match cached {
+            Some(pre) => pre,
+            None => {
+                // Compiling takes milliseconds to seconds: keep it off the async workers.
+                let (_component, pre) =
+                    tokio::task::spawn_blocking(move || this.compile(&name, &bytes))
+                        .await
+                        .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
+                let mut cache = self.compiled.lock().expect("compile cache lock");
+                cache.insert(0, (version.clone(), pre.clone()));
+                cache.truncate(COMPILED_CACHE);
+                pre
+            }
+        };
+        let kv = self
+            .kv
+            .lock()
+            .expect("kv map lock")
+            .entry(spec.name.clone())
+            .or_insert_with(|| Arc::new(KvStore::new(100_000)))
+            .clone();
+        let ctx = Arc::new(PluginCtx {
+            name: spec.name.clone(),
+            version: version.clone(),
+            kv,
+            metrics: PluginOwnMetrics::new(&spec.name, self.families.clone()),
+        });
+        let tick_ms = self.settings.epoch_tick.as_millis().max(1) as u64;
+        let deadline_ticks = (spec.deadline.as_millis() as u64).div_ceil(tick_ms) + 1;
+        let series = |hook: Hook| {
+            OUTCOMES.map(|o| {
+                self.series.invocations.with_label_values(&[
+                    spec.name.as_str(),
+                    version.as_str(),
+                    hook.label(),
+                    o.label(),
+                ])
+            })
+        };
+        let plugin = Arc::new(LoadedPlugin {
+            name: spec.name.clone(),
+            version: version.clone(),
+            spec: spec.clone(),
+            engine: self.engine.clone(),
+            pre,
+            ctx,
+            idle: Mutex::new(Vec::new()),
+            refilling: AtomicBool::new(false),
+            deadline_ticks,
+            outcomes: [series(Hook::Request), series(Hook::Response)],
+            durations: [Hook::Request, Hook::Response].map(|h| {
+                self.series
+                    .duration
+                    .with_label_values(&[spec.name.as_str(), h.label()])
+            }),
+        });
+        for _ in 0..spec.instances {
+            let instance = plugin.new_instance().await?;
+            plugin.idle.lock().expect("pool lock").push(instance);
+        }
+        tracing::info!(plugin = %spec.name, version = %version, instances = spec.instances, "plugin loaded");
+        Ok(plugin)
+    }
+
+    /// What a component file imports and exports, and whether it fits the plugin world.
+    pub fn inspect(&self, bytes: &[u8]) -> Inspection {
+        let component = match Component::new(&self.engine, bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                return Inspection {
+                    imports: vec![],
+                    exports: vec![],
+                    verdict: Err(format!("not a WebAssembly component: {}", first_line(&e))),
+                };
+            }
+        };
+        let ty = component.component_type();
+        let imports = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let exports = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let verdict = self
+            .compile("inspected", bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        Inspection {
+            imports,
+            exports,
+            verdict,
+        }
+    }
+}
+
+/// The result of [`PluginRuntime::inspect`].
+#[derive(Debug)]
+pub struct Inspection {
+    /// Import names.
+    pub imports: Vec<String>,
+    /// Export names.
+    pub exports: Vec<String>,
+    /// `Ok` when the component implements the plugin world.
+    pub verdict: Result<(), String>,
+}
+
+fn first_line(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Refuses content that is not what the spec pins ([`crate::store::check_pin`]).
+pub fn check_pin(spec: &PluginSpec, bytes: &[u8]) -> Result<(), PluginError> {
+    crate::store::check_pin(bytes, spec.sha256.as_deref()).map_err(|m| PluginError::PinMismatch {
+        name: spec.name.clone(),
+        expected: m.expected,
+        found: m.found,
+    })
+}
+
+/// A short, stable version id: the first 12 hex digits of the content's SHA-256. Defined by
+/// the store; re-exported here, where plugin versions are reported.
+pub use crate::store::content_version;
+
+struct Instance {
+    store: Store<StoreState>,
+    plugin: Plugin,
+}
+
+/// One loaded plugin version and its ready instances.
+pub struct LoadedPlugin {
+    /// Name from config.
+    pub name: String,
+    /// Content version.
+    pub version: String,
+    /// Limits and config it was loaded with.
+    pub spec: PluginSpec,
+    engine: Engine,
+    pre: PluginPre<StoreState>,
+    ctx: Arc<PluginCtx>,
+    idle: Mutex<Vec<Instance>>,
+    refilling: AtomicBool,
+    deadline_ticks: u64,
+    outcomes: [[IntCounter; 7]; 2],
+    durations: [Histogram; 2],
+}
+
+impl LoadedPlugin {
+    async fn new_instance(&self) -> Result<Instance, PluginError> {
+        let fail = |reason: String| PluginError::Instantiate {
+            name: self.name.clone(),
+            reason,
+        };
+        let mut store = Store::new(
+            &self.engine,
+            StoreState::new(self.ctx.clone(), self.spec.memory_limit),
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks);
+        if let Some(fuel) = self.spec.fuel_per_call {
+            store.set_fuel(fuel).map_err(|e| fail(first_line(&e)))?;
+        } else if self.engine.get_consume_fuel() {
+            store.set_fuel(u64::MAX).map_err(|e| fail(first_line(&e)))?;
+        }
+        store.data_mut().output_left = self.spec.max_output_bytes;
+        let plugin = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| fail(describe_failure(store.data(), &e)))?;
+        match plugin.call_init(&mut store, &self.spec.config).await {
+            Ok(Ok(())) => Ok(Instance { store, plugin }),
+            Ok(Err(message)) => Err(PluginError::InitRefused {
+                name: self.name.clone(),
+                message,
+            }),
+            Err(e) => Err(fail(format!(
+                "init failed: {}",
+                describe_failure(store.data(), &e)
+            ))),
+        }
+    }
+
+    fn take(self: &Arc<Self>) -> Option<Instance> {
+        let (instance, remaining) = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let i = idle.pop();
+            (i, idle.len())
+        };
+        if remaining == 0 {
+            self.refill();
+        }
+        instance
+    }
+
+    /// Makes one instance in the background unless one is already being made.
+    fn refill(self: &Arc<Self>) {
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.new_instance().await {
+                Ok(i) => this.put_back(i),
+                Err(e) => {
+                    tracing::warn!(plugin = %this.name, error = %e, "could not prepare a plugin instance")
+                }
+            }
+            this.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    fn put_back(&self, instance: Instance) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < self.spec.instances as usize {
+            idle.push(instance);
+        }
+    }
+
+    async fn checkout(self: &Arc<Self>) -> Option<Instance> {
+        match self.take() {
+            Some(i) => Some(i),
+            None => match self.new_instance().await {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::warn!(plugin = %self.name, error = %e, "no plugin instance available");
+                    None
+                }
+            },
+        }
+    }
+
+    fn prepare_call(&self, instance: &mut Instance) {
+        let data = instance.store.data_mut();
+        data.output_left = self.spec.max_output_bytes;
+        data.output_exceeded = false;
+        data.limiter.exceeded = false;
+        instance.store.set_epoch_deadline(self.deadline_ticks);
+        if let Some(fuel) = self.spec.fuel_per_call {
+            let _ = instance.store.set_fuel(fuel);
+        }
+    }
+
+    fn record(&self, hook: Hook, outcome: Outcome, started: Instant) {
+        self.outcomes[hook as usize][outcome as usize].inc();
+        self.durations[hook as usize].observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Prepares `instance` for a call on `state` (limits reset, ranking service lent) and
+    /// lends the state to it; returns the handle the guest borrows.
+    fn lend<S: Send + 'static>(
+        &self,
+        instance: &mut Instance,
+        state: S,
+        ranker: Option<Arc<dyn host::Ranker>>,
+    ) -> Resource<S> {
+        self.prepare_call(instance);
+        let data = instance.store.data_mut();
+        data.ranker = ranker;
+        match data.table.push(state) {
+            Ok(h) => h,
+            Err(_) => unreachable!("a fresh resource table has room"),
+        }
+    }
+
+    /// Takes the state back after a call, and the ranking service with it, so a pooled
+    /// instance holds no served model alive.
+    fn take_back<S: 'static>(&self, instance: &mut Instance, handle: Resource<S>) -> S {
+        let data = instance.store.data_mut();
+        data.ranker = None;
+        data.table
+            .delete(handle)
+            .expect("the lent handle is still in the table")
+    }
+
+    /// Classifies, logs and counts a failed call; the instance is dropped by the caller.
+    fn failed(
+        &self,
+        hook: Hook,
+        instance: &Instance,
+        err: &wasmtime::Error,
+        started: Instant,
+    ) -> Outcome {
+        let outcome = classify(instance.store.data(), err);
+        tracing::warn!(
+            plugin = %self.name,
+            version = %self.version,
+            hook = hook.label(),
+            outcome = outcome.label(),
+            error = %describe_failure(instance.store.data(), err),
+            "plugin call failed; instance discarded"
+        );
+        self.record(hook, outcome, started);
+        outcome
+    }
+
+    /// Runs `on-request`. The request state comes back whatever happened (edits included,
+    /// even on failure: the caller decides what to keep).
+    pub async fn on_request(
+        self: &Arc<Self>,
+        state: RequestState,
+    ) -> (RequestState, Result<RequestAction, Outcome>) {
+        let started = Instant::now();
+        let Some(mut instance) = self.checkout().await else {
+            self.record(Hook::Request, Outcome::Unavailable, started);
+            return (state, Err(Outcome::Unavailable));
+        };
+        let ranker = state.ranker.clone();
+        let handle = self.lend(&mut instance, state, ranker);
+        let borrowed = Resource::<RequestState>::new_borrow(handle.rep());
+        let result = instance
+            .plugin
+            .call_on_request(&mut instance.store, borrowed)
+            .await;
+        let state = self.take_back(&mut instance, handle);
+        let action = match result {
+            Ok(action) => action,
+            Err(e) => {
+                let outcome = self.failed(Hook::Request, &instance, &e, started);
+                return (state, Err(outcome));
+            }
+        };
+        let outcome = match &action {
+            RequestAction::Continue => Outcome::Ok,
+            RequestAction::Respond(local) => {
+                let size: usize = local.body.len()
+                    + local
+                        .headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
+                if size > self.spec.max_output_bytes || !(100..=599).contains(&local.status) {
+                    self.record(Hook::Request, Outcome::BadOutput, started);
+                    return (state, Err(Outcome::BadOutput));
+                }
+                Outcome::LocalResponse
+            }
+        };
+        self.put_back(instance);
+        self.record(Hook::Request, outcome, started);
+        (state, Ok(action))
+    }
+
+    /// Runs `on-response`; the response state comes back whatever happened.
+    pub async fn on_response(
+        self: &Arc<Self>,
+        state: ResponseState,
+    ) -> (ResponseState, Result<(), Outcome>) {
+        let started = Instant::now();
+        let Some(mut instance) = self.checkout().await else {
+            self.record(Hook::Response, Outcome::Unavailable, started);
+            return (state, Err(Outcome::Unavailable));
+        };
+        let ranker = state.ranker.clone();
+        let handle = self.lend(&mut instance, state, ranker);
+        let borrowed = Resource::<ResponseState>::new_borrow(handle.rep());
+        let result = instance
+            .plugin
+            .call_on_response(&mut instance.store, borrowed)
+            .await;
+        let state = self.take_back(&mut instance, handle);
+        if let Err(e) = result {
+            let outcome = self.failed(Hook::Response, &instance, &e, started);
+            return (state, Err(outcome));
+        }
+        self.put_back(instance);
+        self.record(Hook::Response, Outcome::Ok, started);
+        (state, Ok(()))
+    }
+
+    /// Ready instances now pooled.
+    pub fn idle_instances(&self) -> usize {
+        self.idle.lock().expect("pool lock").len()
+    }
+}
+
+fn classify(state: &StoreState, err: &wasmtime::Error) -> Outcome {
+    if state.limiter.exceeded {
+        return Outcome::Memory;
+    }
+    if state.output_exceeded {
+        return Outcome::BadOutput;
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) | Some(Trap::OutOfFuel) => Outcome::Timeout,
+        _ => Outcome::Trap,
+    }
+}
+
+fn describe_failure(state: &StoreState, err: &wasmtime::Error) -> String {
+    match classify(state, err) {
+        Outcome::Timeout => "deadline exceeded".to_string(),
+        _ => first_line(err),
+    }
+}
+
+/// Loads every configured plugin; the first failure stops the load and nothing is returned.
+pub async fn load_all(
+    runtime: &Arc<PluginRuntime>,
+    specs: &[PluginSpec],
+) -> Result<Vec<Arc<LoadedPlugin>>, PluginError> {
+    let mut loaded = Vec::with_capacity(specs.len());
+    for spec in specs {
+        loaded.push(runtime.load(spec).await?);
+    }
+    Ok(loaded)
+}
+
+/// Whether a path looks like a component file by its header (for friendlier CLI messages).
+pub fn looks_like_component(path: &Path) -> bool {
+    std::fs::read(path)
+        .map(|b| b.len() >= 8 && &b[..4] == b"\0asm" && b[4..8] == [0x0d, 0x00, 0x01, 0x00])
+        .unwrap_or(false)
+}

@@ -1,0 +1,403 @@
+//! Upstream pools: backends, load balancing, health (active checks and passive ejection),
+//! pooled keep-alive connections ([`conn`]) and the retry budget.
+
+pub mod conn;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use prometheus::{Histogram, IntGauge};
+
+use crate::config::{Balance, UpstreamProtocol, UpstreamSpec};
+use crate::metrics::Metrics;
+
+/// Error type carried by proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of requests sent upstream and of responses sent downstream.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// One backend of a pool and its live health.
+pub struct Backend {
+    /// `host:port`.
+    pub authority: http::uri::Authority,
+    /// Keep-alive connections to it.
+    pub conns: Arc<conn::Conns>,
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since the pool's start until which the backend is ejected; 0 when not.
+    ejected_until_ms: AtomicU64,
+    /// Result of active health checks (true when none are configured).
+    check_healthy: AtomicBool,
+    healthy_gauge: IntGauge,
+}
+
+impl Backend {
+    /// Requests now in flight to this backend.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request in flight to a backend until dropped.
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A named set of backends sharing a balancing policy and a retry budget.
+pub struct Pool {
+    /// The validated settings.
+    pub spec: UpstreamSpec,
+    /// Backends in config order.
+    pub backends: Vec<Arc<Backend>>,
+    /// Bounds retries relative to traffic.
+    pub budget: RetryBudget,
+    /// `gateway_upstream_request_duration_seconds` for this pool.
+    pub attempt_duration: Histogram,
+    next: AtomicUsize,
+    start: Instant,
+}
+
+impl Pool {
+    /// Builds the pool and its health gauges; starts health checks if configured
+    /// (requires a Tokio runtime).
+    pub fn new(spec: UpstreamSpec, metrics: &Metrics) -> Arc<Pool> {
+        let backends = spec
+            .backends
+            .iter()
+            .map(|a| {
+                let gauge = metrics
+                    .backend_healthy
+                    .with_label_values(&[spec.name.as_str(), a.as_str()]);
+                gauge.set(1);
+                Arc::new(Backend {
+                    authority: a.clone(),
+                    conns: conn::Conns::new(
+                        a.clone(),
+                        spec.protocol == UpstreamProtocol::H2,
+                        spec.connect_timeout,
+                        spec.pool_idle_timeout,
+                        spec.pool_max_idle_per_backend,
+                    ),
+                    in_flight: AtomicUsize::new(0),
+                    consecutive_failures: AtomicU32::new(0),
+                    ejected_until_ms: AtomicU64::new(0),
+                    check_healthy: AtomicBool::new(true),
+                    healthy_gauge: gauge,
+                })
+            })
+            .collect();
+        let budget = RetryBudget::new(spec.retry_budget_ratio, spec.retry_budget_min_per_sec);
+        let attempt_duration = metrics
+            .upstream_duration
+            .with_label_values(&[spec.name.as_str()]);
+        let pool = Arc::new(Pool {
+            spec,
+            backends,
+            budget,
+            attempt_duration,
+            next: AtomicUsize::new(0),
+            start: Instant::now(),
+        });
+        if pool.spec.health_check.is_some() {
+            for i in 0..pool.backends.len() {
+                tokio::spawn(health_check_loop(Arc::downgrade(&pool), i));
+            }
+        }
+        pool
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Whether the backend may take traffic now.
+    pub fn is_available(&self, backend: &Backend) -> bool {
+        if !backend.check_healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = backend.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if self.now_ms() >= until {
+            // The ejection has run out: the first caller to notice restores the backend.
+            if backend
+                .ejected_until_ms
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                backend.healthy_gauge.set(1);
+                tracing::info!(upstream = %self.spec.name, backend = %backend.authority, "ejection over, backend back in rotation");
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Picks an available backend not in `tried` (indices), by the pool's policy, and counts
+    /// the request in flight on it.
+    pub(crate) fn pick(&self, tried: &[usize]) -> Option<(usize, InFlight)> {
+        let n = self.backends.len();
+        // A retry continues after the backend that failed instead of taking a fresh turn, so
+        // retries do not skew the rotation.
+        let start = match tried.last() {
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+            Some(&last) => last + 1,
+        };
+        let candidates = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|i| !tried.contains(i));
+        let chosen = match self.spec.balance {
+            Balance::RoundRobin => candidates
+                .into_iter()
+                .find(|&i| self.is_available(&self.backends[i])),
+            Balance::LeastInFlight => candidates
+                .filter(|&i| self.is_available(&self.backends[i]))
+                .min_by_key(|&i| self.backends[i].in_flight()),
+        }?;
+        let backend = self.backends[chosen].clone();
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some((chosen, InFlight(backend)))
+    }
+
+    /// A request to `backend` in the form its protocol needs: origin-form with `Host` for
+    /// HTTP/1.1 (a `Host` already in `headers` is kept), absolute for h2.
+    pub(crate) fn request_to(
+        &self,
+        backend: &Backend,
+        method: http::Method,
+        path_and_query: http::uri::PathAndQuery,
+        mut headers: http::HeaderMap,
+        body: ProxyBody,
+    ) -> http::Request<ProxyBody> {
+        let mut req = http::Request::new(body);
+        *req.method_mut() = method;
+        match self.spec.protocol {
+            UpstreamProtocol::Http1 => {
+                if !headers.contains_key(http::header::HOST) {
+                    if let Ok(v) = http::HeaderValue::from_str(backend.authority.as_str()) {
+                        headers.insert(http::header::HOST, v);
+                    }
+                }
+                *req.uri_mut() = http::Uri::from(path_and_query);
+                *req.version_mut() = http::Version::HTTP_11;
+            }
+            UpstreamProtocol::H2 => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(http::uri::Scheme::HTTP);
+                parts.authority = Some(backend.authority.clone());
+                parts.path_and_query = Some(path_and_query);
+                *req.uri_mut() =
+                    http::Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+                *req.version_mut() = http::Version::HTTP_2;
+            }
+        }
+        *req.headers_mut() = headers;
+        req
+    }
+
+    /// Records a successful exchange with a backend.
+    pub(crate) fn record_success(&self, index: usize) {
+        self.backends[index]
+            .consecutive_failures
+            .store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed exchange; ejects the backend after too many in a row.
+    pub(crate) fn record_failure(&self, index: usize) {
+        let threshold = self.spec.eject_after_failures;
+        if threshold == 0 {
+            return;
+        }
+        let backend = &self.backends[index];
+        let failures = backend.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= threshold {
+            backend.consecutive_failures.store(0, Ordering::Relaxed);
+            let until = self.now_ms() + self.spec.ejection.as_millis() as u64;
+            backend
+                .ejected_until_ms
+                .store(until.max(1), Ordering::Relaxed);
+            backend.healthy_gauge.set(0);
+            tracing::warn!(
+                upstream = %self.spec.name,
+                backend = %backend.authority,
+                failures,
+                ejection_ms = self.spec.ejection.as_millis() as u64,
+                "backend ejected after consecutive failures"
+            );
+        }
+    }
+}
+
+async fn health_check_loop(pool: Weak<Pool>, index: usize) {
+    let Some(spec) = pool.upgrade().and_then(|p| p.spec.health_check.clone()) else {
+        return;
+    };
+    let (mut successes, mut failures) = (0u32, 0u32);
+    loop {
+        tokio::time::sleep(spec.interval).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let backend = pool.backends[index].clone();
+        let req = pool.request_to(
+            &backend,
+            http::Method::GET,
+            spec.path.parse().expect("validated path"),
+            http::HeaderMap::new(),
+            empty_body(),
+        );
+        let ok = match tokio::time::timeout(spec.timeout, backend.conns.send(req)).await {
+            Ok(Ok(resp)) => {
+                use http_body_util::BodyExt;
+                let ok = resp.status().is_success();
+                // Read the answer so the connection can be reused.
+                let _ = resp.into_body().collect().await;
+                ok
+            }
+            _ => false,
+        };
+        let was_healthy = backend.check_healthy.load(Ordering::Relaxed);
+        if ok {
+            successes += 1;
+            failures = 0;
+            if !was_healthy && successes >= spec.healthy_threshold {
+                backend.check_healthy.store(true, Ordering::Relaxed);
+                tracing::info!(upstream = %pool.spec.name, backend = %backend.authority, "health check passing, backend back in rotation");
+            }
+        } else {
+            failures += 1;
+            successes = 0;
+            if was_healthy && failures >= spec.unhealthy_threshold {
+                backend.check_healthy.store(false, Ordering::Relaxed);
+                tracing::warn!(upstream = %pool.spec.name, backend = %backend.authority, failures, "health check failing, backend out of rotation");
+            }
+        }
+        let available = pool.is_available(&backend);
+        backend.healthy_gauge.set(available as i64);
+    }
+}
+
+/// An empty body of the proxy's body type.
+pub fn empty_body() -> ProxyBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A full body of the proxy's body type.
+pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Limits retries to a fraction of requests plus a small steady allowance, so that retries
+/// cannot multiply load on a struggling upstream (as in Finagle and linkerd).
+pub struct RetryBudget {
+    /// Thousandths of a token each request deposits.
+    deposit_milli: i64,
+    /// Tokens added per second.
+    min_per_sec: i64,
+    /// Thousandths of a token available.
+    balance_milli: AtomicI64,
+    /// Upper bound on the balance.
+    cap_milli: i64,
+    last_refill_sec: AtomicU64,
+    start: Instant,
+}
+
+impl RetryBudget {
+    /// `ratio` of requests may be retried, plus `min_per_sec` retries each second.
+    pub fn new(ratio: f64, min_per_sec: u32) -> RetryBudget {
+        let min_per_sec = i64::from(min_per_sec);
+        let cap_milli = (min_per_sec * 10).max(100) * 1000;
+        RetryBudget {
+            deposit_milli: (ratio * 1000.0).round() as i64,
+            min_per_sec,
+            balance_milli: AtomicI64::new(min_per_sec * 1000),
+            cap_milli,
+            last_refill_sec: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    fn add(&self, milli: i64) {
+        let _ = self
+            .balance_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b + milli).min(self.cap_milli))
+            });
+    }
+
+    /// Called once per original request.
+    pub(crate) fn deposit(&self) {
+        if self.deposit_milli > 0 {
+            self.add(self.deposit_milli);
+        }
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub(crate) fn try_withdraw(&self) -> bool {
+        self.refill(self.start.elapsed());
+        self.balance_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b >= 1000).then_some(b - 1000)
+            })
+            .is_ok()
+    }
+
+    fn refill(&self, elapsed: Duration) {
+        let now = elapsed.as_secs();
+        let last = self.last_refill_sec.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_refill_sec
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.add((now - last) as i64 * self.min_per_sec * 1000);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_allows_the_ratio_and_no_more() {
+        let b = RetryBudget::new(0.2, 0);
+        assert!(
+            !b.try_withdraw(),
+            "no requests yet, no minimum: nothing to spend"
+        );
+        for _ in 0..10 {
+            b.deposit();
+        }
+        assert!(b.try_withdraw());
+        assert!(b.try_withdraw());
+        assert!(
+            !b.try_withdraw(),
+            "10 requests at 20% buy exactly 2 retries"
+        );
+    }
+
+    #[test]
+    fn budget_minimum_refills_each_second() {
+        let b = RetryBudget::new(0.0, 3);
+        for _ in 0..3 {
+            assert!(b.try_withdraw());
+        }
+        assert!(!b.try_withdraw());
+        b.refill(Duration::from_secs(1));
+        assert!(b.try_withdraw());
+    }
+}
