@@ -15,15 +15,7 @@ fn repo() -> PathBuf {
 
 /// `pub struct Name { pub field: Type, ... }` of the raw configuration types, by name.
 fn raw_structs() -> BTreeMap<String, Vec<(String, String)>> {
-    let path = [
-        "gateway/crates/config/src/raw.rs",
-        "gateway/src/config/raw.rs",
-    ]
-    .iter()
-    .map(|p| repo().join(p))
-    .find(|p| p.is_file())
-    .expect("the raw configuration types");
-    let text = std::fs::read_to_string(path).unwrap();
+    let text = std::fs::read_to_string(repo().join("gateway/crates/config/src/raw.rs")).unwrap();
     let mut structs = BTreeMap::new();
     let mut current: Option<(String, Vec<(String, String)>)> = None;
     for line in text.lines() {

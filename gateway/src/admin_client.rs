@@ -147,7 +147,7 @@ impl Node {
     /// active) and the time from the first byte sent to the node confirming activation.
     pub async fn push(
         &self,
-        kind: &str,
+        kind: crate::store::Kind,
         name: &str,
         file: &Path,
         sign_key: Option<&Path>,
@@ -173,7 +173,7 @@ impl Node {
         let result = self
             .call_with(
                 Method::PUT,
-                &format!("/admin/{kind}/{name}"),
+                &format!("/admin/{}/{name}", kind.collection()),
                 Some(Bytes::from(bytes)),
                 Some(&bar),
                 signature.as_deref(),

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gateway::config::{Config, LogFormat, LoggingSettings};
+use gateway::store::Kind;
 use gateway::{DrainOutcome, Gateway};
 
 #[global_allocator]
@@ -105,6 +106,24 @@ enum Command {
     },
 }
 
+/// `gateway model sample --kind`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SampleKind {
+    /// Item (and user) embeddings scored by dot product or cosine.
+    Embedding,
+    /// A click-through model: embeddings, dense features, ReLU layers, sigmoid.
+    Mlp,
+}
+
+/// `gateway model sample --similarity`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SampleSimilarity {
+    /// Dot product.
+    Dot,
+    /// Dot product of unit vectors.
+    Cosine,
+}
+
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Write a new Ed25519 signing key and print its public key for `[store] trusted_keys`.
@@ -174,9 +193,9 @@ enum ModelCommand {
     },
     /// Write a small deterministic sample model (seeded PRNG).
     Sample {
-        /// embedding or mlp.
-        #[arg(long, value_parser = ["embedding", "mlp"])]
-        kind: String,
+        /// The model's kind.
+        #[arg(long, value_enum)]
+        kind: SampleKind,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
@@ -189,9 +208,9 @@ enum ModelCommand {
         /// Embedding width (embedding models).
         #[arg(long, default_value_t = 32)]
         dim: usize,
-        /// dot or cosine (embedding models).
-        #[arg(long, default_value = "dot", value_parser = ["dot", "cosine"])]
-        similarity: String,
+        /// How an embedding model compares a query with an item.
+        #[arg(long, value_enum, default_value_t = SampleSimilarity::Dot)]
+        similarity: SampleSimilarity,
         /// User embedding width (mlp).
         #[arg(long, default_value_t = 16)]
         user_dim: usize,
@@ -247,7 +266,7 @@ fn main() -> ExitCode {
         }),
         Command::Plugin {
             command: PluginCommand::Push { file, name, target },
-        } => push_file(&target, "plugins", &name, &file),
+        } => push_file(&target, Kind::Plugin, &name, &file),
         Command::Model { command } => model_command(command),
         Command::Plugin {
             command: PluginCommand::Check { file, config },
@@ -422,7 +441,7 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
 fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
     use gateway::scoring::{self, ModelKind, SampleSpec, Similarity};
     match command {
-        ModelCommand::Push { file, name, target } => push_file(&target, "models", &name, &file),
+        ModelCommand::Push { file, name, target } => push_file(&target, Kind::Model, &name, &file),
         ModelCommand::Inspect { file } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -484,10 +503,9 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
             version,
             integer_values,
         } => {
-            let kind = if kind == "mlp" {
-                ModelKind::Mlp
-            } else {
-                ModelKind::Embedding
+            let kind = match kind {
+                SampleKind::Embedding => ModelKind::Embedding,
+                SampleKind::Mlp => ModelKind::Mlp,
             };
             let spec = SampleSpec {
                 kind,
@@ -497,10 +515,9 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
                 n_items: items,
                 n_users: users,
                 dim,
-                similarity: if similarity == "cosine" {
-                    Similarity::Cosine
-                } else {
-                    Similarity::Dot
+                similarity: match similarity {
+                    SampleSimilarity::Dot => Similarity::Dot,
+                    SampleSimilarity::Cosine => Similarity::Cosine,
                 },
                 user_dim,
                 item_dim,
@@ -542,7 +559,7 @@ where
 /// `gateway plugin push` / `gateway model push`.
 fn push_file(
     target: &AdminTarget,
-    kind: &'static str,
+    kind: Kind,
     name: &str,
     file: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
@@ -555,7 +572,7 @@ fn push_file(
 
 async fn push(
     node: &gateway::admin_client::Node,
-    kind: &str,
+    kind: Kind,
     name: &str,
     file: &std::path::Path,
     sign_key: Option<&std::path::Path>,

@@ -28,11 +28,17 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn dir(self) -> &'static str {
+    /// The plural name used for this kind's directory in the store and its collection in the
+    /// admin API (`/admin/plugins/...`, `/admin/models/...`).
+    pub fn collection(self) -> &'static str {
         match self {
             Kind::Plugin => "plugins",
             Kind::Model => "models",
         }
+    }
+
+    fn dir(self) -> &'static str {
+        self.collection()
     }
 
     fn extension(self) -> &'static str {
