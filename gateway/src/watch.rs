@@ -5,10 +5,13 @@
 //! just in-place writes.
 //!
 //! Events are debounced; after a quiet period the watched files are fingerprinted (their
-//! content, following symlinks) and the gateway reloads only if the fingerprint changed. A
-//! failed reload keeps the old state (see [`crate::server::Gateway::reload_from_file`]).
+//! content, following symlinks) and the gateway reloads only if the fingerprint changed. Only
+//! files whose metadata changed since the last fingerprint are read and hashed again, so an
+//! event does not re-read every model. A failed reload keeps the old state (see
+//! [`crate::server::Gateway::reload_from_file`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,20 +48,67 @@ pub fn watched_files(config_path: &Path, config: Option<&Config>) -> BTreeSet<Pa
     files
 }
 
-/// Hash of the content of `files` (missing files hash as absent).
-pub fn fingerprint(files: &BTreeSet<PathBuf>) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(f.as_os_str().as_encoded_bytes());
-        match std::fs::read(f) {
-            Ok(bytes) => {
-                h.update([1]);
-                h.update(Sha256::digest(&bytes));
+/// What identifies a file's content without reading it: device, inode, length, and the
+/// modification and status-change times (nanoseconds). A write changes the times, an atomic
+/// save or a ConfigMap swap the inode.
+type Stamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn stamp(m: &std::fs::Metadata) -> Stamp {
+    (
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+/// Fingerprints sets of files, re-reading only those whose [`Stamp`] changed since the last
+/// time. Blocking file I/O: run it off the async workers.
+#[derive(Default)]
+pub struct Fingerprinter {
+    known: HashMap<PathBuf, (Stamp, [u8; 32])>,
+    /// Files read and hashed so far (for tests).
+    reads: usize,
+}
+
+impl Fingerprinter {
+    /// Hash of the content of `files` (missing files hash as absent).
+    pub fn fingerprint(&mut self, files: &BTreeSet<PathBuf>) -> [u8; 32] {
+        self.known.retain(|p, _| files.contains(p));
+        let mut h = Sha256::new();
+        for f in files {
+            h.update(f.as_os_str().as_encoded_bytes());
+            match self.digest(f) {
+                Some(d) => {
+                    h.update([1]);
+                    h.update(d);
+                }
+                None => h.update([0]),
             }
-            Err(_) => h.update([0]),
         }
+        h.finalize().into()
     }
-    h.finalize().into()
+
+    fn digest(&mut self, f: &Path) -> Option<[u8; 32]> {
+        let Ok(meta) = std::fs::metadata(f) else {
+            self.known.remove(f);
+            return None;
+        };
+        let stamp = stamp(&meta);
+        if let Some((known, digest)) = self.known.get(f) {
+            if *known == stamp {
+                return Some(*digest);
+            }
+        }
+        let bytes = std::fs::read(f).ok()?;
+        self.reads += 1;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        self.known.insert(f.to_path_buf(), (stamp, digest));
+        Some(digest)
+    }
 }
 
 fn directories(files: &BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
@@ -93,7 +143,8 @@ pub(crate) fn start(
     for d in &dirs {
         watcher.watch(d, RecursiveMode::NonRecursive)?;
     }
-    let mut last = Some(fingerprint(&files));
+    let mut fingerprinter = Fingerprinter::default();
+    let mut last = Some(fingerprinter.fingerprint(&files));
     let task = tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: wait until no event has come for `debounce`.
@@ -104,11 +155,17 @@ pub(crate) fn start(
                     Err(_) => break,
                 }
             }
-            let now = {
+            let done = {
                 let files = files.clone();
-                tokio::task::spawn_blocking(move || fingerprint(&files)).await
+                let mut f = std::mem::take(&mut fingerprinter);
+                tokio::task::spawn_blocking(move || {
+                    let now = f.fingerprint(&files);
+                    (f, now)
+                })
+                .await
             };
-            let Ok(now) = now else { continue };
+            let Ok((f, now)) = done else { continue };
+            fingerprinter = f;
             if last == Some(now) {
                 continue;
             }
@@ -138,4 +195,49 @@ pub(crate) fn start(
         }
     });
     Ok(FileWatch { _task: task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_whose_metadata_changed_are_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.toml"), dir.path().join("model.bin"));
+        std::fs::write(&a, "one").unwrap();
+        std::fs::write(&b, vec![7u8; 1 << 20]).unwrap();
+        let files = BTreeSet::from([a.clone(), b.clone()]);
+        let mut f = Fingerprinter::default();
+        let first = f.fingerprint(&files);
+        assert_eq!(f.reads, 2);
+        assert_eq!(f.fingerprint(&files), first);
+        assert_eq!(f.reads, 2, "nothing changed, nothing is read");
+
+        // An in-place write of the same length.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(&a, "two").unwrap();
+        let second = f.fingerprint(&files);
+        assert_ne!(second, first);
+        assert_eq!(f.reads, 3, "only the edited file is read");
+
+        // An atomic save: a new file renamed over the old one, same content.
+        let tmp = dir.path().join("a.toml.tmp");
+        std::fs::write(&tmp, "two").unwrap();
+        std::fs::rename(&tmp, &a).unwrap();
+        assert_eq!(
+            f.fingerprint(&files),
+            second,
+            "same content, same fingerprint"
+        );
+        assert_eq!(f.reads, 4);
+
+        // A file that goes away and comes back.
+        std::fs::remove_file(&a).unwrap();
+        let gone = f.fingerprint(&files);
+        assert_ne!(gone, second);
+        std::fs::write(&a, "two").unwrap();
+        assert_eq!(f.fingerprint(&files), second);
+        assert_eq!(f.reads, 5);
+    }
 }
