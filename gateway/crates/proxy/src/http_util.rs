@@ -322,26 +322,37 @@ impl BodyLimitError {
     /// Sorts an error of the downstream body: an early end is an abort, anything else bad
     /// framing.
     fn of_downstream(err: &(dyn std::error::Error + 'static)) -> BodyLimitError {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-        while let Some(e) = cur {
-            if let Some(h) = e.downcast_ref::<hyper::Error>() {
-                if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                    return BodyLimitError::Aborted;
-                }
-            }
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                use std::io::ErrorKind::*;
-                if matches!(
-                    io.kind(),
-                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
-                ) {
-                    return BodyLimitError::Aborted;
-                }
-            }
-            cur = e.source();
+        if connection_broke(err) {
+            BodyLimitError::Aborted
+        } else {
+            BodyLimitError::Malformed
         }
-        BodyLimitError::Malformed
     }
+}
+
+/// Whether an error, or one in its source chain, says the connection ended early: hyper's
+/// incomplete, canceled or closed, or an I/O reset, abort, broken pipe or early EOF. The same
+/// test sorts a client's abandoned body and an upstream's reset.
+pub(crate) fn connection_broke(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Finds a [`BodyLimitError`] in an error's source chain.

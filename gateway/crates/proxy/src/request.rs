@@ -431,21 +431,8 @@ fn classify(err: &SendError) -> Failure {
     if let Some(b) = http_util::find_body_limit_error(hyper_err) {
         return Failure::Body(b);
     }
-    if hyper_err.is_incomplete_message() || hyper_err.is_canceled() || hyper_err.is_closed() {
+    if http_util::connection_broke(hyper_err) {
         return Failure::Reset;
-    }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(hyper_err);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            if matches!(
-                io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            ) {
-                return Failure::Reset;
-            }
-        }
-        cur = e.source();
     }
     Failure::Other
 }
