@@ -1,7 +1,7 @@
 //! `config/gateway.toml`, the sample the README points to, shows every field of the
-//! configuration types (so it cannot drift from them), and on a fresh checkout the README's
-//! commands work as written: `gateway sample-files` writes the certificates and the model it
-//! names, then `gateway check` accepts it.
+//! configuration types (so it cannot drift from them); `gateway check` accepts it as shipped,
+//! as the README runs it; and for a copy without its certificates and model,
+//! `gateway sample-files` writes them, then `gateway check` accepts it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -112,6 +112,24 @@ fn the_sample_shows_every_field_of_the_configuration() {
         missing.is_empty(),
         "config/gateway.toml does not show these fields (add each, with its unit and \
          default, commented out if it must not be set): {missing:?}"
+    );
+}
+
+#[test]
+fn the_readme_check_command_accepts_the_sample_as_shipped() {
+    for p in ["hygiene", "ratelimit", "canary"] {
+        plugin_wasm(p);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .current_dir(repo())
+        .args(["check", "--config", "config/gateway.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
