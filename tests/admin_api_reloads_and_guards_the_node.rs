@@ -119,6 +119,14 @@ async fn reload_through_the_api_applies_good_files_and_reports_bad_ones() {
         "b",
         "the old config keeps serving"
     );
+    // The configuration that serves, as written: the second file, not the refused third.
+    let config = admin_call(admin, Method::GET, "/admin/config", Some(TOKEN)).await;
+    assert_eq!(config.status, 200, "{}", config.text());
+    assert_eq!(config.header("content-type"), Some("application/json"));
+    let v: serde_json::Value = serde_json::from_slice(&config.body).unwrap();
+    assert_eq!(v["toml"], second.as_str());
+    assert_eq!(v["file"], file.display().to_string());
+    assert_eq!(v["generation"], 2);
     let last = admin_call(admin, Method::GET, "/admin/reload", Some(TOKEN)).await;
     let v: serde_json::Value = serde_json::from_slice(&last.body).unwrap();
     assert_eq!(v["last_reload"]["ok"], false);

@@ -37,9 +37,20 @@ pub enum ClientError {
     Refused {
         /// HTTP status.
         status: u16,
-        /// The node's explanation.
+        /// The node's explanation (its [`crate::admin::api::ErrorAnswer`]'s message, or the
+        /// body as sent when it is not one).
         body: String,
     },
+}
+
+impl ClientError {
+    /// A refusal with `status`, explained by the node's answer `body`.
+    fn refused(status: u16, body: String) -> ClientError {
+        let body = serde_json::from_str::<crate::admin::api::ErrorAnswer>(&body)
+            .map(|a| a.error)
+            .unwrap_or(body);
+        ClientError::Refused { status, body }
+    }
 }
 
 /// How to reach a node's admin API.
@@ -182,7 +193,7 @@ impl Node {
         bar.finish_and_clear();
         let (status, body) = result?;
         if status != 200 {
-            return Err(ClientError::Refused { status, body });
+            return Err(ClientError::refused(status, body));
         }
         let answer = serde_json::from_str(&body).map_err(|e| ClientError::Transport {
             url: self.url.clone(),
@@ -195,7 +206,7 @@ impl Node {
     pub async fn status(&self) -> Result<crate::admin::api::Status, ClientError> {
         let (status, body) = self.call(Method::GET, "/admin/status", None, None).await?;
         if status != 200 {
-            return Err(ClientError::Refused { status, body });
+            return Err(ClientError::refused(status, body));
         }
         serde_json::from_str(&body).map_err(|e| ClientError::Transport {
             url: self.url.clone(),

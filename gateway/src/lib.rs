@@ -8,7 +8,9 @@
 
 pub mod admin_client;
 pub mod demo;
+mod loader;
 pub mod ranker;
+mod reload;
 pub mod scoring_settings;
 pub mod server;
 pub mod watch;
@@ -22,7 +24,7 @@ pub use gateway_plugin_host as plugin;
 /// The proxy (`gateway/crates/proxy`): the request path and the hook contract, and its
 /// building blocks under their old module names.
 pub use gateway_proxy as proxy;
-pub use gateway_proxy::{deadline, http_util, metrics, scoring_endpoint, tls, upstream};
+pub use gateway_proxy::{http_util, metrics, scoring_endpoint, tls, upstream};
 /// The scoring engine lives in its own crate (`gateway/crates/scoring`); re-exported under
 /// its old module name.
 pub use gateway_scoring as scoring;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::plugin::host::{RankFuture, Ranker};
+use crate::proxy::hooks::{RankFuture, Ranker};
 use crate::scoring::serving::{Ask, ModelSlot, OwnedQuery};
 
 /// The served models as the plugins' `ranking` import sees them.

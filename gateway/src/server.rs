@@ -24,16 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits, ListenerKind, ListenerSpec};
-use crate::deadline::TimerPool;
 use crate::http_util::GuardedBody;
+use crate::loader::{with_record, Loader};
 use crate::metrics::{Metrics, MetricsError};
-use crate::plugin::{LoadedPlugin, PluginError, PluginRuntime};
-use crate::proxy::{self, ConnInfo, Shared, Snapshot};
-use crate::scoring::serving::{ModelSlot, ServedModel};
-use crate::store::{Kind, Manifest, Store, StoreError};
-use crate::tls::{self, TlsError};
-use gateway_admin::{Activated, ArtifactError, ReloadReport, Target};
-use std::collections::HashMap;
+use crate::plugin::PluginError;
+use crate::proxy::{self, ConnInfo, Shared};
+pub use crate::reload::ReloadError;
+use crate::scoring::serving::ModelSlot;
+use crate::tls::TlsError;
+use gateway_admin::ReloadReport;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,143 +69,6 @@ pub enum StartError {
     },
 }
 
-/// The scoring device and series, made on first use.
-#[derive(Default)]
-struct ScoringState {
-    device: Option<crate::scoring::ComputeDevice>,
-    families: Option<crate::scoring::serving::ModelFamilies>,
-}
-
-/// Loads the config's models without touching what serves: unchanged files keep their slot;
-/// changed ones are loaded into new versions that [`apply_models`] swaps in once every load
-/// has succeeded.
-async fn load_models(
-    state: &mut ScoringState,
-    config: &Config,
-    registry: &Registry,
-    current: &HashMap<String, Arc<ModelSlot>>,
-) -> Result<Vec<(String, Result<Arc<ModelSlot>, ServedModel>)>, StartError> {
-    use crate::scoring::serving;
-    if config.models.is_empty() {
-        return Ok(Vec::new());
-    }
-    let fail = |name: &str, message: String| StartError::Model {
-        name: name.to_string(),
-        message,
-    };
-    let device = match &state.device {
-        Some(d) => d.clone(),
-        None => {
-            let (backend, allow) = (
-                crate::scoring_settings::backend_choice(config.scoring.backend),
-                config.scoring.allow_software_gpu,
-            );
-            let d =
-                tokio::task::spawn_blocking(move || crate::scoring::acquire_device(backend, allow))
-                    .await
-                    .map_err(|e| fail("*", e.to_string()))?
-                    .map_err(|e| fail("*", e.to_string()))?;
-            tracing::info!(device = ?d, "scoring device");
-            state.device.insert(d).clone()
-        }
-    };
-    if state.families.is_none() {
-        let families =
-            serving::ModelFamilies::new(registry).map_err(|e| fail("*", e.to_string()))?;
-        let (backend, adapter) = match &device {
-            crate::scoring::ComputeDevice::Gpu(g) if g.is_software() => {
-                ("software-gpu", g.info().name.clone())
-            }
-            crate::scoring::ComputeDevice::Gpu(g) => ("gpu", g.info().name.clone()),
-            crate::scoring::ComputeDevice::Cpu => ("cpu", String::from("-")),
-        };
-        families
-            .device
-            .with_label_values(&[backend, adapter.as_str()])
-            .set(1);
-        state.families = Some(families);
-    }
-    let mut cfg = crate::scoring::ScoringConfig {
-        backend: crate::scoring_settings::backend_choice(config.scoring.backend),
-        allow_software_gpu: config.scoring.allow_software_gpu,
-        ..Default::default()
-    };
-    cfg.batch.max_queries = config.scoring.policy.max_batch.max(cfg.batch.max_queries);
-    let mut out = Vec::new();
-    for spec in &config.models {
-        let s = spec.clone();
-        let (bytes, version) = blocking(move || {
-            let bytes = std::fs::read(&s.path)
-                .map_err(|e| fail(&s.name, format!("cannot read {}: {e}", s.path.display())))?;
-            crate::store::check_pin(&bytes, s.sha256.as_deref())
-                .map_err(|m| fail(&s.name, m.to_string()))?;
-            let storage = crate::scoring_settings::table_storage(&s);
-            let version = crate::scoring::serving::served_version(&bytes, storage);
-            Ok::<_, StartError>((bytes, version))
-        })
-        .await?;
-        if let Some(slot) = current
-            .get(&spec.name)
-            .filter(|s| s.live().version == version)
-        {
-            out.push((spec.name.clone(), Ok(slot.clone())));
-            continue;
-        }
-        let (mut cfg2, dev2) = (cfg.clone(), device.clone());
-        cfg2.storage = crate::scoring_settings::table_storage(spec);
-        let model = tokio::task::spawn_blocking(move || {
-            crate::scoring::Model::from_bytes(&bytes, &cfg2, &dev2)
-        })
-        .await
-        .map_err(|e| fail(&spec.name, e.to_string()))?
-        .map_err(|e| fail(&spec.name, format!("{}: {e}", spec.path.display())))?;
-        tracing::info!(model = %spec.name, %version, path = ?model.execution_path(), "model loaded");
-        out.push((spec.name.clone(), Err(ServedModel { model, version })));
-    }
-    Ok(out)
-}
-
-fn ranker_for(
-    models: &HashMap<String, Arc<ModelSlot>>,
-) -> Option<Arc<dyn crate::plugin::host::Ranker>> {
-    (!models.is_empty()).then(|| {
-        Arc::new(crate::ranker::ModelsRanker(models.clone()))
-            as Arc<dyn crate::plugin::host::Ranker>
-    })
-}
-
-/// Swaps new versions into existing slots (keeping their history) and starts new slots.
-fn apply_models(
-    state: &ScoringState,
-    config: &Config,
-    loaded: Vec<(String, Result<Arc<ModelSlot>, ServedModel>)>,
-    current: &HashMap<String, Arc<ModelSlot>>,
-) -> HashMap<String, Arc<ModelSlot>> {
-    let mut models = HashMap::new();
-    for (name, entry) in loaded {
-        let slot = match entry {
-            Ok(slot) => slot,
-            Err(served) => match current.get(&name) {
-                Some(slot) => {
-                    slot.swap(served);
-                    slot.clone()
-                }
-                None => ModelSlot::start(
-                    &name,
-                    served,
-                    crate::scoring_settings::batch_policy(&config.scoring.policy),
-                    state
-                        .families
-                        .as_ref()
-                        .expect("families exist once a model is loaded"),
-                ),
-            },
-        };
-        models.insert(name, slot);
-    }
-    models
-}
-
 /// How the drain at shutdown ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainOutcome {
@@ -222,20 +84,18 @@ pub(crate) struct ServeCtx {
     /// [`Gateway::reload`]), uploads and rollbacks. Each reads the configuration and the
     /// store's record of active versions only while holding it. It holds the configuration
     /// as last read (the file's, or the one given), before that record is applied.
-    reload_lock: tokio::sync::Mutex<Config>,
+    pub(crate) reload_lock: tokio::sync::Mutex<Config>,
     /// The file `reload_from_file` reads, when the gateway was started from one.
-    config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    pub(crate) config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// Outcome of the last reload.
     pub(crate) last_reload: std::sync::Mutex<Option<ReloadReport>>,
     /// When the admin API accepted its uploads of the last minute (its rate limit).
     pub(crate) recent_uploads: std::sync::Mutex<std::collections::VecDeque<Instant>>,
-    reloads: prometheus::IntCounterVec,
-    reloads_ok: prometheus::IntCounter,
-    scoring: tokio::sync::Mutex<ScoringState>,
-    /// Made on first use: only configurations with plugins pay for the engine.
-    plugin_runtime: tokio::sync::Mutex<Option<Arc<PluginRuntime>>>,
-    registry: Registry,
-    tls: ArcSwap<rustls::ServerConfig>,
+    pub(crate) reloads: prometheus::IntCounterVec,
+    pub(crate) reloads_ok: prometheus::IntCounter,
+    /// Builds each configuration (at start and on every change).
+    pub(crate) loader: Loader,
+    pub(crate) tls: ArcSwap<rustls::ServerConfig>,
     limits: Limits,
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -262,12 +122,9 @@ impl Gateway {
         // Uploaded versions that were active before a restart are active again.
         let config = with_record(config).await?;
         let metrics = Metrics::new(&registry)?;
-        let tls_config = tls::server_config(&config.certificates)?;
-        let mut plugin_runtime = None;
-        let plugins = load_plugins(&mut plugin_runtime, &config, &registry, &[]).await?;
-        let mut scoring = ScoringState::default();
-        let loaded = load_models(&mut scoring, &config, &registry, &HashMap::new()).await?;
-        let models = apply_models(&scoring, &config, loaded, &HashMap::new());
+        let loader = Loader::new(registry.clone());
+        let built = loader.build(config, &metrics, None, None).await?;
+        let config = built.snapshot.config.clone();
         let mut bound = Vec::new();
         for spec in &config.listeners {
             let listener =
@@ -293,18 +150,8 @@ impl Gateway {
 
         let limits = config.limits.clone();
         let drain_timeout = config.server.drain_timeout;
-        let config = Arc::new(config);
         let shared = Arc::new(Shared {
-            state: ArcSwap::from_pointee(Snapshot {
-                ranker: ranker_for(&models),
-                models,
-                ..Snapshot::build(
-                    config.clone(),
-                    &metrics,
-                    &|route| crate::plugin::chain::bind(&plugins, route),
-                    None,
-                )
-            }),
+            state: ArcSwap::from_pointee(built.snapshot),
             metrics,
         });
         let reloads = prometheus::IntCounterVec::new(
@@ -329,10 +176,8 @@ impl Gateway {
             recent_uploads: std::sync::Mutex::new(std::collections::VecDeque::new()),
             reloads,
             reloads_ok,
-            scoring: tokio::sync::Mutex::new(scoring),
-            plugin_runtime: tokio::sync::Mutex::new(plugin_runtime),
-            registry: registry.clone(),
-            tls: ArcSwap::new(tls_config),
+            loader,
+            tls: ArcSwap::new(built.tls),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -458,351 +303,6 @@ impl Gateway {
         };
         self.admin_shutdown.cancel();
         outcome
-    }
-}
-
-/// Loads the config's plugins, reusing a loaded one from `previous` when its settings and
-/// file content are unchanged (so its warm instances carry over).
-async fn load_plugins(
-    runtime: &mut Option<Arc<PluginRuntime>>,
-    config: &Config,
-    registry: &Registry,
-    previous: &[Arc<LoadedPlugin>],
-) -> Result<Vec<Arc<LoadedPlugin>>, PluginError> {
-    if config.plugins.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rt = match runtime {
-        Some(rt) => rt.clone(),
-        None => runtime
-            .insert(PluginRuntime::new(&config.plugin_runtime, registry)?)
-            .clone(),
-    };
-    let mut loaded = Vec::with_capacity(config.plugins.len());
-    for spec in &config.plugins {
-        let s = spec.clone();
-        let (bytes, version) = blocking(move || {
-            let bytes = std::fs::read(&s.path).map_err(|source| PluginError::Read {
-                name: s.name.clone(),
-                path: s.path.display().to_string(),
-                source,
-            })?;
-            crate::plugin::check_pin(&s, &bytes)?;
-            let version = crate::store::content_version(&bytes);
-            Ok::<_, PluginError>((bytes, version))
-        })
-        .await?;
-        match previous
-            .iter()
-            .find(|p| p.spec == *spec && p.version == version)
-        {
-            Some(p) => loaded.push(p.clone()),
-            None => loaded.push(rt.load_bytes(spec, bytes).await?),
-        }
-    }
-    Ok(loaded)
-}
-
-/// Why a reload from the config file did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// The gateway was not started from a file.
-    #[error("the gateway was not started from a config file; nothing to reload")]
-    NoFile,
-    /// The file is unreadable or invalid.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// Something in the new configuration could not be built.
-    #[error(transparent)]
-    Apply(#[from] StartError),
-}
-
-impl ReloadError {
-    /// Metric label for the failure.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ReloadError::NoFile => "no_file",
-            ReloadError::Config(_) => "config",
-            ReloadError::Apply(StartError::Tls(_)) => "tls",
-            ReloadError::Apply(StartError::Plugin(_)) => "plugin",
-            ReloadError::Apply(StartError::Model { .. }) => "model",
-            ReloadError::Apply(StartError::Store(_)) => "store",
-            ReloadError::Apply(_) => "other",
-        }
-    }
-}
-
-/// Runs blocking work (file I/O, hashing, fsync) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(v) => v,
-        Err(e) => match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("blocking task did not finish: {e}"),
-        },
-    }
-}
-
-/// Opens the store of `config` and reads its record of active versions (none without
-/// `[store] dir`).
-async fn read_record(config: &Config) -> Result<Option<(Store, Manifest)>, StoreError> {
-    let Some(dir) = config.store_dir.clone() else {
-        return Ok(None);
-    };
-    blocking(move || {
-        let store = Store::open(&dir)?;
-        let record = store.manifest()?;
-        Ok(Some((store, record)))
-    })
-    .await
-}
-
-/// Points every plugin and model that has uploads at its active version in `record`.
-fn apply_record(config: &mut Config, store: &Store, record: &Manifest) {
-    for p in &mut config.plugins {
-        if let Some(e) = record.plugins.get(&p.name) {
-            p.path = store.blob_path(Kind::Plugin, &e.active);
-        }
-    }
-    for m in &mut config.models {
-        if let Some(e) = record.models.get(&m.name) {
-            m.path = store.blob_path(Kind::Model, &e.active);
-        }
-    }
-}
-
-/// `config` with the store's current record of active versions applied.
-async fn with_record(mut config: Config) -> Result<Config, StoreError> {
-    if let Some((store, record)) = read_record(&config).await? {
-        apply_record(&mut config, &store, &record);
-    }
-    Ok(config)
-}
-
-impl gateway_admin::Control for ServeCtx {
-    fn snapshot(&self) -> Arc<Snapshot> {
-        self.shared.state.load_full()
-    }
-
-    fn plugins(&self, snapshot: &Snapshot) -> Vec<gateway_admin::PluginStatus> {
-        crate::plugin::chain::in_use(snapshot)
-            .into_iter()
-            .flatten()
-            .map(|p| gateway_admin::PluginStatus {
-                name: p.name.clone(),
-                version: p.version.clone(),
-                idle_instances: p.idle_instances(),
-            })
-            .collect()
-    }
-
-    fn last_reload(&self) -> Option<ReloadReport> {
-        self.last_reload.lock().expect("reload report lock").clone()
-    }
-
-    fn recent_uploads(&self) -> &std::sync::Mutex<std::collections::VecDeque<Instant>> {
-        &self.recent_uploads
-    }
-
-    async fn reload_from_file(&self) -> Result<(), gateway_admin::ReloadRefused> {
-        ServeCtx::reload_from_file(self).await.map_err(|e| match e {
-            ReloadError::NoFile => gateway_admin::ReloadRefused::NoFile(e.to_string()),
-            e => gateway_admin::ReloadRefused::Failed(e.to_string()),
-        })
-    }
-
-    async fn activate(
-        &self,
-        kind: Kind,
-        name: &str,
-        target: Target<'_>,
-    ) -> Result<Activated, ArtifactError> {
-        ServeCtx::activate(self, kind, name, target).await
-    }
-
-    async fn forget(
-        &self,
-        kind: Kind,
-        name: &str,
-        users: impl FnOnce(&Config) -> Vec<String> + Send,
-    ) -> Result<(), ArtifactError> {
-        ServeCtx::forget(self, kind, name, users).await
-    }
-}
-
-impl ServeCtx {
-    /// Builds everything the new configuration needs, then swaps it in.
-    pub(crate) async fn reload(&self, config: Config) -> Result<(), StartError> {
-        let mut base = self.reload_lock.lock().await;
-        self.apply_locked(&mut base, config).await
-    }
-
-    /// With the reload lock held: applies the store's record to `next` (the configuration as
-    /// read), builds it and swaps it in; `base` becomes `next` once it serves.
-    async fn apply_locked(&self, base: &mut Config, next: Config) -> Result<(), StartError> {
-        let config = with_record(next.clone()).await?;
-        self.build_and_swap(config, None).await?;
-        *base = next;
-        Ok(())
-    }
-
-    /// With the reload lock held: builds `config`, writes `record` to the store when given
-    /// (after everything loaded, before anything changes), then swaps. On error nothing
-    /// changes.
-    async fn build_and_swap(
-        &self,
-        config: Config,
-        record: Option<(Store, Manifest)>,
-    ) -> Result<(), StartError> {
-        let certificates = config.certificates.clone();
-        let tls_config = blocking(move || tls::server_config(&certificates)).await?;
-        let current = self.shared.state.load_full();
-        let previous: Vec<Arc<LoadedPlugin>> = crate::plugin::chain::in_use(&current)
-            .into_iter()
-            .flatten()
-            .collect();
-        let plugins = {
-            let mut runtime = self.plugin_runtime.lock().await;
-            load_plugins(&mut runtime, &config, &self.registry, &previous).await?
-        };
-        let mut scoring = self.scoring.lock().await;
-        let loaded = load_models(&mut scoring, &config, &self.registry, &current.models).await?;
-        if let Some((store, record)) = record {
-            blocking(move || store.save(&record)).await?;
-        }
-        // Everything new is loaded and recorded; from here on nothing can fail.
-        let models = apply_models(&scoring, &config, loaded, &current.models);
-        let mut snapshot = Snapshot::build(
-            Arc::new(config),
-            &self.shared.metrics,
-            &|route| crate::plugin::chain::bind(&plugins, route),
-            Some(&current),
-        );
-        snapshot.ranker = ranker_for(&models);
-        snapshot.models = models;
-        snapshot.generation = current.generation + 1;
-        self.shared.state.store(Arc::new(snapshot));
-        self.tls.store(tls_config);
-        Ok(())
-    }
-
-    /// Reloads from the remembered file and records the outcome. The file and the store's
-    /// record are read under the reload lock, so a reload never applies what an upload or
-    /// another reload that finished before it replaced.
-    pub(crate) async fn reload_from_file(&self) -> Result<(), ReloadError> {
-        let path = self.config_path.lock().expect("config path lock").clone();
-        let mut base = self.reload_lock.lock().await;
-        let result = match path {
-            None => Err(ReloadError::NoFile),
-            Some(path) => match blocking(move || Config::load(&path)).await {
-                Ok(next) => self
-                    .apply_locked(&mut base, next)
-                    .await
-                    .map_err(ReloadError::from),
-                Err(e) => Err(ReloadError::from(e)),
-            },
-        };
-        match &result {
-            Ok(()) => {
-                self.reloads_ok.inc();
-                tracing::info!("configuration reloaded");
-            }
-            Err(e) => {
-                self.reloads.with_label_values(&[e.kind()]).inc();
-                tracing::error!(error = %e, "reload failed; the previous configuration keeps serving");
-            }
-        }
-        *self.last_reload.lock().expect("reload report lock") = Some(ReloadReport {
-            at: std::time::SystemTime::now(),
-            error: result.as_ref().err().map(|e| e.to_string()),
-        });
-        result
-    }
-
-    /// Makes `target` the active version of `name` in one serialized step: under the reload
-    /// lock, reads the store's record, builds the configuration last read with the record
-    /// as it will be, records it, and swaps. On error neither the record nor what serves
-    /// changes. A model without uploads rolls back through the versions held in memory.
-    pub(crate) async fn activate(
-        &self,
-        kind: Kind,
-        name: &str,
-        target: Target<'_>,
-    ) -> Result<Activated, ArtifactError> {
-        let base = self.reload_lock.lock().await;
-        let configured = match kind {
-            Kind::Plugin => base.plugins.iter().any(|p| p.name == name),
-            Kind::Model => base.models.iter().any(|m| m.name == name),
-        };
-        if !configured {
-            return Err(ArtifactError::NotConfigured(name.to_string()));
-        }
-        let stored = read_record(&base).await.map_err(ArtifactError::Store)?;
-        let entry = stored
-            .as_ref()
-            .and_then(|(_, record)| record.entries(kind).get(name));
-        let sha = match (target, entry) {
-            (Target::Upload(sha), _) => sha,
-            (Target::Rollback(version), Some(entry)) => entry
-                .versions
-                .iter()
-                .find(|s| **s != entry.active && version.is_none_or(|v| s.starts_with(v)))
-                .cloned()
-                .ok_or_else(|| {
-                    ArtifactError::NothingToRollBackTo(format!(
-                        "{name:?} has no other version to roll back to"
-                    ))
-                })?,
-            (Target::Rollback(version), None) if kind == Kind::Model => {
-                let slot = self.shared.state.load().models.get(name).cloned();
-                let slot = slot.ok_or_else(|| ArtifactError::NotConfigured(name.into()))?;
-                let version = slot
-                    .rollback(version)
-                    .map_err(ArtifactError::NothingToRollBackTo)?;
-                return Ok(Activated::Held { version, slot });
-            }
-            (Target::Rollback(_), None) if stored.is_none() => return Err(ArtifactError::NoStore),
-            (Target::Rollback(_), None) => return Err(ArtifactError::NoUploads(name.to_string())),
-        };
-        let Some((store, mut record)) = stored else {
-            return Err(ArtifactError::NoStore);
-        };
-        record.activate(kind, name, &sha);
-        let mut config = base.clone();
-        apply_record(&mut config, &store, &record);
-        match self.build_and_swap(config, Some((store, record))).await {
-            Ok(()) => Ok(Activated::Stored(sha)),
-            Err(StartError::Store(e)) => Err(ArtifactError::Store(e)),
-            Err(e) => Err(ArtifactError::Rejected(Box::new(e))),
-        }
-    }
-
-    /// Forgets the uploads of `name` unless the serving configuration uses it (`users` lists
-    /// what does), serialized with reloads, uploads and rollbacks.
-    pub(crate) async fn forget(
-        &self,
-        kind: Kind,
-        name: &str,
-        users: impl FnOnce(&Config) -> Vec<String>,
-    ) -> Result<(), ArtifactError> {
-        let base = self.reload_lock.lock().await;
-        let used = users(&self.shared.state.load().config);
-        if !used.is_empty() {
-            return Err(ArtifactError::InUse {
-                name: name.to_string(),
-                users: used.join(", "),
-            });
-        }
-        let (store, _) = read_record(&base)
-            .await
-            .map_err(ArtifactError::Store)?
-            .ok_or(ArtifactError::NoStore)?;
-        let owned = name.to_string();
-        match blocking(move || store.remove(kind, &owned)).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ArtifactError::NoUploads(name.to_string())),
-            Err(e) => Err(ArtifactError::Store(e)),
-        }
     }
 }
 
@@ -1055,22 +555,12 @@ impl Connection {
                         .map(Into::into)
                         .unwrap_or_default()
                 });
-                let info = ConnInfo {
-                    peer,
-                    proto: "https",
-                    timers: TimerPool::default(),
-                    cert_names,
-                };
+                let info = ConnInfo::new(peer, "https", cert_names);
                 self.serve_http(builder, TokioIo::new(tls_stream), info, None, speaks)
                     .await;
             }
             ListenerKind::HttpServe => {
-                let info = ConnInfo {
-                    peer,
-                    proto: "http",
-                    timers: TimerPool::default(),
-                    cert_names: None,
-                };
+                let info = ConnInfo::new(peer, "http", None);
                 self.serve_http(
                     &self.ctx.auto,
                     TokioIo::new(stream),
@@ -1081,12 +571,7 @@ impl Connection {
                 .await;
             }
             ListenerKind::HttpRedirect { https_port } => {
-                let info = ConnInfo {
-                    peer,
-                    proto: "http",
-                    timers: TimerPool::default(),
-                    cert_names: None,
-                };
+                let info = ConnInfo::new(peer, "http", None);
                 self.serve_http(
                     &self.ctx.auto,
                     TokioIo::new(stream),

@@ -58,6 +58,26 @@ pub struct Status {
     pub routes: Vec<RouteStatus>,
 }
 
+/// Every refusal of the admin API (4xx and 5xx): what went wrong and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    /// The explanation.
+    pub error: String,
+}
+
+/// `GET /admin/config`: the configuration that serves, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigAnswer {
+    /// The file it was read from (`null` when it was built in code).
+    pub file: Option<String>,
+    /// Configurations applied since start (1 for the first).
+    pub generation: u64,
+    /// The file's TOML text (`null` when it was built in code). Uploaded plugin and model
+    /// versions the store records active replace the paths it names; `GET /admin/status`
+    /// shows them.
+    pub toml: Option<String>,
+}
+
 /// The outcome of the last reload from the file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastReload {

@@ -3,7 +3,7 @@
 //! without a configured token it is disabled, and the listener may only bind to loopback).
 //!
 //! - `GET /admin/status`: routes, plugins and models with their versions, the last reload;
-//! - `GET /admin/config`: the effective configuration;
+//! - `GET /admin/config`: the configuration file that serves, as written (JSON);
 //! - `POST /admin/reload`, `GET /admin/reload`: reload the config file; the last outcome;
 //! - `POST /admin/models/{name}/rollback[?version=V]`: make an earlier model version live.
 //! - `GET /admin/plugins`, `GET /admin/models`: uploaded versions, which is active, who uses it;
@@ -124,7 +124,13 @@ fn typed_response(answer: &impl serde::Serialize) -> Response<ProxyBody> {
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyBody> {
-    http_util::json_error(status, message)
+    let answer = api::ErrorAnswer {
+        error: message.to_string(),
+    };
+    json_response(
+        status,
+        serde_json::to_value(answer).expect("admin answers serialize"),
+    )
 }
 
 async fn respond(
@@ -177,15 +183,10 @@ async fn respond(
                 ));
             }
             for pool in &snapshot.pools {
-                let up = pool
-                    .backends
-                    .iter()
-                    .filter(|b| pool.is_available(b))
-                    .count();
+                let (up, all) = pool.availability();
                 body.push_str(&format!(
-                    "upstream {}: {up}/{} backends available\n",
-                    pool.spec.name,
-                    pool.backends.len()
+                    "upstream {}: {up}/{all} backends available\n",
+                    pool.name()
                 ));
             }
             text(StatusCode::OK, body)
@@ -233,10 +234,15 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match (method.clone(), segments.as_slice()) {
         (Method::GET, ["status"]) => typed_response(&status(ctx)),
-        (Method::GET, ["config"]) => text(
-            StatusCode::OK,
-            format!("{:#?}\n", ctx.snapshot().config),
-        ),
+        (Method::GET, ["config"]) => {
+            let snapshot = ctx.snapshot();
+            let source = snapshot.config.source.as_deref();
+            typed_response(&api::ConfigAnswer {
+                file: source.map(|s| s.file.clone()),
+                generation: snapshot.generation,
+                toml: source.map(|s| s.text.clone()),
+            })
+        }
         (Method::GET, ["reload"]) => {
             typed_response(&api::LastReloadAnswer {
                 last_reload: last_reload(ctx),

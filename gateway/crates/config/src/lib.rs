@@ -65,6 +65,18 @@ pub struct Config {
     pub trusted_keys: Vec<ed25519_dalek::VerifyingKey>,
     /// Uploads must be signed by one of `trusted_keys`.
     pub require_signatures: bool,
+    /// The file and text this configuration was parsed from; `None` when it was built in
+    /// code. `GET /admin/config` shows it.
+    pub source: Option<Arc<Source>>,
+}
+
+/// Where a configuration came from, as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The file's name as given (`file` of [`Config::from_toml`]).
+    pub file: String,
+    /// The TOML text.
+    pub text: String,
 }
 
 /// `[scoring]`, validated. Configuration's own types, not the scoring engine's: the gateway
@@ -617,7 +629,7 @@ impl Config {
             Ok(raw) => raw,
             Err(err) => return Err(ConfigError::Invalid(vec![parse_issue(text, file, &err)])),
         };
-        validate(raw, base_dir).map_err(|problems| {
+        let mut config = validate(raw, base_dir).map_err(|problems| {
             let doc = toml_edit::Document::parse(text).ok();
             ConfigError::Invalid(
                 problems
@@ -641,7 +653,12 @@ impl Config {
                     })
                     .collect(),
             )
-        })
+        })?;
+        config.source = Some(Arc::new(Source {
+            file: file.to_string(),
+            text: text.to_string(),
+        }));
+        Ok(config)
     }
 }
 

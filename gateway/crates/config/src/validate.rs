@@ -925,6 +925,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             store_dir,
             trusted_keys,
             require_signatures,
+            source: None,
         },
         entries: c.entries,
     }

@@ -15,7 +15,7 @@ use wasmtime::{ResourceLimiter, Result};
 
 use super::bindings::storefront::gateway::{host, http as wit_http, ranking};
 // The data the proxy's hooks exchange, defined by the proxy crate (`gateway_proxy::hooks`).
-pub use gateway_proxy::hooks::{RankFuture, Ranker, RequestState, ResponseState};
+pub use gateway_proxy::hooks::{Ranker, RequestState, ResponseState};
 
 /// Headers plugins may not touch: the gateway owns framing and the connection.
 const PROTECTED: [&str; 5] = [

@@ -19,9 +19,9 @@ use gateway_config as config;
 use gateway_proxy as proxy;
 use gateway_store as store;
 
-pub mod bindings;
+mod bindings;
 pub mod chain;
-pub mod host;
+mod host;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -16,7 +16,7 @@
 use gateway_config as config;
 use gateway_scoring as scoring;
 
-pub mod deadline;
+mod deadline;
 pub mod hooks;
 pub mod http_util;
 pub mod metrics;

@@ -176,7 +176,7 @@ impl Snapshot {
             router,
             pools,
             models: HashMap::new(),
-            generation: 1,
+            generation: previous.map_or(1, |p| p.generation + 1),
             ranker: None,
         }
     }
@@ -197,10 +197,27 @@ pub struct ConnInfo {
     /// `https` or `http`.
     pub proto: &'static str,
     /// Timers for this connection's upstream request timeouts, reused across its requests.
-    pub timers: TimerPool,
+    timers: TimerPool,
     /// On a listener with `reject_misdirected`, the names of the certificate the connection
     /// was served with: a request for another host gets 421.
     pub cert_names: Option<Box<[HostPattern]>>,
+}
+
+impl ConnInfo {
+    /// A connection from `peer` speaking `proto` (`https` or `http`); `cert_names` as the
+    /// field says.
+    pub fn new(
+        peer: SocketAddr,
+        proto: &'static str,
+        cert_names: Option<Box<[HostPattern]>>,
+    ) -> ConnInfo {
+        ConnInfo {
+            peer,
+            proto,
+            timers: TimerPool::default(),
+            cert_names,
+        }
+    }
 }
 
 /// Why a request is answered before routing.

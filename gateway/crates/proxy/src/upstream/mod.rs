@@ -1,7 +1,7 @@
 //! Upstream pools: backends, load balancing, health (active checks and passive ejection),
 //! pooled keep-alive connections ([`conn`]) and the retry budget.
 
-pub mod conn;
+pub(crate) mod conn;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -22,9 +22,9 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// One backend of a pool and its live health.
 pub struct Backend {
     /// `host:port`.
-    pub authority: http::uri::Authority,
+    pub(crate) authority: http::uri::Authority,
     /// Keep-alive connections to it.
-    pub conns: Arc<conn::Conns>,
+    pub(crate) conns: Arc<conn::Conns>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Milliseconds since the pool's start until which the backend is ejected; 0 when not.
@@ -53,13 +53,13 @@ impl Drop for InFlight {
 /// A named set of backends sharing a balancing policy and a retry budget.
 pub struct Pool {
     /// The validated settings.
-    pub spec: UpstreamSpec,
+    pub(crate) spec: UpstreamSpec,
     /// Backends in config order.
-    pub backends: Vec<Arc<Backend>>,
+    pub(crate) backends: Vec<Arc<Backend>>,
     /// Bounds retries relative to traffic.
-    pub budget: RetryBudget,
+    pub(crate) budget: RetryBudget,
     /// `gateway_upstream_request_duration_seconds` for this pool.
-    pub attempt_duration: Histogram,
+    pub(crate) attempt_duration: Histogram,
     next: AtomicUsize,
     start: Instant,
 }
@@ -113,12 +113,27 @@ impl Pool {
         pool
     }
 
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// How many backends may take traffic now, and how many there are.
+    pub fn availability(&self) -> (usize, usize) {
+        let up = self
+            .backends
+            .iter()
+            .filter(|b| self.is_available(b))
+            .count();
+        (up, self.backends.len())
+    }
+
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
 
     /// Whether the backend may take traffic now.
-    pub fn is_available(&self, backend: &Backend) -> bool {
+    pub(crate) fn is_available(&self, backend: &Backend) -> bool {
         if !backend.check_healthy.load(Ordering::Relaxed) {
             return false;
         }
