@@ -129,7 +129,8 @@ async fn the_demo_command_serves_the_storefront_through_its_plugins() {
             cert = rest.split_whitespace().next().map(std::path::PathBuf::from);
         }
     }
-    let ca = rustls::pki_types::pem::PemObject::from_pem_file(cert.unwrap()).unwrap();
+    let cert_path = cert.unwrap();
+    let ca = rustls::pki_types::pem::PemObject::from_pem_file(&cert_path).unwrap();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port.unwrap()).into();
     let r = fetch(
         addr,
@@ -144,7 +145,23 @@ async fn the_demo_command_serves_the_storefront_through_its_plugins() {
         v["reranked_by"].as_str().unwrap().starts_with("recs@"),
         "{v}"
     );
-    let _ = child.kill().await;
+    // Ctrl-C drains and exits 0, and the demo's certificate and model go with it.
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("the demo stops after SIGINT")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !cert_path.exists(),
+        "{} outlived the demo",
+        cert_path.display()
+    );
     // A healthy start says nothing on stderr at warn level (Mesa's "XDG_RUNTIME_DIR is
     // invalid" included).
     let mut stderr = String::new();

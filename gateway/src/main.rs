@@ -709,6 +709,8 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
         .block_on(gateway::demo::start_storefront(([127, 0, 0, 1], 0).into()))
         .context("starting the demo storefront")?;
     let dir = std::env::temp_dir().join(format!("gateway-demo-{}", std::process::id()));
+    // The demo's certificate and model are its own: removed when it stops.
+    let demo_files = dir.clone();
     let plugins_dir = gateway::demo::default_plugins_dir();
     let config = gateway::demo::demo_config(&dir, https, admin, upstream, Some(&plugins_dir))
         .context("preparing the demo")?;
@@ -761,5 +763,8 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
     });
     let code = run(config, None, Some(banner));
     drop(store_rt);
+    if let Err(e) = std::fs::remove_dir_all(&demo_files) {
+        tracing::warn!(dir = %demo_files.display(), error = %e, "could not remove the demo's files");
+    }
     code
 }
