@@ -31,7 +31,10 @@ pub mod token;
 pub mod window;
 
 pub use assign::{SplitError, Splitter};
-pub use plan::{Action, Decision, Evidence, Guards, Plan, PlanError, Rollout, SeqGuard, State};
+pub use plan::{
+    Action, ArmEvidence, Decision, Evidence, Guards, Plan, PlanError, Rollout, SeqGuard, State,
+    TransitionError,
+};
 pub use sequential::{psi, Arm, Estimate, Sequential, Verdict};
 pub use token::{Attribution, KeyError, Keyring, TokenError};
 pub use window::{Counts, Event, ScoreBins, Totals, Windowed};

@@ -71,7 +71,7 @@ where
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
-fn top_k<'a, T: Eq + Hash>(ranked: &'a [T], k: usize) -> impl Iterator<Item = &'a T> {
+fn top_k<T: Eq + Hash>(ranked: &[T], k: usize) -> impl Iterator<Item = &T> {
     let mut seen = HashSet::new();
     ranked.iter().filter(move |item| seen.insert(*item)).take(k)
 }

@@ -314,8 +314,10 @@ struct Tests {
     cvr: Option<Sequential>,
 }
 
-/// One canary's rollout against a baseline: serialisable, to persist and resume.
+/// One canary's rollout against a baseline: serialisable, to persist and resume (a
+/// persisted rollout is checked as it is read back, like a new one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Persisted")]
 pub struct Rollout {
     plan: Plan,
     baseline: String,
@@ -326,6 +328,44 @@ pub struct Rollout {
     tests: Tests,
     evidence: Evidence,
     history: VecDeque<Decision>,
+}
+
+/// A [`Rollout`] as read back, before it is checked.
+#[derive(Deserialize)]
+struct Persisted {
+    plan: Plan,
+    baseline: String,
+    canary: String,
+    step: usize,
+    state: State,
+    step_started_ms: u64,
+    tests: Tests,
+    evidence: Evidence,
+    history: VecDeque<Decision>,
+}
+
+impl TryFrom<Persisted> for Rollout {
+    type Error = PlanError;
+
+    fn try_from(p: Persisted) -> Result<Self, PlanError> {
+        p.plan.validate()?;
+        check(
+            p.step + 1 < p.plan.steps.len(),
+            "step",
+            "is past the last judged step",
+        )?;
+        Ok(Rollout {
+            plan: p.plan,
+            baseline: p.baseline,
+            canary: p.canary,
+            step: p.step,
+            state: p.state,
+            step_started_ms: p.step_started_ms,
+            tests: p.tests,
+            evidence: p.evidence,
+            history: p.history,
+        })
+    }
 }
 
 impl Rollout {

@@ -67,10 +67,10 @@ impl ScoreBins {
 
     fn index(self, score: f64) -> usize {
         let last = self.count() - 1;
-        if !(score > self.lo) || !(self.hi > self.lo) {
+        let position = (score - self.lo) / (self.hi - self.lo) * self.count() as f64;
+        if position.is_nan() || position <= 0.0 {
             return 0;
         }
-        let position = (score - self.lo) / (self.hi - self.lo) * self.count() as f64;
         (position as usize).min(last)
     }
 }

@@ -273,6 +273,12 @@ fn serde_round_trip() {
     let without_tau = r#"{"alpha":0.05,"margin":0.001}"#;
     let guard: SeqGuard = serde_json::from_str(without_tau).unwrap();
     assert_eq!(guard.tau, DEFAULT_TAU);
+    let past_the_end = json.replace(r#""step":1"#, r#""step":2"#);
+    assert_ne!(past_the_end, json);
+    let err = serde_json::from_str::<Rollout>(&past_the_end).unwrap_err();
+    assert!(err.to_string().contains("step is past"), "{err}");
+    let bad_plan = json.replace(r#""min_samples":1000"#, r#""min_samples":0"#);
+    assert!(serde_json::from_str::<Rollout>(&bad_plan).is_err());
     for d in r.history() {
         let json = serde_json::to_string(d).unwrap();
         assert_eq!(&serde_json::from_str::<Decision>(&json).unwrap(), d);
