@@ -25,6 +25,12 @@ fn sample_dir() -> (Pki, std::path::PathBuf) {
     std::fs::create_dir_all(pki.path().join("models")).unwrap();
     let model = gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(32, 8, 1));
     std::fs::write(pki.path().join("models/recs.safetensors"), model).unwrap();
+    std::fs::create_dir_all(pki.path().join("keys")).unwrap();
+    std::fs::write(
+        pki.path().join("keys/feedback.key"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
     let copy = pki.path().join("gateway.toml");
     std::fs::write(
         &copy,
@@ -47,6 +53,9 @@ fn the_sample_config_is_valid_and_complete() {
     assert_eq!(c.routes[1].variants.len(), 2);
     assert_eq!(c.plugins.len(), 3);
     assert_eq!(c.models.len(), 1);
+    assert_eq!(c.experiments.len(), 1);
+    assert_eq!(c.routes[0].experiment, Some(0));
+    assert_eq!(c.feedback.keys.len(), 1);
 }
 
 fn errors_for(toml: &str) -> Vec<String> {
@@ -174,4 +183,77 @@ fn gateway_check_exits_nonzero_with_located_messages() {
         stderr.contains(&format!("{}:", path.display())) && stderr.contains("max_retires"),
         "{stderr}"
     );
+}
+
+#[test]
+fn experiment_errors_are_located_and_all_listed() {
+    let bad = format!(
+        "{VALID}{}",
+        r#"
+[[experiments]]
+name = "exp"
+routes = ["all", "nope"]
+assign_by = "session:id"
+
+[[experiments.variants]]
+name = "a"
+models = { recs = "recs-v2" }
+
+[[experiments.variants]]
+name = "a"
+upstream = "missing"
+
+[experiments.rollout]
+steps = [50, 25, 100]
+"#
+    );
+    let errs = errors_for(&bad);
+    let find = |needle: &str| {
+        errs.iter()
+            .find(|e| e.contains(needle))
+            .unwrap_or_else(|| panic!("no error about {needle}: {errs:#?}"))
+            .clone()
+    };
+    assert!(find("feedback.key_file").contains("openssl rand -hex 32"));
+    let route = find("experiments[0].routes[1]");
+    assert!(route.starts_with("bad.toml:20:"), "{route}");
+    assert!(find("experiments[0].assign_by").contains("cookie:NAME"));
+    assert!(find("experiments[0].variants[0].models").contains("\"recs\" is not a [[models]] name"));
+    assert!(find("experiments[0].variants[1].name").contains("already used"));
+    assert!(find("experiments[0].variants[1].upstream").contains("no upstream named \"missing\""));
+    assert!(find("experiments[0].rollout.steps").contains("must increase"));
+    assert_eq!(errs.len(), 7, "{errs:#?}");
+
+    // A route with `variants` of its own cannot also be split; a short key is refused.
+    let pki = Pki::new();
+    pki.issue("server", &["localhost"]);
+    std::fs::write(pki.path().join("short.key"), "too short\n").unwrap();
+    let text = format!(
+        "{}{}",
+        VALID.replace(
+            "upstream = \"app\"\n",
+            "upstream = \"app\"\nvariants = { a = \"app\" }\ndefault_variant = \"a\"\n"
+        ),
+        r#"
+[feedback]
+key_file = "short.key"
+
+[[experiments]]
+name = "exp"
+routes = ["all"]
+assign_by = "header:x-shopper"
+[[experiments.variants]]
+name = "a"
+[[experiments.variants]]
+name = "b"
+"#
+    );
+    let path = pki.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("routes[0]: route \"all\" has `variants`"),
+        "{err}"
+    );
+    assert!(err.contains("short.key holds 9 bytes"), "{err}");
 }

@@ -333,6 +333,19 @@ fn sample_files(path: &Path) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    let keys = raw.feedback.key_file.iter();
+    for k in keys.chain(raw.feedback.old_key_files.iter().flatten()) {
+        let file = base.join(k);
+        if file.exists() {
+            println!("kept  {}", file.display());
+            continue;
+        }
+        // 32 random bytes as hex, as `openssl rand -hex 32` would write them.
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).context("reading random bytes for a feedback key")?;
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        write(&file, format!("{hex}\n").as_bytes())?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -376,14 +389,15 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "{}: ok ({} listener(s), {} upstream(s), {} route(s), {} certificate(s), {} plugin(s), {} model(s))",
+        "{}: ok ({} listener(s), {} upstream(s), {} route(s), {} certificate(s), {} plugin(s), {} model(s), {} experiment(s))",
         path.display(),
         c.listeners.len(),
         c.upstreams.len(),
         c.routes.len(),
         c.certificates.len(),
         c.plugins.len(),
-        c.models.len()
+        c.models.len(),
+        c.experiments.len()
     );
     Ok(ExitCode::SUCCESS)
 }

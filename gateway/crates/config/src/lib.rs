@@ -15,6 +15,7 @@
 //! line, in the same order as before. [`files::Disk`] is the real one; tests pass their own.
 
 pub mod certs;
+mod experiment;
 pub mod files;
 pub mod raw;
 mod validate;
@@ -28,6 +29,9 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use rustls::sign::CertifiedKey;
 
+pub use experiment::{
+    ExperimentSpec, FeedbackKey, FeedbackSettings, RolloutSpec, ShopperKey, VariantSpec,
+};
 pub use validate::{check, decode_hex, parse_host_pattern, validate, validate_with, Checked};
 
 /// A validated configuration, ready to run.
@@ -65,6 +69,10 @@ pub struct Config {
     pub trusted_keys: Vec<ed25519_dalek::VerifyingKey>,
     /// Uploads must be signed by one of `trusted_keys`.
     pub require_signatures: bool,
+    /// Outcome events and the keys of attribution tokens.
+    pub feedback: FeedbackSettings,
+    /// A/B splits and canaries of routes.
+    pub experiments: Vec<ExperimentSpec>,
     /// The file and text this configuration was parsed from; `None` when it was built in
     /// code. `GET /admin/config` shows it.
     pub source: Option<Arc<Source>>,
@@ -530,6 +538,8 @@ pub struct RouteSpec {
     pub variants: Vec<(String, usize)>,
     /// Index into `variants` used when no plugin chooses.
     pub default_variant: Option<usize>,
+    /// Index into [`Config::experiments`] of the experiment that splits this route.
+    pub experiment: Option<usize>,
 }
 
 /// One problem found in a configuration file.

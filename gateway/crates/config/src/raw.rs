@@ -51,6 +51,102 @@ pub struct RawConfig {
     /// Where uploaded artifacts are kept.
     #[serde(default)]
     pub store: RawStore,
+    /// Outcome events (impressions, clicks, purchases) sent back by the storefront.
+    #[serde(default)]
+    pub feedback: RawFeedback,
+    /// A/B splits and canaries of routes, judged by shoppers' outcomes.
+    #[serde(default)]
+    pub experiments: Vec<RawExperiment>,
+}
+
+/// `[feedback]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFeedback {
+    /// Path the storefront `POST`s outcome events to, on every listener.
+    /// Default `/_gateway/feedback`.
+    pub path: Option<String>,
+    /// File holding the secret (at least 16 bytes; surrounding whitespace is ignored) that
+    /// signs attribution tokens. Every node of a fleet needs the same one. Relative to the
+    /// config file. Required with `[[experiments]]`.
+    pub key_file: Option<String>,
+    /// Earlier secrets, still accepted on tokens signed before a rotation. Default none.
+    pub old_key_files: Option<Vec<String>>,
+    /// How long a token is accepted after the response that carried it, in seconds.
+    /// Default 86400 (a day).
+    pub token_max_age_s: Option<u64>,
+    /// Events accepted in one request; more get 413. Default 1000.
+    pub max_events_per_request: Option<usize>,
+}
+
+/// `[[experiments]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExperiment {
+    /// Unique name: the metrics label, the key of the shopper hash, and what tokens carry.
+    pub name: String,
+    /// Routes it splits, by name; a route is in at most one experiment. At least one.
+    pub routes: Vec<String>,
+    /// Where a request's shopper id is: `cookie:NAME`, `header:NAME` or `query:NAME`. A
+    /// request without one is served by the first variant and not counted.
+    pub assign_by: String,
+    /// Request header that forces a variant by name (for QA); it wins over the split and
+    /// over plugins. Default `x-gateway-variant`.
+    pub override_header: Option<String>,
+    /// The variants, the first being the baseline. At least two.
+    pub variants: Vec<RawVariant>,
+    /// Automatic canary analysis between the first variant (baseline) and the second
+    /// (canary); while it runs it sets their weights. Default none (weights as written).
+    pub rollout: Option<RawRollout>,
+}
+
+/// `[[experiments.variants]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVariant {
+    /// Name, unique in the experiment.
+    pub name: String,
+    /// Share of shoppers, relative to the other variants' weights. Default 1.
+    pub weight: Option<u32>,
+    /// Upstream pool serving this variant. Default: the route's.
+    pub upstream: Option<String>,
+    /// Models this variant serves in place of others: served name to a `[[models]]` name,
+    /// on the scoring endpoint and for plugins' `ranking` calls. Default none.
+    pub models: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// `[experiments.rollout]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// The canary's share at each step, percent: increasing, ending at 100 (promotion).
+    /// Default `[5, 25, 50, 100]`.
+    pub steps: Option<Vec<u8>>,
+    /// Least time a step lasts, in seconds. Default 600.
+    pub min_step_s: Option<u64>,
+    /// Least impressions (with a CTR or CVR guard; requests otherwise) each variant sees in
+    /// a step before it advances. Default 1000.
+    pub min_samples: Option<u64>,
+    /// How much higher (absolute, 0 to 1) the canary's error rate may be. Default 0.01.
+    pub max_error_rate_delta: Option<f64>,
+    /// How many times the baseline's p99 latency the canary's may be. Default 1.5.
+    pub max_p99_ratio: Option<f64>,
+    /// Level of the always-valid CTR test: the chance of rolling back a canary whose CTR is
+    /// no worse. Default 0.05; 0 turns the guard off.
+    pub ctr_alpha: Option<f64>,
+    /// How much lower (absolute) the canary's CTR may be before it counts as worse.
+    /// Default 0.
+    pub ctr_margin: Option<f64>,
+    /// Level of the always-valid CVR (purchases per impression) test. Default 0.05; 0 turns
+    /// the guard off.
+    pub cvr_alpha: Option<f64>,
+    /// How much lower (absolute) the canary's CVR may be. Default 0.
+    pub cvr_margin: Option<f64>,
+    /// Largest population stability index of the canary's model scores against the
+    /// baseline's. Default none (no drift guard).
+    pub max_psi: Option<f64>,
+    /// How often the rollout is judged, in milliseconds. Default 5000.
+    pub evaluate_every_ms: Option<u64>,
 }
 
 /// `[scoring]`

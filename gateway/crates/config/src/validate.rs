@@ -13,6 +13,8 @@ use super::files::{Disk, Files};
 use super::raw::*;
 use super::*;
 
+mod experiments;
+
 /// One step of a field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seg {
@@ -117,6 +119,12 @@ enum Read {
     PluginFile { index: usize, path: PathBuf },
     /// A model file must be a readable file.
     ModelFile { index: usize, path: PathBuf },
+    /// `[feedback] key_file` or one of `old_key_files`: a secret; `shown` as written.
+    FeedbackKey {
+        field: Vec<Seg>,
+        path: PathBuf,
+        shown: String,
+    },
 }
 
 struct Checker {
@@ -879,8 +887,23 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 .then_some(body_limit as usize),
             variants,
             default_variant,
+            experiment: None,
         });
     }
+
+    // [feedback] and [[experiments]]
+    let feedback =
+        experiments::feedback(&mut c, raw.feedback, base_dir, !raw.experiments.is_empty());
+    let experiments = experiments::experiments(
+        &mut c,
+        raw.experiments,
+        &experiments::Names {
+            routes: &route_names,
+            upstreams: &upstream_names,
+            models: &model_names,
+        },
+        &mut routes,
+    );
 
     let store_dir = raw.store.dir.as_deref().map(|d| resolve(base_dir, d));
     let mut trusted_keys = Vec::new();
@@ -925,6 +948,8 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             store_dir,
             trusted_keys,
             require_signatures,
+            feedback,
+            experiments,
             source: None,
         },
         entries: c.entries,
@@ -1017,6 +1042,29 @@ impl Checked {
                         );
                     }
                 }
+                Read::FeedbackKey { field, path, shown } => match files.read_to_string(&path) {
+                    Ok(t) if t.trim().len() >= 16 => {
+                        let key = FeedbackKey::new(t.trim().as_bytes());
+                        match config.feedback.keys.iter().find(|k| k.id == key.id) {
+                            Some(k) if *k == key => {
+                                fail(field, format!("{shown} holds a secret already listed"))
+                            }
+                            Some(_) => fail(
+                                field,
+                                format!("{shown}'s key id {} is another key's too; tokens could not tell them apart: use another secret", key.id),
+                            ),
+                            None => config.feedback.keys.push(key),
+                        }
+                    }
+                    Ok(t) => fail(
+                        field,
+                        format!(
+                            "{shown} holds {} bytes; a secret needs at least 16 (e.g. `openssl rand -hex 32`)",
+                            t.trim().len()
+                        ),
+                    ),
+                    Err(e) => fail(field, format!("cannot read {shown}: {e}")),
+                },
             }
         }
         if problems.is_empty() {
