@@ -1062,6 +1062,7 @@ upstream = "app"
             plugin_body_limit: None,
             variants: vec![],
             default_variant: None,
+            experiment: None,
         }
     }
 
