@@ -11,6 +11,7 @@ pub mod demo;
 mod loader;
 pub mod ranker;
 mod reload;
+mod rollouts;
 pub mod scoring_settings;
 pub mod server;
 pub mod watch;

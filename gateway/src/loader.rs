@@ -73,6 +73,7 @@ impl Loader {
         let current_models = current.map_or(&no_models, |c| &c.models);
         let mut scoring = self.scoring.lock().await;
         let loaded = load_models(&mut scoring, &config, &self.registry, current_models).await?;
+        let resumed = crate::rollouts::persisted(&config).await;
         if let Some((store, record)) = record {
             blocking(move || store.save(&record)).await?;
         }
@@ -83,6 +84,7 @@ impl Loader {
             metrics,
             &|route| crate::plugin::chain::bind(&plugins, route),
             current,
+            &resumed,
         );
         snapshot.ranker = ranker_for(&models);
         snapshot.models = models;

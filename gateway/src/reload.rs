@@ -84,6 +84,14 @@ impl gateway_admin::Control for ServeCtx {
         ServeCtx::activate(self, kind, name, target).await
     }
 
+    async fn rollout_command(
+        &self,
+        name: &str,
+        command: crate::proxy::experiment::Command,
+    ) -> Result<gateway_rollout::Decision, gateway_admin::RolloutRefused> {
+        crate::rollouts::command(self, name, command).await
+    }
+
     async fn forget(
         &self,
         kind: Kind,

@@ -98,7 +98,7 @@ pub(crate) struct ServeCtx {
     pub(crate) tls: ArcSwap<rustls::ServerConfig>,
     limits: Limits,
     connections: Arc<Semaphore>,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     tracker: TaskTracker,
     auto: auto::Builder<TokioExecutor>,
     h1: auto::Builder<TokioExecutor>,
@@ -194,6 +194,7 @@ impl Gateway {
             listeners.push((spec.name.clone(), addr));
             tokio::spawn(accept_loop(ctx.clone(), listener, spec));
         }
+        tokio::spawn(crate::rollouts::run(ctx.clone()));
         let draining = Arc::new(AtomicBool::new(false));
         let admin_shutdown = CancellationToken::new();
         tracing::info!(addr = %admin_addr, "admin listening");

@@ -1,10 +1,11 @@
 //! `canary`: sticky, weighted canary routing.
 //!
 //! Each request is assigned one of the configured variants and the plugin calls
-//! `set-variant` with it (the route must define variants of those names). The assignment is
-//! sticky: FNV-1a 64 of a sticky key, modulo 10000, placed on the cumulative weights, so the
-//! same user always lands on the same variant (as long as the weights do not change). The
-//! sticky key is, in order: the `cookie` cookie, the `user_header` header, the client
+//! `set-variant` with it (the route must define variants of those names; on a route in a
+//! gateway `[[experiments]]` the gateway's split decides and refuses `set-variant`, so use one
+//! or the other). The assignment is sticky and monotone: weighted rendezvous hashing of a
+//! sticky key, so the same user always lands on the same variant, and raising a variant's
+//! weight only moves users into it, never between the others. The sticky key is, in order: the `cookie` cookie, the `user_header` header, the client
 //! address. A request whose `override_header` names a variant (case-insensitive) gets that
 //! variant, whatever its weight, which is how QA reaches a 0-weight variant. The response
 //! gets `x-variant: <variant that served it>`.
@@ -59,21 +60,18 @@ fn default_override_header() -> String {
 
 struct Variant {
     name: String,
-    /// Sum of the weights up to and including this variant.
-    cumulative: u64,
+    weight: u32,
     metric: String,
 }
 
 /// The plugin, holding its validated configuration.
 pub struct Canary {
     variants: Vec<Variant>,
-    total_weight: u64,
     cookie: String,
     user_header: String,
     override_header: String,
 }
 
-const BUCKETS: u64 = 10_000;
 const MAX_VARIANTS: usize = 16;
 
 impl Canary {
@@ -101,7 +99,7 @@ impl Canary {
             cumulative += u64::from(v.weight);
             variants.push(Variant {
                 name,
-                cumulative,
+                weight: v.weight,
                 metric,
             });
         }
@@ -110,22 +108,35 @@ impl Canary {
         }
         Ok(Canary {
             variants,
-            total_weight: cumulative,
             cookie: cfg.cookie.trim().to_string(),
             user_header: cfg.user_header.trim().to_ascii_lowercase(),
             override_header: cfg.override_header.trim().to_ascii_lowercase(),
         })
     }
 
-    /// The variant a sticky key maps to.
+    /// The variant a sticky key maps to, by weighted rendezvous hashing: each variant with a
+    /// weight scores `-ln(u) / weight` for a uniform `u` drawn from its name and the key, and
+    /// the lowest score wins. A variant is chosen in proportion to its weight, and the choice
+    /// is monotone: raising one variant's weight only moves keys into it, lowering it only
+    /// moves keys out of it, and no key moves between the other variants.
     fn pick(&self, sticky_key: &str) -> &Variant {
-        let bucket = hash::fnv1a_64(sticky_key.as_bytes()) % BUCKETS;
-        // The bucket's position on the cumulative weights, in [0, total_weight).
-        let point = bucket * self.total_weight / BUCKETS;
+        let score = |v: &Variant| {
+            let mut bytes = Vec::with_capacity(v.name.len() + 1 + sticky_key.len());
+            bytes.extend_from_slice(v.name.as_bytes());
+            bytes.push(0);
+            bytes.extend_from_slice(sticky_key.as_bytes());
+            let h = hash::fnv1a_64(&bytes);
+            // FNV's low bits mix poorly for similar keys: finish with a 64-bit mixer, then
+            // take 53 bits as a uniform in (0, 1).
+            let h = mix64(h);
+            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            -u.ln() / f64::from(v.weight)
+        };
         self.variants
             .iter()
-            .find(|v| point < v.cumulative)
-            .unwrap_or(&self.variants[self.variants.len() - 1])
+            .filter(|v| v.weight > 0)
+            .min_by(|a, b| score(a).total_cmp(&score(b)))
+            .expect("at least one weight is positive")
     }
 
     fn by_name(&self, name: &str) -> Option<&Variant> {
@@ -149,6 +160,13 @@ impl Canary {
         }
         format!("a:{}", req.client_addr())
     }
+}
+
+/// SplitMix64's finaliser.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Plugin for Canary {
@@ -201,7 +219,6 @@ mod tests {
     #[test]
     fn config() {
         let c = Canary::from_config(CONFIG).unwrap();
-        assert_eq!(c.total_weight, 100);
         assert_eq!(c.variants[1].metric, "canary_assigned_canary_eu");
         assert_eq!(c.cookie, "shop_uid");
         assert_eq!(c.user_header, "x-user-id");
@@ -237,5 +254,36 @@ mod tests {
         )
         .unwrap();
         assert!((0..1000).all(|i| c.pick(&format!("k{i}")).name == "stable"));
+    }
+
+    #[test]
+    fn raising_a_weight_only_moves_keys_into_that_variant() {
+        let config = |a: u32, b: u32, c: u32| {
+            Canary::from_config(&format!(
+                r#"variants = [{{ name = "a", weight = {a} }}, {{ name = "b", weight = {b} }}, {{ name = "c", weight = {c} }}]"#
+            ))
+            .unwrap()
+        };
+        let keys: Vec<String> = (0..5000).map(|i| format!("c:user-{i}")).collect();
+        for target in 0..3 {
+            let weights = |w: u32| {
+                let mut ws = [30, 5, 5];
+                ws[target] = w;
+                config(ws[0], ws[1], ws[2])
+            };
+            let name = ["a", "b", "c"][target];
+            let mut before = weights(1);
+            for w in [5, 10, 25, 50, 100] {
+                let after = weights(w);
+                for k in &keys {
+                    let (was, now) = (&before.pick(k).name, &after.pick(k).name);
+                    assert!(
+                        was == now || now == name,
+                        "raising {name}: {k} moved from {was} to {now}"
+                    );
+                }
+                before = after;
+            }
+        }
     }
 }

@@ -58,6 +58,23 @@ pub struct Status {
     pub routes: Vec<RouteStatus>,
 }
 
+/// `GET /admin/rollouts`: every experiment, its variants' weights and figures, and its
+/// rollout (state, step, the last evidence and the decisions with their figures).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollouts {
+    /// Experiments in config order (the proxy's `ExperimentStatus` documents the fields).
+    pub experiments: Vec<serde_json::Value>,
+}
+
+/// The answer to `POST /admin/rollouts/{experiment}/{command}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutCommanded {
+    /// The experiment.
+    pub experiment: String,
+    /// The decision the command made, with its figures.
+    pub decision: serde_json::Value,
+}
+
 /// Every refusal of the admin API (4xx and 5xx): what went wrong and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorAnswer {

@@ -10,9 +10,11 @@ use std::time::Instant;
 
 pub use crate::api::PluginStatus;
 use crate::config::Config;
+use crate::proxy::experiment::Command;
 use crate::proxy::Snapshot;
 use crate::scoring::serving::ModelSlot;
 use crate::store::{Kind, StoreError};
+use gateway_rollout::Decision;
 
 /// What the admin API may ask of the gateway.
 pub trait Control: Send + Sync + 'static {
@@ -33,6 +35,12 @@ pub trait Control: Send + Sync + 'static {
         name: &str,
         target: Target<'_>,
     ) -> impl Future<Output = Result<Activated, ArtifactError>> + Send;
+    /// Applies an operator's command to the rollout of experiment `name` and records it.
+    fn rollout_command(
+        &self,
+        name: &str,
+        command: Command,
+    ) -> impl Future<Output = Result<Decision, RolloutRefused>> + Send;
     /// Forgets the uploads of `name` unless the serving configuration uses it (`users`
     /// lists what does).
     fn forget(
@@ -52,6 +60,20 @@ pub enum ReloadRefused {
     /// The file is unreadable or invalid, or its configuration could not be built (422).
     #[error("{0}")]
     Failed(String),
+}
+
+/// Why a rollout command did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutRefused {
+    /// No experiment has the name (404).
+    #[error("no experiment named {0:?}")]
+    NoExperiment(String),
+    /// The experiment has no rollout (409).
+    #[error("{0}")]
+    NoRollout(String),
+    /// The command does not apply in the rollout's state (409).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What the last reload did.

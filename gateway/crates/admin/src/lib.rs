@@ -34,7 +34,8 @@ use gateway_store as store;
 pub mod api;
 mod control;
 pub use control::{
-    Activated, ArtifactError, Control, PluginStatus, ReloadRefused, ReloadReport, Target,
+    Activated, ArtifactError, Control, PluginStatus, ReloadRefused, ReloadReport, RolloutRefused,
+    Target,
 };
 
 use std::convert::Infallible;
@@ -284,6 +285,45 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
         (Method::DELETE, [kind @ ("plugins" | "models"), name]) => {
             forget(ctx, kind_of(kind), name, &who).await
         }
+        (Method::GET, ["rollouts"]) => {
+            let snapshot = ctx.snapshot();
+            let now = crate::proxy::experiment::now_ms();
+            typed_response(&api::Rollouts {
+                experiments: snapshot
+                    .experiments
+                    .iter()
+                    .map(|e| serde_json::to_value(e.status(now)).expect("status serializes"))
+                    .collect(),
+            })
+        }
+        (Method::POST, ["rollouts", name, action]) => {
+            use crate::proxy::experiment::Command;
+            let command = match *action {
+                "pause" => Command::Pause,
+                "resume" => Command::Resume,
+                "promote" => Command::Promote,
+                "abort" => Command::Abort,
+                other => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!("unknown rollout command {other:?}; use pause, resume, promote or abort"),
+                    )
+                }
+            };
+            tracing::info!(target: "admin", token = %who, experiment = %name, command = %action, "rollout command");
+            match ctx.rollout_command(name, command).await {
+                Ok(decision) => typed_response(&api::RolloutCommanded {
+                    experiment: name.to_string(),
+                    decision: serde_json::to_value(decision).expect("decisions serialize"),
+                }),
+                Err(e @ RolloutRefused::NoExperiment(_)) => error(StatusCode::NOT_FOUND, e),
+                Err(e) => error(StatusCode::CONFLICT, e),
+            }
+        }
+        (_, ["rollouts"]) | (_, ["rollouts", _, _]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here"),
+        ),
         (_, ["status" | "config" | "reload" | "plugins" | "models"])
         | (_, ["plugins" | "models", _])
         | (_, ["plugins" | "models", _, "rollback"]) => error(
@@ -292,7 +332,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
         ),
         _ => error(
             StatusCode::NOT_FOUND,
-            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback",
+            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback, GET rollouts, POST rollouts/{experiment}/pause|resume|promote|abort",
         ),
     }
 }

@@ -429,6 +429,12 @@ impl wit_http::HostRequest for StoreState {
         variant: String,
     ) -> Result<std::result::Result<(), String>> {
         let req = self.table.get_mut(&r)?;
+        if let Some(experiment) = &req.experiment {
+            return Ok(Err(format!(
+                "route {} is split by experiment {experiment:?}: its variant is the split's (or the override header's), not a plugin's",
+                req.route
+            )));
+        }
         if !req.variants.contains(&variant) {
             return Ok(Err(format!(
                 "route {} has no variant {variant:?}; it has: {}",

@@ -112,6 +112,9 @@ pub struct RequestState {
     pub variant: Option<String>,
     /// Variants the route defines.
     pub variants: Arc<[String]>,
+    /// The experiment whose split chose `variant`, on a route in one: hooks cannot change
+    /// the variant there.
+    pub experiment: Option<String>,
     /// Buffered body, when the route opts in.
     pub body: Option<Bytes>,
     /// A plugin changed path or query.

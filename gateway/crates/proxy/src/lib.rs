@@ -17,6 +17,8 @@ use gateway_config as config;
 use gateway_scoring as scoring;
 
 mod deadline;
+pub mod experiment;
+pub mod feedback;
 pub mod hooks;
 pub mod http_util;
 pub mod metrics;

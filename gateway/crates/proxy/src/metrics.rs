@@ -32,6 +32,24 @@ pub struct Metrics {
     /// client's fault (`body_too_large`, `body_timeout`, `body_malformed`, `body_aborted`,
     /// `bad_authority`, `misdirected`).
     pub rejected: IntCounterVec,
+    /// `gateway_experiment_requests_total{experiment,variant,status_class}`: requests of
+    /// shoppers assigned by an experiment's split (forced and anonymous ones are not counted).
+    pub experiment_requests: IntCounterVec,
+    /// `gateway_experiment_request_duration_seconds{experiment,variant}`.
+    pub experiment_duration: HistogramVec,
+    /// `gateway_experiment_events_total{experiment,variant,event}`: outcome events accepted
+    /// (`impression`, `click`, `add_to_cart`, `purchase`).
+    pub experiment_events: IntCounterVec,
+    /// `gateway_experiment_weight{experiment,variant}`: the variant's weight now.
+    pub experiment_weight: IntGaugeVec,
+    /// `gateway_feedback_refused_total{reason}`: outcome events refused (`malformed`,
+    /// `unknown_key`, `bad_mac`, `expired`, `from_the_future`, `unknown_experiment`,
+    /// `unknown_variant`, `unknown_event`).
+    pub feedback_refused: IntCounterVec,
+    /// `gateway_rollout_decisions_total{experiment,action}`.
+    pub rollout_decisions: IntCounterVec,
+    /// `gateway_rollout_canary_percent{experiment}`: the canary's share now.
+    pub rollout_percent: IntGaugeVec,
 }
 
 /// A metric could not be registered (a name clash in the registry).
@@ -113,6 +131,56 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            experiment_requests: IntCounterVec::new(
+                Opts::new(
+                    "gateway_experiment_requests_total",
+                    "Requests of shoppers assigned by an experiment's split, by variant and status class.",
+                ),
+                &["experiment", "variant", "status_class"],
+            )?,
+            experiment_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "gateway_experiment_request_duration_seconds",
+                    "Time from request to response head of an experiment's counted requests.",
+                )
+                .buckets(exponential_buckets(0.0001, 2.0, 18).expect("static buckets")),
+                &["experiment", "variant"],
+            )?,
+            experiment_events: IntCounterVec::new(
+                Opts::new(
+                    "gateway_experiment_events_total",
+                    "Outcome events accepted, by experiment, variant and event.",
+                ),
+                &["experiment", "variant", "event"],
+            )?,
+            experiment_weight: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_experiment_weight",
+                    "A variant's weight in its experiment's split now.",
+                ),
+                &["experiment", "variant"],
+            )?,
+            feedback_refused: IntCounterVec::new(
+                Opts::new(
+                    "gateway_feedback_refused_total",
+                    "Outcome events refused, by reason.",
+                ),
+                &["reason"],
+            )?,
+            rollout_decisions: IntCounterVec::new(
+                Opts::new(
+                    "gateway_rollout_decisions_total",
+                    "Rollout decisions, by experiment and action.",
+                ),
+                &["experiment", "action"],
+            )?,
+            rollout_percent: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_rollout_canary_percent",
+                    "The rolled-out canary's share of shoppers now, percent.",
+                ),
+                &["experiment"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -124,6 +192,13 @@ impl Metrics {
         registry.register(Box::new(m.tls_handshake_failures.clone()))?;
         registry.register(Box::new(m.backend_healthy.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.experiment_requests.clone()))?;
+        registry.register(Box::new(m.experiment_duration.clone()))?;
+        registry.register(Box::new(m.experiment_events.clone()))?;
+        registry.register(Box::new(m.experiment_weight.clone()))?;
+        registry.register(Box::new(m.feedback_refused.clone()))?;
+        registry.register(Box::new(m.rollout_decisions.clone()))?;
+        registry.register(Box::new(m.rollout_percent.clone()))?;
         Ok(m)
     }
 }

@@ -14,10 +14,12 @@ use prometheus::{Histogram, IntCounter};
 
 use crate::config::{Config, HostPattern, RouteSpec};
 use crate::deadline::TimerPool;
+use crate::experiment::{Assignment, Experiment};
 use crate::http_util::{
     self, BodyLimitError, BodyProgress, BodyState, GuardedBody, LimitedBody, RequestAuthority,
 };
 use crate::metrics::Metrics;
+use gateway_rollout::{Attribution, Keyring};
 use std::collections::HashMap;
 
 use crate::hooks::{BoundHooks, Ranker, RequestOutcome, RequestState, ResponseState, RouteHooks};
@@ -148,17 +150,33 @@ pub struct Snapshot {
     pub generation: u64,
     /// The served models as plugins' `ranking` import sees them.
     pub ranker: Option<Arc<dyn Ranker>>,
+    /// Experiments, indexed like `config.experiments`.
+    pub experiments: Vec<Arc<Experiment>>,
+    /// Signs and checks attribution tokens; `None` without `[feedback] key_file`.
+    pub keyring: Option<Arc<Keyring>>,
+    /// `gateway_feedback_refused_total`, for the feedback endpoint.
+    pub(crate) metrics_for_feedback: prometheus::IntCounterVec,
 }
 
 impl Snapshot {
-    /// Builds the router, binding each route's hooks with `bind`, and the pools: a pool whose
-    /// settings did not change is carried over from `previous` with its connections and health
-    /// state; new ones start their health checks.
+    /// The experiment that splits the route named `route`.
+    pub fn experiment_of_route(&self, route: &str) -> Option<&Experiment> {
+        let route = self.router.routes.iter().find(|r| &*r.name == route)?;
+        route.spec.experiment.map(|i| &*self.experiments[i])
+    }
+
+    /// Builds the router, binding each route's hooks with `bind`, the pools and the
+    /// experiments. A pool whose settings did not change is carried over from `previous` with
+    /// its connections and health state (new ones start their health checks); so is an
+    /// experiment, with its figures and rollout. A new experiment with a rollout resumes the
+    /// one `resumed` holds under its name, when it judges the same variants under the same
+    /// plan.
     pub fn build(
         config: Arc<Config>,
         metrics: &Metrics,
         bind: &dyn Fn(&RouteSpec) -> Option<BoundHooks>,
         previous: Option<&Snapshot>,
+        resumed: &HashMap<String, gateway_rollout::Rollout>,
     ) -> Snapshot {
         let pools = config
             .upstreams
@@ -171,6 +189,32 @@ impl Snapshot {
             })
             .collect();
         let router = Router::new(&config.routes, metrics, bind);
+        let experiments = config
+            .experiments
+            .iter()
+            .map(|e| {
+                previous
+                    .and_then(|p| p.experiments.iter().find(|old| old.spec() == e))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Experiment::new(
+                            e.clone(),
+                            metrics,
+                            resumed.get(&e.name).cloned(),
+                        ))
+                    })
+            })
+            .collect();
+        let keyring = config.feedback.keys.split_first().map(|(first, rest)| {
+            let ring = rest.iter().fold(
+                Keyring::new(first.id, first.secret()).expect("key checked by the config"),
+                |ring, k| {
+                    ring.with_verify_key(k.id, k.secret())
+                        .expect("keys checked by the config")
+                },
+            );
+            Arc::new(ring)
+        });
         Snapshot {
             config,
             router,
@@ -178,6 +222,9 @@ impl Snapshot {
             models: HashMap::new(),
             generation: previous.map_or(1, |p| p.generation + 1),
             ranker: None,
+            experiments,
+            keyring,
+            metrics_for_feedback: metrics.feedback_refused.clone(),
         }
     }
 }
@@ -293,6 +340,21 @@ pub async fn handle(
             }
         }
     }
+    if refused.is_none() && snapshot.keyring.is_some() && req.uri().path() == config.feedback.path {
+        let req = req.map(|b| {
+            LimitedBody::new(
+                b,
+                config.limits.max_body_bytes,
+                config.limits.body_read_timeout,
+            )
+            .boxed_unsync()
+        });
+        let mut response = Box::pin(crate::feedback::handle(shared.state.load_full(), req)).await;
+        response
+            .headers_mut()
+            .insert(rid_header.clone(), request_id);
+        return response;
+    }
     let route = match refused {
         None => snapshot.router.route(host, req.uri().path()),
         Some(_) => None,
@@ -304,6 +366,7 @@ pub async fn handle(
         .then(|| req.uri().path().to_string());
 
     let mut variant = None;
+    let mut assigned: Option<(&Experiment, Assignment)> = None;
     let (mut response, upstream_name, backend) = match route {
         None => match refused {
             Some(Refusal::Authority(e)) => {
@@ -341,11 +404,19 @@ pub async fn handle(
         },
         Some(route) => {
             let (parts, body) = req.into_parts();
+            assigned = route.spec.experiment.map(|i| {
+                let e = &*snapshot.experiments[i];
+                (e, e.assign(&parts.headers, &parts.uri))
+            });
             match admit_body(shared, config, &parts, body) {
                 Err(resp) => (resp, None, None),
                 Ok((body, progress)) => match &route.chain {
                     None => {
-                        let pool = &snapshot.pools[route.spec.upstream];
+                        let upstream = assigned
+                            .and_then(|(e, a)| e.spec().variants[a.variant].upstream)
+                            .unwrap_or(route.spec.upstream);
+                        variant = assigned.map(|(e, a)| e.variant_name(a.variant).to_string());
+                        let pool = &snapshot.pools[upstream];
                         let (resp, backend) = forward(
                             shared,
                             conn,
@@ -370,6 +441,7 @@ pub async fn handle(
                             conn,
                             &snapshot,
                             route,
+                            assigned,
                             chain.as_ref(),
                             &authority,
                             &request_id,
@@ -420,6 +492,10 @@ pub async fn handle(
     }
     if let Some(via) = &config.proxy.via_name {
         http_util::append_via(headers, http::Version::HTTP_11, via);
+    }
+    if let (Some((experiment, a)), Some(route)) = (assigned, route) {
+        experiment.record_request(a, status, elapsed);
+        attribute(&snapshot, route, experiment, a, headers);
     }
     if config.logging.access_log {
         tracing::info!(
@@ -720,6 +796,7 @@ async fn with_plugins(
     conn: &ConnInfo,
     snapshot: &Snapshot,
     route: &Route,
+    assigned: Option<(&Experiment, Assignment)>,
     chain: &dyn RouteHooks,
     authority: &RequestAuthority,
     request_id: &HeaderValue,
@@ -728,10 +805,31 @@ async fn with_plugins(
     progress: Option<&BodyProgress>,
 ) -> PluginPass {
     let body_empty = progress.is_none();
-    let default_variant = route
-        .spec
-        .default_variant
-        .map(|i| route.spec.variants[i].0.clone());
+    // On a route in an experiment the split decides; plugins see its choice.
+    let default_variant = match assigned {
+        Some((e, a)) => Some(e.variant_name(a.variant).to_string()),
+        None => route
+            .spec
+            .default_variant
+            .map(|i| route.spec.variants[i].0.clone()),
+    };
+    let ranker = match assigned {
+        Some((e, a)) if !e.spec().variants[a.variant].models.is_empty() => {
+            snapshot.ranker.clone().map(|inner| {
+                Arc::new(AliasRanker {
+                    inner,
+                    aliases: e.spec().variants[a.variant]
+                        .models
+                        .iter()
+                        .map(|(served, idx)| {
+                            (served.clone(), snapshot.config.models[*idx].name.clone())
+                        })
+                        .collect(),
+                }) as Arc<dyn Ranker>
+            })
+        }
+        _ => snapshot.ranker.clone(),
+    };
     let fail = |response| PluginPass {
         response,
         upstream: None,
@@ -766,9 +864,10 @@ async fn with_plugins(
         route: route.name.clone(),
         variant: default_variant,
         variants: chain.variants(),
+        experiment: assigned.map(|(e, _)| e.spec().name.clone()),
         body: seen_body,
         target_changed: false,
-        ranker: snapshot.ranker.clone(),
+        ranker: ranker.clone(),
     };
     let (state, outcome) = chain.on_request(state).await;
     parts.headers = state.headers;
@@ -791,10 +890,15 @@ async fn with_plugins(
 
     let (mut response, ran, upstream, backend) = match outcome {
         RequestOutcome::Forward { ran } => {
-            let upstream = variant
-                .as_ref()
-                .and_then(|v| route.spec.variants.iter().find(|(n, _)| n == v))
-                .map_or(route.spec.upstream, |(_, idx)| *idx);
+            let upstream = match assigned {
+                Some((e, a)) => e.spec().variants[a.variant]
+                    .upstream
+                    .unwrap_or(route.spec.upstream),
+                None => variant
+                    .as_ref()
+                    .and_then(|v| route.spec.variants.iter().find(|(n, _)| n == v))
+                    .map_or(route.spec.upstream, |(_, idx)| *idx),
+            };
             let pool = &snapshot.pools[upstream];
             let (resp, backend) = forward(
                 shared, conn, snapshot, route, pool, authority, request_id, parts, body, progress,
@@ -825,7 +929,7 @@ async fn with_plugins(
             original_query,
             route,
             variant.clone(),
-            snapshot.ranker.clone(),
+            ranker,
         )
         .await;
     }
@@ -834,6 +938,67 @@ async fn with_plugins(
         upstream,
         backend,
         variant,
+    }
+}
+
+/// The served models with some names standing for others: a variant's `models`.
+struct AliasRanker {
+    inner: Arc<dyn Ranker>,
+    /// Served name, then the model that answers for it.
+    aliases: Vec<(String, String)>,
+}
+
+impl Ranker for AliasRanker {
+    fn rank<'a>(
+        &'a self,
+        model: &'a str,
+        user: u32,
+        candidates: Vec<u32>,
+    ) -> crate::hooks::RankFuture<'a> {
+        let model = self
+            .aliases
+            .iter()
+            .find(|(served, _)| served == model)
+            .map_or(model, |(_, real)| real.as_str());
+        self.inner.rank(model, user, candidates)
+    }
+}
+
+/// Tells the client which variant served it, and, for a request the split assigned, hands it
+/// the attribution token its outcome events are to carry.
+fn attribute(
+    snapshot: &Snapshot,
+    route: &Route,
+    experiment: &Experiment,
+    a: Assignment,
+    headers: &mut http::HeaderMap,
+) {
+    let name = experiment.variant_name(a.variant);
+    if let Ok(v) = HeaderValue::from_str(name) {
+        headers.insert("x-gateway-variant", v);
+    }
+    let variant = &experiment.spec().variants[a.variant];
+    let model_version = variant.models.first().and_then(|(_, idx)| {
+        let slot = snapshot.models.get(&snapshot.config.models[*idx].name)?;
+        Some(slot.live().version.clone())
+    });
+    if let Some(v) = model_version
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        headers.insert("x-gateway-model-version", v);
+    }
+    let Some(keyring) = snapshot.keyring.as_deref().filter(|_| a.counted) else {
+        return;
+    };
+    let token = keyring.sign(&Attribution {
+        route: route.name.to_string(),
+        variant: name.to_string(),
+        model_version,
+        issued_at: crate::experiment::now_ms() / 1000,
+    });
+    if let Some(v) = token.ok().and_then(|t| HeaderValue::from_str(&t).ok()) {
+        headers.insert("x-gateway-attribution", v);
     }
 }
 
@@ -1015,6 +1180,7 @@ upstream = "app"
                 &metrics,
                 &|_| None,
                 None,
+                &HashMap::new(),
             )),
             metrics,
         };

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sequential::{psi, Arm, Sequential, Verdict, DEFAULT_TAU};
+use crate::sequential::{psi, Arm, Sequential, Verdict, DEFAULT_MIN_TRIALS, DEFAULT_TAU};
 use crate::window::Totals;
 
 /// Decisions a [`Rollout`] keeps; older ones are dropped.
@@ -91,7 +91,9 @@ pub struct Plan {
     /// The least time a step lasts, ms.
     pub min_step_ms: u64,
     /// The least each variant sees in a step before it advances: impressions when a CTR or
-    /// CVR guard is set, requests otherwise (≥ 1).
+    /// CVR guard is set, requests otherwise (≥ 1). A step also waits for
+    /// [`DEFAULT_MIN_TRIALS`] requests (and impressions, with a CTR or CVR guard) per variant,
+    /// the least the sequential guards judge on, so no step ends unjudged.
     pub min_samples: u64,
     /// What rolls the canary back.
     pub guards: Guards,
@@ -460,7 +462,12 @@ impl Rollout {
             }
         } else {
             let elapsed = now_ms.saturating_sub(self.step_started_ms);
-            let enough = |t: &Totals| self.plan.samples(t) >= self.plan.min_samples;
+            // A step never ends before its sequential guards could look: each needs
+            // DEFAULT_MIN_TRIALS per arm, whatever `min_samples` says.
+            let floor = DEFAULT_MIN_TRIALS;
+            let enough = |t: &Totals| {
+                self.plan.samples(t) >= self.plan.min_samples.max(floor) && t.requests >= floor
+            };
             if elapsed < self.plan.min_step_ms || !enough(baseline) || !enough(canary) {
                 return None;
             }

@@ -219,6 +219,43 @@ impl Store {
         manifest_path(&self.dir)
     }
 
+    /// Saves a small named record (a rollout's state, JSON) as `state/<name>.json`, atomically
+    /// and durably. `name` is a config name (letters, digits, `-`, `_`, `.`).
+    pub fn save_record(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let dir = self.dir.join("state");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        write_atomic(&dir.join(format!("{name}.json")), bytes)
+    }
+
+    /// Every named record saved with [`Store::save_record`], by name.
+    pub fn records(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+        let dir = self.dir.join("state");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: dir,
+                    source: e,
+                })
+            }
+        };
+        let mut out = BTreeMap::new();
+        for entry in entries {
+            let path = entry.map_err(io(&dir))?.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|n| !n.starts_with('.'))
+            else {
+                continue;
+            };
+            out.insert(name.to_string(), std::fs::read(&path).map_err(io(&path))?);
+        }
+        Ok(out)
+    }
+
     /// The manifest (empty when none was written yet).
     pub fn manifest(&self) -> Result<Manifest, StoreError> {
         let path = self.manifest_path();
@@ -354,5 +391,23 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn records_round_trip_and_replace_atomically() {
+        let dir = tempfile_dir();
+        let store = Store::open(&dir).unwrap();
+        assert!(store.records().unwrap().is_empty());
+        store.save_record("exp-a", b"{\"step\":1}").unwrap();
+        store.save_record("exp-a", b"{\"step\":2}").unwrap();
+        store.save_record("exp.b", b"{}").unwrap();
+        let records = store.records().unwrap();
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(records["exp-a"], b"{\"step\":2}");
+        assert!(std::fs::read_dir(dir.join("state")).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp-")));
     }
 }
