@@ -516,3 +516,96 @@ async fn operators_steer_the_rollout_and_a_restart_resumes_it() {
         r.text()
     );
 }
+
+#[tokio::test]
+async fn an_experiment_splits_the_scoring_endpoint_between_model_versions() {
+    let pki = Pki::new();
+    let a = Upstream::named("a").await;
+    for (file, seed) in [("recs.safetensors", 1), ("recs-v2.safetensors", 2)] {
+        let mut spec = gateway::scoring::SampleSpec::embedding(64, 8, seed);
+        spec.n_users = 16;
+        std::fs::write(pki.path().join(file), gateway::scoring::sample_model(&spec)).unwrap();
+    }
+    std::fs::write(
+        pki.path().join("feedback.key"),
+        "an-experiment-signing-secret\n",
+    )
+    .unwrap();
+    let config = basic_config(
+        &pki,
+        &[a.addr],
+        "",
+        r#"
+[scoring]
+backend = "cpu"
+
+[[models]]
+name = "recs"
+path = "recs.safetensors"
+
+[[models]]
+name = "recs-v2"
+path = "recs-v2.safetensors"
+
+[feedback]
+key_file = "feedback.key"
+
+[[experiments]]
+name = "ranking"
+assign_by = "header:x-shopper"
+
+[[experiments.variants]]
+name = "current"
+
+[[experiments.variants]]
+name = "next"
+models = { recs = "recs-v2" }
+"#,
+    );
+    let gw = TestGateway::start(&config, pki.path()).await;
+    let addr = gw.addr("https");
+    let v2 = gw.gateway.model("recs-v2").unwrap().live().version.clone();
+    let mut conn = h2(addr, &pki).await;
+    let rank = |shopper: &str| {
+        Request::post("https://localhost/_gateway/models/recs/rank")
+            .header("host", "localhost")
+            .header("x-shopper", shopper)
+            .body(Full::new(Bytes::from_static(
+                b"{\"user\": 3, \"candidates\": [1, 2, 3, 4]}",
+            )))
+            .unwrap()
+    };
+    let mut seen = HashMap::new();
+    let mut token = None;
+    for i in 0..40 {
+        let r = conn.send(rank(&format!("shopper-{i}"))).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let variant = r.header("x-gateway-variant").unwrap().to_string();
+        let answer: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        match variant.as_str() {
+            "next" => {
+                assert_eq!(answer["model"], "recs-v2", "{answer}");
+                assert_eq!(r.header("x-model-version"), Some(v2.as_str()));
+                assert_eq!(r.header("x-gateway-model-version"), Some(v2.as_str()));
+                token = r.header("x-gateway-attribution").map(str::to_string);
+            }
+            _ => assert_eq!(answer["model"], "recs", "{answer}"),
+        }
+        *seen.entry(variant).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both variants serve: {seen:?}");
+    let r = post_feedback(addr, &pki, &[(token.expect("a next token"), "click")]).await;
+    let answer: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(
+        gw.metric(
+            "gateway_experiment_events_total",
+            &[
+                ("experiment", "ranking"),
+                ("variant", "next"),
+                ("event", "click")
+            ]
+        ),
+        1.0
+    );
+}

@@ -85,7 +85,9 @@ pub struct RawFeedback {
 pub struct RawExperiment {
     /// Unique name: the metrics label, the key of the shopper hash, and what tokens carry.
     pub name: String,
-    /// Routes it splits, by name; a route is in at most one experiment. At least one.
+    /// Routes it splits, by name; a route is in at most one experiment. Empty only when a
+    /// variant has `models` (then it splits the scoring endpoint's requests for them).
+    #[serde(default)]
     pub routes: Vec<String>,
     /// Where a request's shopper id is: `cookie:NAME`, `header:NAME` or `query:NAME`. A
     /// request without one is served by the first variant and not counted.
@@ -111,7 +113,8 @@ pub struct RawVariant {
     /// Upstream pool serving this variant. Default: the route's.
     pub upstream: Option<String>,
     /// Models this variant serves in place of others: served name to a `[[models]]` name,
-    /// on the scoring endpoint and for plugins' `ranking` calls. Default none.
+    /// for plugins' `ranking` calls on the experiment's routes and on the scoring endpoint,
+    /// whose requests for a served name the experiment then splits too. Default none.
     pub models: Option<std::collections::BTreeMap<String, String>>,
 }
 

@@ -151,7 +151,7 @@ fn record(snapshot: &Snapshot, bytes: &[u8]) -> Result<FeedbackAnswer, Box<Respo
             None => Err("unknown_event"),
             Some(outcome) => match keyring.verify(&event.token, now, max_age) {
                 Err(e) => Err(e.label()),
-                Ok(attribution) => match snapshot.experiment_of_route(&attribution.route) {
+                Ok(attribution) => match snapshot.experiment_of_token(&attribution.route) {
                     None => Err("unknown_experiment"),
                     Some(experiment) => {
                         if experiment.record_outcome(&attribution.variant, outcome) {

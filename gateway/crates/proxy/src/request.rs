@@ -159,10 +159,26 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The experiment that splits the route named `route`.
-    pub fn experiment_of_route(&self, route: &str) -> Option<&Experiment> {
-        let route = self.router.routes.iter().find(|r| &*r.name == route)?;
-        route.spec.experiment.map(|i| &*self.experiments[i])
+    /// The experiment an attribution token's route (`experiment:route`) names.
+    pub fn experiment_of_token(&self, route: &str) -> Option<&Experiment> {
+        let name = route.split_once(':')?.0;
+        self.experiments
+            .iter()
+            .find(|e| e.spec().name == name)
+            .map(|e| &**e)
+    }
+
+    /// The first experiment with a variant that serves another model in place of `model`.
+    pub fn experiment_of_model(&self, model: &str) -> Option<&Experiment> {
+        self.experiments
+            .iter()
+            .find(|e| {
+                e.spec()
+                    .variants
+                    .iter()
+                    .any(|v| v.models.iter().any(|(served, _)| served == model))
+            })
+            .map(|e| &**e)
     }
 
     /// Builds the router, binding each route's hooks with `bind`, the pools and the
@@ -320,14 +336,46 @@ pub async fn handle(
                     )
                     .boxed_unsync()
                 });
+                // An experiment whose variants serve this model splits its requests.
+                let assigned = crate::scoring_endpoint::model_of(&rest).and_then(|model| {
+                    let e = snapshot.experiment_of_model(model)?;
+                    let a = e.assign(req.headers(), req.uri());
+                    let serve_as = e.spec().variants[a.variant]
+                        .models
+                        .iter()
+                        .find(|(served, _)| served == model)
+                        .map(|(_, idx)| config.models[*idx].name.as_str());
+                    Some((e, a, model.to_string(), serve_as))
+                });
+                let observe = assigned.as_ref().map(|(e, a, ..)| {
+                    let (e, variant) = (*e, a.variant);
+                    move |scores: &[f32]| {
+                        for s in scores {
+                            e.record_score(variant, f64::from(*s));
+                        }
+                    }
+                });
+                let serving = crate::scoring_endpoint::Serving {
+                    model: assigned.as_ref().and_then(|(.., serve_as)| *serve_as),
+                    observe: observe
+                        .as_ref()
+                        .filter(|_| assigned.as_ref().is_some_and(|(_, a, ..)| a.counted))
+                        .map(|f| f as &(dyn Fn(&[f32]) + Sync)),
+                };
                 // Boxed, like the plugin path: the proxy path's future stays small.
-                let mut response = Box::pin(crate::scoring_endpoint::handle(
+                let mut response = Box::pin(crate::scoring_endpoint::handle_as(
                     &snapshot.models,
                     &rest,
                     req,
+                    serving,
                 ))
                 .await;
                 let status = response.status();
+                if let Some((e, a, model, _)) = &assigned {
+                    e.record_request(*a, status, started.elapsed());
+                    let route = format!("_scoring/{model}");
+                    attribute(&snapshot, &route, e, *a, response.headers_mut());
+                }
                 snapshot.router.scoring[class_index(status)].inc();
                 snapshot
                     .router
@@ -495,7 +543,7 @@ pub async fn handle(
     }
     if let (Some((experiment, a)), Some(route)) = (assigned, route) {
         experiment.record_request(a, status, elapsed);
-        attribute(&snapshot, route, experiment, a, headers);
+        attribute(&snapshot, &route.name, experiment, a, headers);
     }
     if config.logging.access_log {
         tracing::info!(
@@ -968,7 +1016,7 @@ impl Ranker for AliasRanker {
 /// the attribution token its outcome events are to carry.
 fn attribute(
     snapshot: &Snapshot,
-    route: &Route,
+    route: &str,
     experiment: &Experiment,
     a: Assignment,
     headers: &mut http::HeaderMap,
@@ -991,8 +1039,9 @@ fn attribute(
     let Some(keyring) = snapshot.keyring.as_deref().filter(|_| a.counted) else {
         return;
     };
+    // The token's route is `experiment:route`, so feedback finds the experiment by name.
     let token = keyring.sign(&Attribution {
-        route: route.name.to_string(),
+        route: format!("{}:{route}", experiment.spec().name),
         variant: name.to_string(),
         model_version,
         issued_at: crate::experiment::now_ms() / 1000,

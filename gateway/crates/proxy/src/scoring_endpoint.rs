@@ -76,11 +76,40 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyB
     crate::http_util::json_error(status, message)
 }
 
+/// Scores an answer's first hits are reported, at most (for an experiment's score-drift guard).
+pub(crate) const OBSERVED_SCORES: usize = 16;
+
+/// How an experiment's variant serves a scoring request.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Serving<'a> {
+    /// The model that answers in place of the one the path names.
+    pub(crate) model: Option<&'a str>,
+    /// Told the first [`OBSERVED_SCORES`] scores of each answer.
+    pub(crate) observe: Option<&'a (dyn Fn(&[f32]) + Sync)>,
+}
+
 /// Answers a request whose path is under the endpoint prefix; `rest` is the path after it.
 pub async fn handle(
     models: &HashMap<String, Arc<ModelSlot>>,
     rest: &str,
     req: Request<ProxyBody>,
+) -> Response<ProxyBody> {
+    handle_as(models, rest, req, Serving::default()).await
+}
+
+/// The model a path under the endpoint prefix names, if any.
+pub(crate) fn model_of(rest: &str) -> Option<&str> {
+    rest.trim_start_matches('/')
+        .split_once('/')
+        .map(|(name, _)| name)
+}
+
+/// [`handle`], served as an experiment's variant says.
+pub(crate) async fn handle_as(
+    models: &HashMap<String, Arc<ModelSlot>>,
+    rest: &str,
+    req: Request<ProxyBody>,
+    serving: Serving<'_>,
 ) -> Response<ProxyBody> {
     let rest = rest.trim_start_matches('/');
     if rest.is_empty() {
@@ -108,7 +137,7 @@ pub async fn handle(
             "use <prefix>/<model>/rank or <prefix>/<model>/topk",
         );
     };
-    let Some(slot) = models.get(name) else {
+    let Some(slot) = models.get(serving.model.unwrap_or(name)) else {
         return error(StatusCode::NOT_FOUND, format!("no model named {name:?}"));
     };
     if req.method() != Method::POST {
@@ -202,6 +231,15 @@ pub async fn handle(
     let answer_len = answered.as_ref().map_or(0, |a| a.hits.len());
     match answered {
         Ok(answer) => {
+            if let Some(observe) = serving.observe {
+                let first: Vec<f32> = answer
+                    .hits
+                    .iter()
+                    .take(OBSERVED_SCORES)
+                    .map(|h| h.score)
+                    .collect();
+                observe(&first);
+            }
             let header = HeaderValue::from_str(&answer.version).ok();
             let write = {
                 let model = slot.name.clone();

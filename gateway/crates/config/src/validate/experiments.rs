@@ -85,8 +85,15 @@ pub(super) fn experiments(
         if re.name.len() > 64 {
             c.fail(at("name"), "must be at most 64 bytes (tokens carry it)");
         }
-        if re.routes.is_empty() {
-            c.fail(at("routes"), "list at least one route to split");
+        let serves_models = re
+            .variants
+            .iter()
+            .any(|v| v.models.as_ref().is_some_and(|m| !m.is_empty()));
+        if re.routes.is_empty() && !serves_models {
+            c.fail(
+                at("routes"),
+                "list at least one route to split, or give a variant `models` to split the scoring endpoint's requests",
+            );
         }
         let mut split = Vec::new();
         for (j, name) in re.routes.iter().enumerate() {
