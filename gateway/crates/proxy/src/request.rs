@@ -360,7 +360,7 @@ pub async fn handle(
                     observe: observe
                         .as_ref()
                         .filter(|_| assigned.as_ref().is_some_and(|(_, a, ..)| a.counted))
-                        .map(|f| f as &(dyn Fn(&[f32]) + Sync)),
+                        .map(|f| f as &crate::scoring_endpoint::ScoreObserver<'_>),
                 };
                 // Boxed, like the plugin path: the proxy path's future stays small.
                 let mut response = Box::pin(crate::scoring_endpoint::handle_as(

@@ -79,13 +79,16 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<ProxyB
 /// Scores an answer's first hits are reported, at most (for an experiment's score-drift guard).
 pub(crate) const OBSERVED_SCORES: usize = 16;
 
+/// Told the first scores of an answer.
+pub(crate) type ScoreObserver<'a> = dyn Fn(&[f32]) + Sync + 'a;
+
 /// How an experiment's variant serves a scoring request.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct Serving<'a> {
     /// The model that answers in place of the one the path names.
     pub(crate) model: Option<&'a str>,
     /// Told the first [`OBSERVED_SCORES`] scores of each answer.
-    pub(crate) observe: Option<&'a (dyn Fn(&[f32]) + Sync)>,
+    pub(crate) observe: Option<&'a ScoreObserver<'a>>,
 }
 
 /// Answers a request whose path is under the endpoint prefix; `rest` is the path after it.
