@@ -3,7 +3,7 @@
 //! and expired ones it refuses; synthetic shoppers of known click rates drive a rollout that
 //! promotes a better canary and rolls back a worse or failing one, by itself, with the
 //! decisions recorded; a restarted gateway resumes the rollout from the store; operators
-//! pause, resume and abort through the admin API.
+//! pause, resume and abort through the admin API and `gateway rollout`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -490,15 +490,38 @@ async fn operators_steer_the_rollout_and_a_restart_resumes_it() {
         "still at the first step"
     );
 
+    // The CLI speaks the same API.
     let admin = gw.gateway.admin_addr();
-    let r = admin_call(
-        admin,
-        Method::POST,
-        "/admin/rollouts/exp/abort",
-        Some(TOKEN),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    // Run asynchronously: the gateway answering it shares this test's runtime thread.
+    let token_file = pki.path().join("admin.token");
+    let cli = |args: &'static [&'static str]| {
+        let token_file = token_file.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+                .arg("rollout")
+                .args(args)
+                .args(["--admin", &format!("http://{admin}")])
+                .arg("--token-file")
+                .arg(token_file)
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (ok, out, err) = cli(&["status"]).await;
+    assert!(ok && out.contains("\"Paused\""), "{out}{err}");
+    let (ok, out, err) = cli(&["abort", "exp"]).await;
+    assert!(ok && out.contains("Abort"), "{out}{err}");
+    let (ok, _, err) = cli(&["resume", "exp"]).await;
+    assert!(
+        !ok && err.contains("409") && err.contains("Aborted"),
+        "{err}"
+    );
     let status = rollout_status(&gw).await;
     assert_eq!(status["rollout"]["state"], "Aborted");
     assert_eq!(status["variants"][1]["weight"], 0);

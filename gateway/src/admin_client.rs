@@ -202,6 +202,37 @@ impl Node {
         Ok((answer, started.elapsed()))
     }
 
+    /// The node's experiments and rollouts (`GET /admin/rollouts`).
+    pub async fn rollouts(&self) -> Result<crate::admin::api::Rollouts, ClientError> {
+        let (status, body) = self
+            .call(Method::GET, "/admin/rollouts", None, None)
+            .await?;
+        if status != 200 {
+            return Err(ClientError::refused(status, body));
+        }
+        serde_json::from_str(&body).map_err(|e| ClientError::Transport {
+            url: self.url.clone(),
+            reason: format!("unexpected answer {body:?}: {e}"),
+        })
+    }
+
+    /// Sends a rollout command (`pause`, `resume`, `promote` or `abort`) for `experiment`.
+    pub async fn rollout_command(
+        &self,
+        experiment: &str,
+        command: &str,
+    ) -> Result<crate::admin::api::RolloutCommanded, ClientError> {
+        let path = format!("/admin/rollouts/{experiment}/{command}");
+        let (status, body) = self.call(Method::POST, &path, None, None).await?;
+        if status != 200 {
+            return Err(ClientError::refused(status, body));
+        }
+        serde_json::from_str(&body).map_err(|e| ClientError::Transport {
+            url: self.url.clone(),
+            reason: format!("unexpected answer {body:?}: {e}"),
+        })
+    }
+
     /// The node's status document.
     pub async fn status(&self) -> Result<crate::admin::api::Status, ClientError> {
         let (status, body) = self.call(Method::GET, "/admin/status", None, None).await?;

@@ -95,6 +95,11 @@ enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Watch and steer a node's experiments and their rollouts.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Start a self-contained demo: a built-in storefront behind the gateway on HTTPS.
     Demo {
         /// HTTPS listener address.
@@ -103,6 +108,45 @@ enum Command {
         /// Admin listener address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+    },
+}
+
+/// `gateway rollout ...`.
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Print every experiment: variants, weights, figures, and the rollout's state, step,
+    /// evidence and decisions (JSON).
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Hold the rollout at its current step.
+    Pause {
+        /// The experiment.
+        experiment: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Carry on from the current step.
+    Resume {
+        /// The experiment.
+        experiment: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Give the canary all the traffic now.
+    Promote {
+        /// The experiment.
+        experiment: String,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Give the canary no traffic and stop the rollout.
+    Abort {
+        /// The experiment.
+        experiment: String,
+        #[command(flatten)]
+        target: AdminTarget,
     },
 }
 
@@ -268,6 +312,33 @@ fn main() -> ExitCode {
             command: PluginCommand::Push { file, name, target },
         } => push_file(&target, Kind::Plugin, &name, &file),
         Command::Model { command } => model_command(command),
+        Command::Rollout {
+            command: RolloutCommand::Status { target },
+        } => client(&target, |node| async move {
+            let rollouts = node.rollouts().await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&rollouts).expect("rollouts serialize")
+            );
+            Ok(())
+        }),
+        Command::Rollout { command } => {
+            let (verb, experiment, target) = match command {
+                RolloutCommand::Pause { experiment, target } => ("pause", experiment, target),
+                RolloutCommand::Resume { experiment, target } => ("resume", experiment, target),
+                RolloutCommand::Promote { experiment, target } => ("promote", experiment, target),
+                RolloutCommand::Abort { experiment, target } => ("abort", experiment, target),
+                RolloutCommand::Status { .. } => unreachable!("handled above"),
+            };
+            client(&target, |node| async move {
+                let done = node.rollout_command(&experiment, verb).await?;
+                println!(
+                    "{}",
+                    serde_json::to_string(&done).expect("answers serialize")
+                );
+                Ok(())
+            })
+        }
         Command::Plugin {
             command: PluginCommand::Check { file, config },
         } => plugin_check(&file, config),
