@@ -750,16 +750,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         });
         let sha256 = check_pin(&mut c, at("sha256"), rm.sha256.as_deref());
         let k = rm.eval_k.unwrap_or(10);
-        if !(1..=1000).contains(&k) {
-            c.fail(at("eval_k"), "must be between 1 and 1000 (items)");
-        }
         let max_regression = rm.max_regression.unwrap_or(0.01);
-        if !(0.0..1.0).contains(&max_regression) {
-            c.fail(
-                at("max_regression"),
-                "must be at least 0 and below 1 (an absolute drop of NDCG@k or AUC)",
-            );
-        }
         let eval = match rm.eval_data {
             Some(shown) => {
                 let data = resolve(base_dir, &shown);
@@ -790,6 +781,15 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 None
             }
         };
+        if !(1..=1000).contains(&k) {
+            c.fail(at("eval_k"), "must be between 1 and 1000 (items)");
+        }
+        if !(0.0..1.0).contains(&max_regression) {
+            c.fail(
+                at("max_regression"),
+                "must be at least 0 and below 1 (an absolute drop of NDCG@k or AUC)",
+            );
+        }
         models.push(ModelSpec {
             name: rm.name,
             path,
