@@ -32,7 +32,10 @@ fn heldout_of(bytes: &[u8]) -> String {
         .enumerate()
         .map(|(user, hits)| {
             let items: Vec<String> = hits.iter().map(|h| h.item.to_string()).collect();
-            format!("{{\"user\": {user}, \"relevant\": [{}]}}\n", items.join(", "))
+            format!(
+                "{{\"user\": {user}, \"relevant\": [{}]}}\n",
+                items.join(", ")
+            )
         })
         .collect()
 }
@@ -67,10 +70,21 @@ async fn a_worse_version_is_refused_with_its_figures_and_a_good_one_activated() 
             &[("model", "recs"), ("outcome", outcome)],
         )
     };
-    assert_eq!(evaluations("accepted"), 1.0, "evaluated at start, not refused");
+    assert_eq!(
+        evaluations("accepted"),
+        1.0,
+        "evaluated at start, not refused"
+    );
 
     let worse = model(2, "1");
-    let r = admin_send(admin, Method::PUT, "/admin/models/recs", TOKEN, worse.clone()).await;
+    let r = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/models/recs",
+        TOKEN,
+        worse.clone(),
+    )
+    .await;
     assert_eq!(r.status, 422, "{}", r.text());
     let text = r.text();
     let refused = gateway::plugin::content_version(&worse);
@@ -93,7 +107,14 @@ async fn a_worse_version_is_refused_with_its_figures_and_a_good_one_activated() 
 
     // The same weights in another file: as good as the active version, so activated.
     let same = model(1, "2");
-    let r = admin_send(admin, Method::PUT, "/admin/models/recs", TOKEN, same.clone()).await;
+    let r = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/models/recs",
+        TOKEN,
+        same.clone(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let activated = gateway::plugin::content_version(&same);
     assert_ne!(activated, serving);
@@ -106,7 +127,14 @@ async fn a_worse_version_is_refused_with_its_figures_and_a_good_one_activated() 
         "{\"user\": 99, \"relevant\": [1]}\n",
     )
     .unwrap();
-    let r = admin_send(admin, Method::PUT, "/admin/models/recs", TOKEN, good.clone()).await;
+    let r = admin_send(
+        admin,
+        Method::PUT,
+        "/admin/models/recs",
+        TOKEN,
+        good.clone(),
+    )
+    .await;
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(
         r.text().contains("heldout.jsonl:1: unknown user id 99"),
@@ -134,7 +162,11 @@ fn model_eval_prints_the_figures() {
     };
     let out = eval("good.safetensors", "heldout.jsonl");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         stdout.trim(),
         "good.safetensors: NDCG@5 1.0000, precision@5 1.0000, recall@5 1.0000 over 16 queries"
@@ -143,10 +175,13 @@ fn model_eval_prints_the_figures() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(stdout.contains("NDCG@5 0."), "{stdout}");
-    std::fs::write(dir.join("bad.jsonl"), "{\"user\": 1, \"relevant\": [1]}\n{\"user\"}\n").unwrap();
+    std::fs::write(
+        dir.join("bad.jsonl"),
+        "{\"user\": 1, \"relevant\": [1]}\n{\"user\"}\n",
+    )
+    .unwrap();
     let out = eval("good.safetensors", "bad.jsonl");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.jsonl:2: not JSON"), "{stderr}");
 }
-

@@ -234,9 +234,10 @@ async fn load_models(
         };
         (name.as_str(), version)
     }));
-    state
-        .reports
-        .retain(|key, _| kept.iter().any(|(n, v)| key.model == *n && key.version == *v));
+    state.reports.retain(|key, _| {
+        kept.iter()
+            .any(|(n, v)| key.model == *n && key.version == *v)
+    });
     Ok(out)
 }
 

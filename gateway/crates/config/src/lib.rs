@@ -882,7 +882,9 @@ path = "p.wasm"
             bad_key: false,
         };
         let with = |model: &str| {
-            let text = format!("{NAMES_FILES}\n[[models]]\nname = \"m\"\npath = \"m.safetensors\"\n{model}");
+            let text = format!(
+                "{NAMES_FILES}\n[[models]]\nname = \"m\"\npath = \"m.safetensors\"\n{model}"
+            );
             validate_with(toml::from_str(&text).unwrap(), base, &fake)
         };
         let problems = |model: &str| -> Vec<(String, String)> {
@@ -902,7 +904,8 @@ path = "p.wasm"
                 max_regression: 0.01
             })
         );
-        let config = with("eval_data = \"held.jsonl\"\neval_k = 1000\nmax_regression = 0\n").unwrap();
+        let config =
+            with("eval_data = \"held.jsonl\"\neval_k = 1000\nmax_regression = 0\n").unwrap();
         let eval = config.models[0].eval.clone().unwrap();
         assert_eq!((eval.k, eval.max_regression), (1000, 0.0));
         assert_eq!(with("").unwrap().models[0].eval, None);

@@ -165,7 +165,10 @@ impl HeldOut {
             let Value::Object(fields) = value else {
                 return Err(bad("expected a JSON object".into()));
             };
-            let kind = match (fields.contains_key("relevant"), fields.contains_key("label")) {
+            let kind = match (
+                fields.contains_key("relevant"),
+                fields.contains_key("label"),
+            ) {
                 (true, false) => RANKING,
                 (false, true) => CTR,
                 (true, true) => {
@@ -254,7 +257,9 @@ fn id(value: Option<&Value>, what: &str) -> Result<u32, String> {
 
 fn ids(value: &Value, what: &str) -> Result<Vec<u32>, String> {
     let Value::Array(values) = value else {
-        return Err(format!("`{what}` must be an array of item ids, not {value}"));
+        return Err(format!(
+            "`{what}` must be an array of item ids, not {value}"
+        ));
     };
     values.iter().map(|v| id(Some(v), what)).collect()
 }
@@ -266,9 +271,9 @@ fn ranking_case(fields: &Fields, line: usize) -> Result<RankingCase, String> {
         Value::Object(grades) => grades
             .iter()
             .map(|(item, grade)| {
-                let item = item.parse::<u32>().map_err(|_| {
-                    format!("`relevant` key {item:?} is not an item id")
-                })?;
+                let item = item
+                    .parse::<u32>()
+                    .map_err(|_| format!("`relevant` key {item:?} is not an item id"))?;
                 match grade.as_f64() {
                     Some(g) if g >= 0.0 => Ok((item, g)),
                     _ => Err(format!(
@@ -304,7 +309,9 @@ fn ctr_case(fields: &Fields, line: usize) -> Result<CtrCase, String> {
             .iter()
             .map(|v| match v.as_f64() {
                 Some(x) if (x as f32).is_finite() => Ok(x as f32),
-                _ => Err(format!("`dense` values must be finite f32 numbers, not {v}")),
+                _ => Err(format!(
+                    "`dense` values must be finite f32 numbers, not {v}"
+                )),
             })
             .collect::<Result<_, _>>()?,
         Some(other) => return Err(format!("`dense` must be an array of numbers, not {other}")),
@@ -457,9 +464,7 @@ fn rank_cases(
                 query: Query::User(c.user),
                 candidates: part,
             };
-            let scores = model
-                .rank_cpu(&[request])
-                .map_err(|e| scoring(c.line, e))?;
+            let scores = model.rank_cpu(&[request]).map_err(|e| scoring(c.line, e))?;
             hits.extend(
                 part.iter()
                     .zip(&scores[0])
@@ -474,11 +479,12 @@ fn rank_cases(
         .zip(cases)
         .map(|(r, c)| (r.unwrap_or_default(), c.relevance.clone()))
         .collect();
-    let ndcg = offline::mean_over_queries(&queries, |r, rel| offline::ndcg_at_k(r, rel, k))
-        .ok_or(EvalError::Undefined {
+    let ndcg = offline::mean_over_queries(&queries, |r, rel| offline::ndcg_at_k(r, rel, k)).ok_or(
+        EvalError::Undefined {
             file: file.to_string(),
             problem: "no line has a relevant item, so NDCG is undefined",
-        })?;
+        },
+    )?;
     let precision =
         offline::mean_over_queries(&queries, |r, rel| Some(offline::precision_at_k(r, rel, k)))
             .unwrap_or(0.0);
@@ -721,7 +727,9 @@ mod tests {
             err("{\"user\": 1, \"relevant\": [1]}\nnope"),
             "h.jsonl:2: not JSON: expected ident at line 1 column 2"
         );
-        assert!(err("{\"user\": -1, \"relevant\": [1]}").starts_with("h.jsonl:1: `user` must be an id"));
+        assert!(
+            err("{\"user\": -1, \"relevant\": [1]}").starts_with("h.jsonl:1: `user` must be an id")
+        );
         assert!(err("{\"user\": 1}").contains("needs `relevant`"));
         assert!(err("{\"user\": 1, \"relevant\": [1], \"label\": 1}").contains("both"));
         assert!(err("{\"user\": 1, \"relevant\": [1], \"cands\": []}")
