@@ -134,6 +134,30 @@ fn semantic_errors_are_all_listed_with_field_and_line() {
 }
 
 #[test]
+fn offline_gate_errors_are_located() {
+    // The model's path names a file that exists (only its presence is checked here).
+    let model = "\n[[models]]\nname = \"recs\"\npath = \"server.pem\"\n";
+    let errs = errors_for(&format!(
+        "{VALID}{model}eval_data = \"missing.jsonl\"\neval_k = 0\nmax_regression = -0.1\n"
+    ));
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs[0].starts_with("bad.toml:21:"), "{errs:#?}");
+    assert!(
+        errs[0].contains("models[0].eval_data") && errs[0].contains("cannot read missing.jsonl"),
+        "{errs:#?}"
+    );
+    assert!(errs[1].starts_with("bad.toml:22:"), "{errs:#?}");
+    assert!(errs[1].contains("models[0].eval_k") && errs[1].contains("between 1 and 1000"));
+    assert!(errs[2].starts_with("bad.toml:23:"), "{errs:#?}");
+    assert!(errs[2].contains("models[0].max_regression"), "{errs:#?}");
+    let errs = errors_for(&format!("{VALID}{model}max_regression = 0.1\n"));
+    assert!(
+        errs[0].starts_with("bad.toml:21:") && errs[0].contains("without `eval_data`"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
 fn unreadable_or_mismatched_certificates_are_errors() {
     let errs = errors_for(&VALID.replace("server.pem", "missing.pem"));
     assert!(

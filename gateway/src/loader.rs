@@ -6,13 +6,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prometheus::Registry;
+use prometheus::{IntCounterVec, Opts, Registry};
 
-use crate::config::Config;
+use crate::config::{Config, EvalSpec};
 use crate::metrics::Metrics;
 use crate::plugin::{LoadedPlugin, PluginError, PluginRuntime};
 use crate::proxy::Snapshot;
+use crate::scoring::eval::{evaluate, EvalError, HeldOut, Report};
 use crate::scoring::serving::{ModelSlot, ServedModel};
+use crate::scoring::Model;
 use crate::server::StartError;
 use crate::store::{Kind, Manifest, Store, StoreError};
 use crate::tls;
@@ -92,11 +94,24 @@ impl Loader {
     }
 }
 
-/// The scoring device and series, made on first use.
+/// The scoring device and series, made on first use, and the offline reports of the versions
+/// that serve or were last loaded.
 #[derive(Default)]
 struct ScoringState {
     device: Option<crate::scoring::ComputeDevice>,
     families: Option<crate::scoring::serving::ModelFamilies>,
+    /// `gateway_model_evaluations_total{model,outcome}`.
+    evaluations: Option<IntCounterVec>,
+    reports: HashMap<ReportKey, Report>,
+}
+
+/// A report is valid for one model version, held-out file content (SHA-256) and cutoff.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ReportKey {
+    model: String,
+    version: String,
+    data: String,
+    k: usize,
 }
 
 /// Loads the config's models without touching what serves: unchanged files keep their slot;
@@ -148,6 +163,22 @@ async fn load_models(
             .set(1);
         state.families = Some(families);
     }
+    if state.evaluations.is_none() {
+        let evaluations = IntCounterVec::new(
+            Opts::new(
+                "gateway_model_evaluations_total",
+                "Offline evaluations of new model versions by model and outcome: accepted, \
+                 refused (worse than the active version by more than max_regression) or error \
+                 (the version could not be evaluated on its held-out data, and was refused).",
+            ),
+            &["model", "outcome"],
+        )
+        .map_err(|e| fail("*", e.to_string()))?;
+        registry
+            .register(Box::new(evaluations.clone()))
+            .map_err(|e| fail("*", e.to_string()))?;
+        state.evaluations = Some(evaluations);
+    }
     let mut cfg = crate::scoring::ScoringConfig {
         backend: crate::scoring_settings::backend_choice(config.scoring.backend),
         allow_software_gpu: config.scoring.allow_software_gpu,
@@ -183,9 +214,158 @@ async fn load_models(
         .map_err(|e| fail(&spec.name, e.to_string()))?
         .map_err(|e| fail(&spec.name, format!("{}: {e}", spec.path.display())))?;
         tracing::info!(model = %spec.name, %version, path = ?model.execution_path(), "model loaded");
+        let model = match &spec.eval {
+            Some(eval) => {
+                let live = current.get(&spec.name).map(|slot| slot.live());
+                gate(state, &spec.name, eval, model, &version, live).await?
+            }
+            None => model,
+        };
         out.push((spec.name.clone(), Err(ServedModel { model, version })));
     }
+    let mut kept: Vec<(&str, String)> = current
+        .iter()
+        .map(|(name, slot)| (name.as_str(), slot.live().version.clone()))
+        .collect();
+    kept.extend(out.iter().map(|(name, entry)| {
+        let version = match entry {
+            Ok(slot) => slot.live().version.clone(),
+            Err(served) => served.version.clone(),
+        };
+        (name.as_str(), version)
+    }));
+    state.reports.retain(|key, _| {
+        kept.iter()
+            .any(|(n, v)| key.model == *n && key.version == *v)
+    });
     Ok(out)
+}
+
+/// The offline gate: evaluates `model` (version `version` of `name`) on the held-out data
+/// and, when a version is live, the live one too (its report cached by version); refuses the
+/// new one when its primary metric is below the live one's by more than `max_regression`.
+/// With nothing live, or a live version the data cannot evaluate, it logs the figures and
+/// accepts. A new version that cannot be evaluated is refused.
+async fn gate(
+    state: &mut ScoringState,
+    name: &str,
+    eval: &EvalSpec,
+    model: Model,
+    version: &str,
+    live: Option<Arc<ServedModel>>,
+) -> Result<Model, StartError> {
+    let fail = |message: String| StartError::Model {
+        name: name.to_string(),
+        message,
+    };
+    let count = |outcome: &str| {
+        if let Some(c) = &state.evaluations {
+            c.with_label_values(&[name, outcome]).inc();
+        }
+    };
+    let path = eval.data.clone();
+    let shown = path.display().to_string();
+    let read = blocking(move || {
+        let bytes = std::fs::read(&path).map_err(|error| EvalError::Io {
+            file: path.display().to_string(),
+            error,
+        })?;
+        let digest = crate::store::sha256_hex(&bytes);
+        let text = String::from_utf8_lossy(&bytes);
+        HeldOut::parse(&text, &path.display().to_string()).map(|data| (digest, data))
+    })
+    .await;
+    let (digest, data) = match read {
+        Ok(read) => read,
+        Err(e) => {
+            count("error");
+            return Err(fail(format!(
+                "offline evaluation of version {version} failed: {e}"
+            )));
+        }
+    };
+    let key = |version: &str| ReportKey {
+        model: name.to_string(),
+        version: version.to_string(),
+        data: digest.clone(),
+        k: eval.k,
+    };
+    let cached = live
+        .as_ref()
+        .and_then(|l| state.reports.get(&key(&l.version)).cloned());
+    let k = eval.k;
+    let live_for_eval = live.clone();
+    let (model, new, old) = blocking(move || {
+        let new = evaluate(&model, &data, k);
+        let old = match (live_for_eval, cached) {
+            (Some(_), Some(report)) => Some(Ok(report)),
+            (Some(l), None) => Some(evaluate(&l.model, &data, k)),
+            (None, _) => None,
+        };
+        (model, new, old)
+    })
+    .await;
+    let new = match new {
+        Ok(report) => report,
+        Err(e) => {
+            count("error");
+            return Err(fail(format!(
+                "offline evaluation of version {version} failed: {e}"
+            )));
+        }
+    };
+    state.reports.insert(key(version), new.clone());
+    let (live, old) = match (live, old) {
+        (Some(live), Some(Ok(old))) => {
+            state.reports.insert(key(&live.version), old.clone());
+            (live, old)
+        }
+        (Some(live), Some(Err(e))) => {
+            tracing::warn!(
+                model = %name,
+                %version,
+                active = %live.version,
+                data = %shown,
+                report = %new,
+                error = %e,
+                "offline evaluation: the active version cannot be evaluated on the held-out \
+                 data; the new version is judged on its own figures and accepted"
+            );
+            count("accepted");
+            return Ok(model);
+        }
+        _ => {
+            tracing::info!(model = %name, %version, data = %shown, report = %new, "offline evaluation");
+            count("accepted");
+            return Ok(model);
+        }
+    };
+    let (n, o) = (new.primary(), old.primary());
+    if n.value < o.value - eval.max_regression {
+        count("refused");
+        return Err(fail(format!(
+            "offline evaluation refused version {version}: {} {:.4} vs the active version \
+             {}'s {:.4} (worse by {:.4}, more than max_regression {}); new: {new}; active: \
+             {old} (held-out data {shown})",
+            n.name,
+            n.value,
+            live.version,
+            o.value,
+            o.value - n.value,
+            eval.max_regression,
+        )));
+    }
+    tracing::info!(
+        model = %name,
+        %version,
+        active = %live.version,
+        data = %shown,
+        report = %new,
+        active_report = %old,
+        "offline evaluation accepted the version"
+    );
+    count("accepted");
+    Ok(model)
 }
 
 fn ranker_for(

@@ -235,6 +235,20 @@ enum ModelCommand {
         /// The .safetensors file.
         file: PathBuf,
     },
+    /// Evaluate a model file on held-out interactions (JSON lines) on the CPU path and print
+    /// the figures the offline gate compares: NDCG@k, precision@k and recall@k (embedding
+    /// models), AUC and log-loss (MLP models). Exit 0 with the figures, 1 with the problem.
+    Eval {
+        /// The .safetensors file.
+        file: PathBuf,
+        /// The held-out file: JSON lines, `{"user": 7, "relevant": [3, 9]}` (embedding) or
+        /// `{"user": 7, "item": 3, "dense": [0.1], "label": 1}` (mlp).
+        #[arg(long)]
+        data: PathBuf,
+        /// Cutoff of the ranking metrics, in items.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+    },
     /// Write a small deterministic sample model (seeded PRNG).
     Sample {
         /// The model's kind.
@@ -571,6 +585,20 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        ModelCommand::Eval { file, data, k } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let model = scoring::Model::from_bytes(
+                &bytes,
+                &scoring::ScoringConfig::default(),
+                &scoring::ComputeDevice::Cpu,
+            )
+            .with_context(|| format!("loading {}", file.display()))?;
+            let held = scoring::HeldOut::load(&data)?;
+            let report = scoring::evaluate(&model, &held, k)?;
+            println!("{}: {report}", file.display());
+            Ok(ExitCode::SUCCESS)
         }
         ModelCommand::Sample {
             kind,

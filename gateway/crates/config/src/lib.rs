@@ -153,7 +153,7 @@ pub struct BatchSettings {
 }
 
 /// `[[models]]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     /// Unique name.
     pub name: String,
@@ -163,6 +163,20 @@ pub struct ModelSpec {
     pub sha256: Option<String>,
     /// Embedding tables rounded to and held as f16 (`f16_storage`); f32 otherwise.
     pub f16_storage: bool,
+    /// The offline gate (`eval_data`); none without it.
+    pub eval: Option<EvalSpec>,
+}
+
+/// The offline gate of a `[[models]]` entry, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSpec {
+    /// The held-out file (`eval_data`), resolved against the config file's directory.
+    pub data: PathBuf,
+    /// Cutoff of the ranking metrics, in items (`eval_k`, 1..=1000, default 10).
+    pub k: usize,
+    /// Largest allowed drop of the primary metric, absolute (`max_regression`, in [0, 1),
+    /// default 0.01).
+    pub max_regression: f64,
 }
 
 /// `[plugin_runtime]`, validated.
@@ -851,5 +865,62 @@ path = "p.wasm"
         assert_eq!(token.id, "1ec1c26b");
         assert_eq!(config.plugins[0].path, base.join("p.wasm"));
         assert_eq!(config.certificates.len(), 1);
+    }
+
+    #[test]
+    fn the_offline_gate_is_checked_and_its_data_read_in_the_file_phase() {
+        let base = Path::new("/nonexistent-gateway-config-test");
+        let fake = Fake {
+            files: [
+                (base.join("token"), "s3cret".to_string()),
+                (base.join("p.wasm"), String::new()),
+                (base.join("m.safetensors"), String::new()),
+                (base.join("held.jsonl"), String::new()),
+            ]
+            .into(),
+            vars: Default::default(),
+            bad_key: false,
+        };
+        let with = |model: &str| {
+            let text = format!(
+                "{NAMES_FILES}\n[[models]]\nname = \"m\"\npath = \"m.safetensors\"\n{model}"
+            );
+            validate_with(toml::from_str(&text).unwrap(), base, &fake)
+        };
+        let problems = |model: &str| -> Vec<(String, String)> {
+            with(model)
+                .unwrap_err()
+                .into_iter()
+                .map(|p| (validate::path_string(&p.path), p.message))
+                .collect()
+        };
+
+        let config = with("eval_data = \"held.jsonl\"\n").unwrap();
+        assert_eq!(
+            config.models[0].eval,
+            Some(EvalSpec {
+                data: base.join("held.jsonl"),
+                k: 10,
+                max_regression: 0.01
+            })
+        );
+        let config =
+            with("eval_data = \"held.jsonl\"\neval_k = 1000\nmax_regression = 0\n").unwrap();
+        let eval = config.models[0].eval.clone().unwrap();
+        assert_eq!((eval.k, eval.max_regression), (1000, 0.0));
+        assert_eq!(with("").unwrap().models[0].eval, None);
+
+        let p = problems("eval_data = \"held.jsonl\"\neval_k = 0\nmax_regression = 1.5\n");
+        assert_eq!(p[0].0, "models[0].eval_k");
+        assert!(p[0].1.contains("between 1 and 1000"), "{p:?}");
+        assert_eq!(p[1].0, "models[0].max_regression");
+        assert!(p[1].1.contains("below 1"), "{p:?}");
+        let p = problems("eval_data = \"missing.jsonl\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "models[0].eval_data");
+        assert!(p[0].1.starts_with("cannot read missing.jsonl"), "{p:?}");
+        let p = problems("eval_k = 5\n");
+        assert_eq!(p[0].0, "models[0].eval_k");
+        assert!(p[0].1.contains("without `eval_data`"), "{p:?}");
     }
 }

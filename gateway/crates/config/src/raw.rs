@@ -189,6 +189,17 @@ pub struct RawModel {
     /// take half the GPU memory and scan bandwidth where the adapter has `SHADER_F16`. A
     /// table value beyond ±65504 refuses the model. Default false (f32).
     pub f16_storage: Option<bool>,
+    /// Held-out interactions (JSON lines) every new version is evaluated on before it
+    /// becomes active; one worse than the active version by more than `max_regression` is
+    /// refused. Relative to the config file. Default none (no offline gate).
+    pub eval_data: Option<String>,
+    /// Cutoff of the ranking metrics (NDCG@k, precision@k, recall@k), in items, 1..=1000;
+    /// needs `eval_data`. Default 10.
+    pub eval_k: Option<usize>,
+    /// How far the primary metric (NDCG@k for embedding models, AUC for MLP models) of a new
+    /// version may fall below the active version's, as an absolute difference, at least 0
+    /// and below 1; needs `eval_data`. Default 0.01.
+    pub max_regression: Option<f64>,
 }
 
 /// `[plugin_runtime]`

@@ -119,6 +119,12 @@ enum Read {
     PluginFile { index: usize, path: PathBuf },
     /// A model file must be a readable file.
     ModelFile { index: usize, path: PathBuf },
+    /// A model's held-out file (`eval_data`) must be a readable file; `shown` as written.
+    EvalData {
+        index: usize,
+        path: PathBuf,
+        shown: String,
+    },
     /// `[feedback] key_file` or one of `old_key_files`: a secret; `shown` as written.
     FeedbackKey {
         field: Vec<Seg>,
@@ -743,11 +749,53 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             path: path.clone(),
         });
         let sha256 = check_pin(&mut c, at("sha256"), rm.sha256.as_deref());
+        let k = rm.eval_k.unwrap_or(10);
+        let max_regression = rm.max_regression.unwrap_or(0.01);
+        let eval = match rm.eval_data {
+            Some(shown) => {
+                let data = resolve(base_dir, &shown);
+                c.read(Read::EvalData {
+                    index: i,
+                    path: data.clone(),
+                    shown,
+                });
+                Some(EvalSpec {
+                    data,
+                    k,
+                    max_regression,
+                })
+            }
+            None => {
+                for (field, set) in [
+                    ("eval_k", rm.eval_k.is_some()),
+                    ("max_regression", rm.max_regression.is_some()),
+                ] {
+                    if set {
+                        c.fail(
+                            at(field),
+                            "has no effect without `eval_data`, the held-out file the offline \
+                             gate evaluates on",
+                        );
+                    }
+                }
+                None
+            }
+        };
+        if !(1..=1000).contains(&k) {
+            c.fail(at("eval_k"), "must be between 1 and 1000 (items)");
+        }
+        if !(0.0..1.0).contains(&max_regression) {
+            c.fail(
+                at("max_regression"),
+                "must be at least 0 and below 1 (an absolute drop of NDCG@k or AUC)",
+            );
+        }
         models.push(ModelSpec {
             name: rm.name,
             path,
             sha256,
             f16_storage: rm.f16_storage.unwrap_or(false),
+            eval,
         });
     }
 
@@ -1040,6 +1088,14 @@ impl Checked {
                             vec![Key("models"), Index(index), Key("path")],
                             format!("cannot read {}", path.display()),
                         );
+                    }
+                }
+                Read::EvalData { index, path, shown } => {
+                    let at = vec![Key("models"), Index(index), Key("eval_data")];
+                    match files.is_file(&path) {
+                        Ok(true) => {}
+                        Ok(false) => fail(at, format!("{shown} is not a file")),
+                        Err(e) => fail(at, format!("cannot read {shown}: {e}")),
                     }
                 }
                 Read::FeedbackKey { field, path, shown } => match files.read_to_string(&path) {

@@ -23,6 +23,10 @@
 //!    `ArcSwap` and store a freshly loaded one to update. Batches on the old model finish on
 //!    it; its GPU memory is freed when the last `Arc` goes.
 //!
+//! 5. **Judge offline**: [`evaluate`] scores a model on held-out interactions ([`HeldOut`],
+//!    JSON lines; [`eval`] describes them) on its CPU path and gives a [`Report`]: NDCG@k,
+//!    precision@k and recall@k for embedding models, AUC and log-loss for MLP models.
+//!
 //! The `*_cpu` twins ([`Model::rank_cpu`], ...) run the CPU path on any model: the oracle in
 //! tests and a fallback if a GPU batch fails. Results are identical in order (higher score
 //! first; equal scores: lower item id first) and equal in value within float rounding.
@@ -44,6 +48,7 @@ mod config;
 mod cpu;
 mod device;
 mod error;
+pub mod eval;
 pub mod format;
 mod gpu;
 mod model;
@@ -57,6 +62,7 @@ pub use device::{
     acquire_device, open_device, select_adapter, vulkan_adapters, ComputeDevice, GpuDevice,
 };
 pub use error::{GpuError, ModelError, ScoringError};
+pub use eval::{evaluate, EvalError, Figure, HeldOut, Report};
 pub use format::{inspect, Inspection, ModelInfo, ModelKind, Similarity, TensorSummary};
 pub use model::{CtrRow, ExecutionPath, Hit, Model, Query, RankRequest, MAX_TOP_K};
 pub use sample::{sample_model, SampleSpec};

@@ -314,6 +314,21 @@ impl Model {
         Ok(self.top_k_flat_cpu(&q, k))
     }
 
+    /// [`top_k_cpu`](Model::top_k_cpu) without the batch limit on `k` (offline evaluation
+    /// may look deeper than serving does); the limit on queries per call still holds.
+    pub(crate) fn top_k_cpu_any_k(
+        &self,
+        queries: &[Query<'_>],
+        k: usize,
+    ) -> Result<Vec<Vec<Hit>>, ScoringError> {
+        self.embedding("top_k")?;
+        if k == 0 {
+            return Err(ScoringError::ZeroK);
+        }
+        let q = self.query_matrix("top_k", queries)?;
+        Ok(self.top_k_flat_cpu(&q, k.min(self.info.n_items)))
+    }
+
     /// MLP models: the click probability of each row, in row order.
     pub fn predict(&self, rows: &[CtrRow<'_>]) -> Result<Vec<f32>, ScoringError> {
         let (ids, dense) = self.prepare_mlp(rows)?;
