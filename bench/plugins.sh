@@ -3,6 +3,7 @@
 #
 #   bench/plugins.sh                         # 3 rounds of 6 s per chain length
 #   ROUNDS=1 DURATION=3 SKIP_BUILD=1 bench/plugins.sh
+#   GATEWAY=/path/to/gateway SKIP_BUILD=1 bench/plugins.sh   # another build, e.g. an older commit
 #
 # One gateway (1 worker thread) in front of the nginx upstream from bench/nginx, with four
 # routes that differ only in their chain: /p0 (no plugin), /p1, /p3 and /p5 (that many no-op
@@ -25,7 +26,7 @@ GW_PORT=18445
 GW_ADMIN=19902
 CERT=/tmp/bench-cert.pem
 KEY=/tmp/bench-key.pem
-GATEWAY=$ROOT/target/dist/gateway
+GATEWAY=${GATEWAY:-$ROOT/target/dist/gateway}
 
 die() { echo "plugins.sh: $*" >&2; exit 1; }
 for v in ROUNDS DURATION; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done

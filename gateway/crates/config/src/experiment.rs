@@ -110,6 +110,9 @@ pub struct VariantSpec {
     pub weight: u32,
     /// Index into [`crate::Config::upstreams`]; `None` serves the route's upstream.
     pub upstream: Option<usize>,
+    /// Plugin chain in place of the route's: indices into [`crate::Config::plugins`], in
+    /// request order; `None` runs the route's chain.
+    pub plugins: Option<Vec<usize>>,
     /// Served model name to an index into [`crate::Config::models`], in name order.
     pub models: Vec<(String, usize)>,
 }

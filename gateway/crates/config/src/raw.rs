@@ -112,6 +112,9 @@ pub struct RawVariant {
     pub weight: Option<u32>,
     /// Upstream pool serving this variant. Default: the route's.
     pub upstream: Option<String>,
+    /// Plugin chain for this variant's requests, by plugin name, in place of the route's
+    /// (`[]` for none). Default: the route's chain.
+    pub plugins: Option<Vec<String>>,
     /// Models this variant serves in place of others: served name to a `[[models]]` name,
     /// for plugins' `ranking` calls on the experiment's routes and on the scoring endpoint,
     /// whose requests for a served name the experiment then splits too. Default none.

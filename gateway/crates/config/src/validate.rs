@@ -949,6 +949,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             routes: &route_names,
             upstreams: &upstream_names,
             models: &model_names,
+            plugins: &plugin_names,
         },
         &mut routes,
     );

@@ -240,6 +240,19 @@ pub fn in_use(snapshot: &crate::proxy::Snapshot) -> Vec<Option<Arc<LoadedPlugin>
                 out[i] = Some(p.clone());
             }
         }
+        // The chains an experiment's variants run in place of the route's.
+        let Some(experiment) = route.spec.experiment else {
+            continue;
+        };
+        for (v, hooks) in route.variant_chains() {
+            let spec = &snapshot.config.experiments[experiment].variants[v];
+            let chain = hooks.as_any().downcast_ref::<RouteChain>();
+            if let (Some(chain), Some(indices)) = (chain, &spec.plugins) {
+                for (&i, p) in indices.iter().zip(&chain.plugins) {
+                    out[i] = Some(p.clone());
+                }
+            }
+        }
     }
     out
 }

@@ -577,6 +577,7 @@ mod tests {
                     name: n.into(),
                     weight: 1,
                     upstream: None,
+                    plugins: None,
                     models: vec![],
                 })
                 .collect(),

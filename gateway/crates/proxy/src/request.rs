@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter};
 
-use crate::config::{Config, HostPattern, RouteSpec};
+use crate::config::{Config, ExperimentSpec, HostPattern, RouteSpec};
 use crate::deadline::TimerPool;
 use crate::experiment::{Assignment, Experiment};
 use crate::http_util::{
@@ -28,6 +28,9 @@ use crate::scoring::serving::ModelSlot;
 use crate::upstream::conn::SendError;
 use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
 
+/// A variant's own chain (`None`: an empty one) with its `x-plugin-versions`.
+type VariantChain = (Option<Arc<dyn RouteHooks>>, Option<HeaderValue>);
+
 /// A route with its per-route series resolved once.
 pub struct Route {
     /// Validated settings.
@@ -38,9 +41,34 @@ pub struct Route {
     pub chain: Option<Arc<dyn RouteHooks>>,
     /// `name@version,...` of the chain, for `x-plugin-versions`.
     plugin_versions: Option<HeaderValue>,
+    /// On a route in an experiment, the chains of the variants that have their own, by
+    /// variant index (`None`: the route's chain), each with its `x-plugin-versions`.
+    variant_chains: Box<[Option<VariantChain>]>,
     duration: Histogram,
     /// Counters for 1xx..5xx.
     by_class: [IntCounter; 5],
+}
+
+impl Route {
+    /// The chain a request of `variant` runs: the variant's own, when it has one, else the
+    /// route's; with its `x-plugin-versions`.
+    pub fn chain_for(
+        &self,
+        variant: Option<usize>,
+    ) -> (Option<&Arc<dyn RouteHooks>>, Option<&HeaderValue>) {
+        match variant.and_then(|v| self.variant_chains.get(v)?.as_ref()) {
+            Some((chain, versions)) => (chain.as_ref(), versions.as_ref()),
+            None => (self.chain.as_ref(), self.plugin_versions.as_ref()),
+        }
+    }
+
+    /// The variants' own chains, by variant index, for their owner to look into.
+    pub fn variant_chains(&self) -> impl Iterator<Item = (usize, &Arc<dyn RouteHooks>)> {
+        self.variant_chains
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.as_ref()?.0.as_ref()?)))
+    }
 }
 
 /// Chooses a route by host (most specific pattern) then path prefix (longest).
@@ -66,6 +94,7 @@ impl Router {
     /// (the plugin host's chains; `None` for a route without).
     pub fn new(
         routes: &[RouteSpec],
+        experiments: &[ExperimentSpec],
         metrics: &Metrics,
         bind: &dyn Fn(&RouteSpec) -> Option<BoundHooks>,
     ) -> Router {
@@ -74,7 +103,28 @@ impl Router {
                 .iter()
                 .map(|spec| {
                     let bound = bind(spec);
+                    let variant_chains = spec
+                        .experiment
+                        .map(|e| {
+                            experiments[e]
+                                .variants
+                                .iter()
+                                .map(|v| {
+                                    let plugins = v.plugins.clone()?;
+                                    let bound = bind(&RouteSpec {
+                                        plugins,
+                                        ..spec.clone()
+                                    });
+                                    Some(match bound {
+                                        Some(b) => (Some(b.hooks), b.versions),
+                                        None => (None, None),
+                                    })
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     Route {
+                        variant_chains,
                         spec: spec.clone(),
                         name: spec.name.as_str().into(),
                         plugin_versions: bound.as_ref().and_then(|b| b.versions.clone()),
@@ -204,7 +254,7 @@ impl Snapshot {
                     .unwrap_or_else(|| Pool::new(u.clone(), metrics))
             })
             .collect();
-        let router = Router::new(&config.routes, metrics, bind);
+        let router = Router::new(&config.routes, &config.experiments, metrics, bind);
         let experiments = config
             .experiments
             .iter()
@@ -458,7 +508,7 @@ pub async fn handle(
             });
             match admit_body(shared, config, &parts, body) {
                 Err(resp) => (resp, None, None),
-                Ok((body, progress)) => match &route.chain {
+                Ok((body, progress)) => match route.chain_for(assigned.map(|(_, a)| a.variant)).0 {
                     None => {
                         let upstream = assigned
                             .and_then(|(e, a)| e.spec().variants[a.variant].upstream)
@@ -534,7 +584,8 @@ pub async fn handle(
             "x-gateway-generation",
             HeaderValue::from(snapshot.generation),
         );
-        if let Some(v) = route.and_then(|r| r.plugin_versions.clone()) {
+        let versions = route.and_then(|r| r.chain_for(assigned.map(|(_, a)| a.variant)).1);
+        if let Some(v) = versions.cloned() {
             headers.insert("x-plugin-versions", v);
         }
     }
@@ -1292,6 +1343,7 @@ upstream = "app"
                 spec("exact", &["www.shop.test"], "/"),
                 spec("exact-api", &["www.shop.test"], "/api/v2"),
             ],
+            &[],
             &metrics,
             &|_| None,
         );
@@ -1311,7 +1363,7 @@ upstream = "app"
     #[test]
     fn strip_prefix_keeps_query() {
         let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
-        let router = Router::new(&[spec("r", &["*"], "/api")], &metrics, &|_| None);
+        let router = Router::new(&[spec("r", &["*"], "/api")], &[], &metrics, &|_| None);
         let route = router.route(None, "/api/items").unwrap();
         assert_eq!(
             upstream_path(&"/api/items?q=1".parse().unwrap(), route),

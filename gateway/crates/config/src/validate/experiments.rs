@@ -8,6 +8,7 @@ pub(super) struct Names<'a> {
     pub(super) routes: &'a HashMap<String, usize>,
     pub(super) upstreams: &'a HashMap<String, usize>,
     pub(super) models: &'a HashMap<String, usize>,
+    pub(super) plugins: &'a HashMap<String, usize>,
 }
 
 /// `[feedback]`; the key files are read in the file phase. `experiments` says whether any
@@ -165,6 +166,28 @@ pub(super) fn experiments(
                         None
                     }
                 });
+            let plugins = rv.plugins.as_ref().map(|list| {
+                let mut chain = Vec::new();
+                for (k, name) in list.iter().enumerate() {
+                    let field = vec![
+                        Key("experiments"),
+                        Index(i),
+                        Key("variants"),
+                        Index(j),
+                        Key("plugins"),
+                        Index(k),
+                    ];
+                    match names.plugins.get(name) {
+                        Some(&idx) if !chain.contains(&idx) => chain.push(idx),
+                        Some(_) => c.fail(field, format!("plugin {name:?} is listed twice")),
+                        None => c.fail(
+                            field,
+                            format!("no plugin named {name:?}; add a [[plugins]] table for it"),
+                        ),
+                    }
+                }
+                chain
+            });
             let mut models = Vec::new();
             for (served, name) in rv.models.iter().flatten() {
                 match (names.models.get(served), names.models.get(name)) {
@@ -183,6 +206,7 @@ pub(super) fn experiments(
                 name: rv.name,
                 weight,
                 upstream,
+                plugins,
                 models,
             });
         }
