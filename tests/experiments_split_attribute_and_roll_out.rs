@@ -732,3 +732,42 @@ async fn a_variant_runs_its_own_plugin_chain() {
     );
     assert!(refused >= 1.0, "set-variant refused: {refused}");
 }
+
+#[tokio::test]
+async fn a_reload_that_changes_an_experiment_keeps_its_rollout() {
+    let pki = Pki::new();
+    let (a, b) = (Upstream::named("a").await, canary_upstream().await);
+    // No store: the running rollout itself is what a reload must carry over.
+    let config = experiment_config(&pki, &a, &b, (1, 1), ROLLOUT);
+    let gw = TestGateway::start(&config, pki.path()).await;
+    let admin = gw.gateway.admin_addr();
+    let r = admin_call(
+        admin,
+        Method::POST,
+        "/admin/rollouts/exp/pause",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Changed, but with the same variants and plan.
+    let changed = config.replace(
+        "assign_by = \"cookie:shopper\"",
+        "assign_by = \"cookie:shopper\"\noverride_header = \"x-qa-variant\"",
+    );
+    gw.gateway
+        .reload(gateway::Config::from_toml(&changed, "test.toml", pki.path()).unwrap())
+        .await
+        .unwrap();
+    let status = rollout_status(&gw).await;
+    assert_eq!(status["rollout"]["state"], "Paused", "{status:#}");
+    assert_eq!(status["rollout"]["history"].as_array().unwrap().len(), 1);
+    // A new plan starts a new rollout.
+    let replanned = changed.replace("steps = [10, 50, 100]", "steps = [20, 100]");
+    gw.gateway
+        .reload(gateway::Config::from_toml(&replanned, "test.toml", pki.path()).unwrap())
+        .await
+        .unwrap();
+    let status = rollout_status(&gw).await;
+    assert_eq!(status["rollout"]["state"], "Running", "{status:#}");
+    assert_eq!(status["rollout"]["canary_percent"], 20, "{status:#}");
+}
