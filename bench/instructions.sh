@@ -5,6 +5,7 @@
 # cheaper before bench/proxy.sh says by how much in req/s.
 #
 #   bench/instructions.sh h1|h2 [GATEWAY_BINARY|nginx] [REQUESTS]
+#   BENCH_CONFIG=other.toml bench/instructions.sh ...   # another gateway config (same listener)
 #
 # Starts the nginx upstream of bench/proxy.sh (127.0.0.1:18080) and the gateway under
 # valgrind --tool=callgrind with bench/gateway-bench.toml (127.0.0.1:18444), warms up with
@@ -61,7 +62,7 @@ if [[ $GATEWAY == nginx ]]; then
   VERSION=$(nginx -v 2>&1 | sed 's/^nginx version: //')
 else
   PORT=18444
-  SUBJECT=("$GATEWAY" run --config bench/gateway-bench.toml)
+  SUBJECT=("$GATEWAY" run --config "${BENCH_CONFIG:-bench/gateway-bench.toml}")
   VERSION=$("$GATEWAY" --version)
 fi
 timeout -k 5 300 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
