@@ -17,7 +17,6 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::experiment::Outcome;
-use crate::http_util::ReadError;
 use crate::request::Snapshot;
 use crate::upstream::ProxyBody;
 
@@ -75,25 +74,13 @@ pub async fn handle(
     let limit = (settings.max_events_per_request * 1200 + 1024).min(64 << 20);
     let bytes = match crate::http_util::read_to_limit(req.into_body(), limit).await {
         Ok(b) => b,
-        Err(ReadError::TooLarge) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
+        Err(e) => {
+            return crate::http_util::read_error_response(
+                e,
                 format!(
                     "send at most {} events (and {limit} bytes) per request",
                     settings.max_events_per_request
                 ),
-            )
-        }
-        Err(ReadError::Stalled) => {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                "the request body was not received in time",
-            )
-        }
-        Err(ReadError::Failed) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "the request body could not be read",
             )
         }
     };

@@ -585,6 +585,25 @@ pub fn json_error(
     json_response(status, &serde_json::json!({ "error": message.to_string() }))
 }
 
+/// The JSON answer to a body that could not be read whole: 413 with `too_large` (what the
+/// limit is), 408 for a stalled client, 400 otherwise.
+pub fn read_error_response(
+    e: ReadError,
+    too_large: impl std::fmt::Display,
+) -> http::Response<crate::upstream::ProxyBody> {
+    match e {
+        ReadError::TooLarge => json_error(http::StatusCode::PAYLOAD_TOO_LARGE, too_large),
+        ReadError::Stalled => json_error(
+            http::StatusCode::REQUEST_TIMEOUT,
+            "the request body was not received in time",
+        ),
+        ReadError::Failed => json_error(
+            http::StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+        ),
+    }
+}
+
 /// Why a body could not be read into memory whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadError {

@@ -19,7 +19,6 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::http_util::ReadError;
 use crate::scoring::serving::{Ask, ModelSlot, OwnedQuery, ServeError};
 use crate::upstream::ProxyBody;
 
@@ -148,22 +147,10 @@ pub(crate) async fn handle_as(
     }
     let bytes = match crate::http_util::read_to_limit(req.into_body(), MAX_BODY).await {
         Ok(b) => b,
-        Err(ReadError::TooLarge) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
+        Err(e) => {
+            return crate::http_util::read_error_response(
+                e,
                 format!("the body must be JSON of at most {MAX_BODY} bytes"),
-            )
-        }
-        Err(ReadError::Stalled) => {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                "the request body was not received in time",
-            )
-        }
-        Err(ReadError::Failed) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "the request body could not be read",
             )
         }
     };
