@@ -740,6 +740,10 @@ async fn a_reload_that_changes_an_experiment_keeps_its_rollout() {
     // No store: the running rollout itself is what a reload must carry over.
     let config = experiment_config(&pki, &a, &b, (1, 1), ROLLOUT);
     let gw = TestGateway::start(&config, pki.path()).await;
+    let mut conn = h2(gw.addr("https"), &pki).await;
+    for i in 0..10 {
+        visit(&mut conn, shopper_get(&format!("k{i}"))).await;
+    }
     let admin = gw.gateway.admin_addr();
     let r = admin_call(
         admin,
@@ -749,7 +753,15 @@ async fn a_reload_that_changes_an_experiment_keeps_its_rollout() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    // Changed, but with the same variants and plan.
+    let counted = |status: &serde_json::Value| -> u64 {
+        status["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["step"]["requests"].as_u64().unwrap())
+            .sum()
+    };
+    // Changed, but with the same variants and plan: the figures and the rollout go on.
     let changed = config.replace(
         "assign_by = \"cookie:shopper\"",
         "assign_by = \"cookie:shopper\"\noverride_header = \"x-qa-variant\"",
@@ -761,7 +773,8 @@ async fn a_reload_that_changes_an_experiment_keeps_its_rollout() {
     let status = rollout_status(&gw).await;
     assert_eq!(status["rollout"]["state"], "Paused", "{status:#}");
     assert_eq!(status["rollout"]["history"].as_array().unwrap().len(), 1);
-    // A new plan starts a new rollout.
+    assert_eq!(counted(&status), 10, "{status:#}");
+    // A new plan starts a new rollout, with figures of its own.
     let replanned = changed.replace("steps = [10, 50, 100]", "steps = [20, 100]");
     gw.gateway
         .reload(gateway::Config::from_toml(&replanned, "test.toml", pki.path()).unwrap())
@@ -770,4 +783,5 @@ async fn a_reload_that_changes_an_experiment_keeps_its_rollout() {
     let status = rollout_status(&gw).await;
     assert_eq!(status["rollout"]["state"], "Running", "{status:#}");
     assert_eq!(status["rollout"]["canary_percent"], 20, "{status:#}");
+    assert_eq!(counted(&status), 0, "{status:#}");
 }

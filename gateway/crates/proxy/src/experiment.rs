@@ -131,9 +131,16 @@ struct Split {
     weights: Box<[u32]>,
 }
 
-/// One experiment's live state.
+/// One experiment: its configuration and its live state.
 pub struct Experiment {
     spec: ExperimentSpec,
+    live: Arc<Live>,
+}
+
+/// What an experiment has learned and decided; shared by the experiment's successors in
+/// later snapshots while they split the same variants under the same plan, so figures and
+/// decisions made on an older snapshot are never lost.
+struct Live {
     split: ArcSwap<Split>,
     arms: Box<[Arm]>,
     rollout: Mutex<Option<Rollout>>,
@@ -230,15 +237,39 @@ impl Experiment {
         let weights = weights_for(&spec, rollout.as_ref());
         let percent_now = rollout.as_ref().map(Rollout::canary_percent);
         let experiment = Experiment {
-            split: ArcSwap::from_pointee(split(&spec, weights)),
+            live: Arc::new(Live {
+                split: ArcSwap::from_pointee(split(&spec, weights)),
+                arms,
+                rollout: Mutex::new(rollout),
+                decisions,
+                percent,
+            }),
             spec,
-            arms,
-            rollout: Mutex::new(rollout),
-            decisions,
-            percent,
         };
         experiment.publish_weights(percent_now);
         experiment
+    }
+
+    /// `spec`, continuing `previous`'s figures, weights and rollout, when it splits the same
+    /// variants (by name, in order) under the same rollout plan, or with the same weights
+    /// without one; `None` otherwise.
+    pub fn carry_over(spec: ExperimentSpec, previous: &Experiment) -> Option<Experiment> {
+        let old = &previous.spec;
+        let same_variants =
+            old.name == spec.name
+                && old.variants.len() == spec.variants.len()
+                && old.variants.iter().zip(&spec.variants).all(|(a, b)| {
+                    a.name == b.name && (spec.rollout.is_some() || a.weight == b.weight)
+                });
+        let same_plan = match (&old.rollout, &spec.rollout) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.plan == b.plan,
+            _ => false,
+        };
+        (same_variants && same_plan).then(|| Experiment {
+            spec,
+            live: previous.live.clone(),
+        })
     }
 
     /// The configuration it runs.
@@ -263,7 +294,7 @@ impl Experiment {
         }
         match shopper_id(&self.spec.assign_by, headers, uri) {
             Some(id) => Assignment {
-                variant: self.split.load().splitter.assign(id),
+                variant: self.live.split.load().splitter.assign(id),
                 counted: true,
             },
             None => Assignment {
@@ -278,7 +309,7 @@ impl Experiment {
         if !a.counted {
             return;
         }
-        let Some(arm) = self.arms.get(a.variant) else {
+        let Some(arm) = self.live.arms.get(a.variant) else {
             return;
         };
         arm.by_class[class_index(status)].inc();
@@ -293,7 +324,7 @@ impl Experiment {
 
     /// Counts an outcome event for a variant, by name; `false` when it has no such variant.
     pub fn record_outcome(&self, variant: &str, outcome: Outcome) -> bool {
-        let Some(arm) = self.arms.iter().find(|a| a.name == variant) else {
+        let Some(arm) = self.live.arms.iter().find(|a| a.name == variant) else {
             return false;
         };
         arm.events[outcome as usize].inc();
@@ -307,7 +338,7 @@ impl Experiment {
 
     /// Counts a model score a variant served (for the score-drift guard).
     pub fn record_score(&self, variant: usize, score: f64) {
-        if let Some(arm) = self.arms.get(variant) {
+        if let Some(arm) = self.live.arms.get(variant) {
             arm.step
                 .lock()
                 .expect("arm lock")
@@ -323,10 +354,10 @@ impl Experiment {
     /// Judges the rollout, if any, on the figures since its step began; a decision changes
     /// the weights at once (and starts the next step's figures afresh).
     pub fn evaluate(&self, now_ms: u64) -> Option<Decision> {
-        let mut guard = self.rollout.lock().expect("rollout lock");
+        let mut guard = self.live.rollout.lock().expect("rollout lock");
         let rollout = guard.as_mut()?;
-        let baseline = self.arms[0].step.lock().expect("arm lock").totals();
-        let canary = self.arms[1].step.lock().expect("arm lock").totals();
+        let baseline = self.live.arms[0].step.lock().expect("arm lock").totals();
+        let canary = self.live.arms[1].step.lock().expect("arm lock").totals();
         let decision = rollout.evaluate(now_ms, &baseline, &canary)?;
         self.applied(rollout, &decision);
         Some(decision)
@@ -334,7 +365,7 @@ impl Experiment {
 
     /// Applies an operator's command to the rollout.
     pub fn command(&self, command: Command, now_ms: u64) -> Result<Decision, CommandError> {
-        let mut guard = self.rollout.lock().expect("rollout lock");
+        let mut guard = self.live.rollout.lock().expect("rollout lock");
         let rollout = guard
             .as_mut()
             .ok_or_else(|| CommandError::NoRollout(self.spec.name.clone()))?;
@@ -349,42 +380,43 @@ impl Experiment {
     }
 
     fn applied(&self, rollout: &Rollout, decision: &Decision) {
-        self.decisions[action_index(decision)].inc();
+        self.live.decisions[action_index(decision)].inc();
         let weights = weights_for(&self.spec, Some(rollout));
-        if *weights != *self.split.load().weights {
-            self.split.store(Arc::new(split(&self.spec, weights)));
+        if *weights != *self.live.split.load().weights {
+            self.live.split.store(Arc::new(split(&self.spec, weights)));
         }
         self.publish_weights(Some(rollout.canary_percent()));
         if matches!(decision.action, gateway_rollout::Action::Advance { .. }) {
-            for arm in self.arms.iter() {
+            for arm in self.live.arms.iter() {
                 arm.step.lock().expect("arm lock").reset();
             }
         }
     }
 
     fn publish_weights(&self, canary_percent: Option<u8>) {
-        let split = self.split.load();
-        for (arm, w) in self.arms.iter().zip(split.weights.iter()) {
+        let split = self.live.split.load();
+        for (arm, w) in self.live.arms.iter().zip(split.weights.iter()) {
             arm.weight.set(i64::from(*w));
         }
         if let Some(p) = canary_percent {
-            self.percent.set(i64::from(p));
+            self.live.percent.set(i64::from(p));
         }
     }
 
     /// A copy of the rollout, to persist or show.
     pub fn rollout(&self) -> Option<Rollout> {
-        self.rollout.lock().expect("rollout lock").clone()
+        self.live.rollout.lock().expect("rollout lock").clone()
     }
 
     /// What the experiment looks like now.
     pub fn status(&self, now_ms: u64) -> ExperimentStatus {
-        let split = self.split.load();
+        let split = self.live.split.load();
         let rollout = self.rollout();
         ExperimentStatus {
             name: self.spec.name.clone(),
             assign_by: self.spec.assign_by.to_string(),
             variants: self
+                .live
                 .arms
                 .iter()
                 .zip(split.weights.iter())
@@ -412,7 +444,8 @@ impl Experiment {
     /// Whether a rollout still has decisions to make.
     pub fn rollout_running(&self) -> bool {
         matches!(
-            self.rollout
+            self.live
+                .rollout
                 .lock()
                 .expect("rollout lock")
                 .as_ref()

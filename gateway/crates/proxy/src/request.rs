@@ -234,9 +234,10 @@ impl Snapshot {
     /// Builds the router, binding each route's hooks with `bind`, the pools and the
     /// experiments. A pool whose settings did not change is carried over from `previous` with
     /// its connections and health state (new ones start their health checks); so is an
-    /// experiment, with its figures and rollout. A changed or new experiment with a rollout
-    /// resumes the rollout of `previous`'s experiment of that name, else the one `resumed`
-    /// holds under its name, when it judges the same variants under the same plan.
+    /// experiment, with its figures and rollout, and a changed one continues them while it
+    /// splits the same variants under the same plan ([`Experiment::carry_over`]). A new
+    /// experiment with a rollout resumes the one `resumed` holds under its name, when it
+    /// judges the same variants under the same plan.
     pub fn build(
         config: Arc<Config>,
         metrics: &Metrics,
@@ -263,18 +264,13 @@ impl Snapshot {
                     .and_then(|p| p.experiments.iter().find(|old| old.spec() == e))
                     .cloned()
                     .unwrap_or_else(|| {
-                        // A changed experiment keeps its rollout when it still judges the same
-                        // variants under the same plan (Experiment::new checks).
-                        let running = previous
-                            .and_then(|p| {
-                                p.experiments.iter().find(|old| old.spec().name == e.name)
-                            })
-                            .and_then(|old| old.rollout());
-                        Arc::new(Experiment::new(
-                            e.clone(),
-                            metrics,
-                            running.or_else(|| resumed.get(&e.name).cloned()),
-                        ))
+                        let old = previous.and_then(|p| {
+                            p.experiments.iter().find(|old| old.spec().name == e.name)
+                        });
+                        let carried = old.and_then(|old| Experiment::carry_over(e.clone(), old));
+                        Arc::new(carried.unwrap_or_else(|| {
+                            Experiment::new(e.clone(), metrics, resumed.get(&e.name).cloned())
+                        }))
                     })
             })
             .collect();
