@@ -478,6 +478,12 @@ async fn operators_steer_the_rollout_and_a_restart_resumes_it() {
     assert_eq!(paused.status, 200, "{}", paused.text());
     let v: serde_json::Value = serde_json::from_slice(&paused.body).unwrap();
     assert_eq!(v["decision"]["action"], "Pause", "{v}");
+    // The command is in the audit trail, with the token's id.
+    let audit = admin_call(admin, Method::GET, "/admin/audit", Some(TOKEN)).await;
+    let audit: serde_json::Value = serde_json::from_slice(&audit.body).unwrap();
+    let last = audit["entries"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["action"], "rollout_pause", "{audit}");
+    assert_eq!(last["target"], "experiment/exp", "{audit}");
 
     // Restarted on the same store, the node resumes the paused rollout with its history.
     drop(gw);

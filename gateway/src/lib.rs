@@ -7,6 +7,7 @@
 #![recursion_limit = "256"]
 
 pub mod admin_client;
+mod audit;
 pub mod demo;
 mod loader;
 pub mod ranker;

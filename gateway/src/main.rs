@@ -95,6 +95,11 @@ enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// The audit trail of management actions (`[store] dir`/audit.log).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Watch and steer a node's experiments and their rollouts.
     Rollout {
         #[command(subcommand)]
@@ -108,6 +113,17 @@ enum Command {
         /// Admin listener address.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+    },
+}
+
+/// `gateway audit ...`.
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit log: exit 0 with the number of entries, or 1 naming
+    /// the first entry that was edited, removed or moved.
+    Verify {
+        /// The log (`<store dir>/audit.log`).
+        file: PathBuf,
     },
 }
 
@@ -326,6 +342,22 @@ fn main() -> ExitCode {
             command: PluginCommand::Push { file, name, target },
         } => push_file(&target, Kind::Plugin, &name, &file),
         Command::Model { command } => model_command(command),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match gateway::store::audit::verify(&file) {
+            Ok(entries) => {
+                println!(
+                    "{}: {} entries, the chain is intact",
+                    file.display(),
+                    entries.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Rollout {
             command: RolloutCommand::Status { target },
         } => client(&target, |node| async move {

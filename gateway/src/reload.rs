@@ -68,11 +68,13 @@ impl gateway_admin::Control for ServeCtx {
         &self.recent_uploads
     }
 
-    async fn reload_from_file(&self) -> Result<(), gateway_admin::ReloadRefused> {
-        ServeCtx::reload_from_file(self).await.map_err(|e| match e {
-            ReloadError::NoFile => gateway_admin::ReloadRefused::NoFile(e.to_string()),
-            e => gateway_admin::ReloadRefused::Failed(e.to_string()),
-        })
+    async fn reload_from_file(&self, by: &str) -> Result<(), gateway_admin::ReloadRefused> {
+        ServeCtx::reload_from_file(self, by)
+            .await
+            .map_err(|e| match e {
+                ReloadError::NoFile => gateway_admin::ReloadRefused::NoFile(e.to_string()),
+                e => gateway_admin::ReloadRefused::Failed(e.to_string()),
+            })
     }
 
     async fn activate(
@@ -82,6 +84,16 @@ impl gateway_admin::Control for ServeCtx {
         target: Target<'_>,
     ) -> Result<Activated, ArtifactError> {
         ServeCtx::activate(self, kind, name, target).await
+    }
+
+    async fn audit(&self, action: crate::store::audit::Action) {
+        let dir = self.shared.state.load().config.store_dir.clone();
+        self.audit.append(dir, action).await;
+    }
+
+    async fn audit_entries(&self) -> Result<Vec<crate::store::audit::Entry>, String> {
+        let dir = self.shared.state.load().config.store_dir.clone();
+        self.audit.entries(dir).await
     }
 
     async fn rollout_command(
@@ -139,8 +151,11 @@ impl ServeCtx {
     /// Reloads from the remembered file and records the outcome. The file and the store's
     /// record are read under the reload lock, so a reload never applies what an upload or
     /// another reload that finished before it replaced.
-    pub(crate) async fn reload_from_file(&self) -> Result<(), ReloadError> {
+    pub(crate) async fn reload_from_file(&self, by: &str) -> Result<(), ReloadError> {
         let path = self.config_path.lock().expect("config path lock").clone();
+        let path_shown = path
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |p| p.display().to_string());
         let mut base = self.reload_lock.lock().await;
         let result = match path {
             None => Err(ReloadError::NoFile),
@@ -166,6 +181,21 @@ impl ServeCtx {
             at: std::time::SystemTime::now(),
             error: result.as_ref().err().map(|e| e.to_string()),
         });
+        let dir = self.shared.state.load().config.store_dir.clone();
+        self.audit
+            .append(
+                dir,
+                crate::store::audit::Action {
+                    actor: by.to_string(),
+                    action: "reload".into(),
+                    target: path_shown,
+                    outcome: match &result {
+                        Ok(()) => "ok".into(),
+                        Err(e) => format!("refused: {e}"),
+                    },
+                },
+            )
+            .await;
         result
     }
 

@@ -115,6 +115,14 @@ pub(crate) async fn run(ctx: Arc<ServeCtx>) {
             match experiment.evaluate(now_ms()) {
                 Some(decision) => {
                     log(experiment, &decision);
+                    let dir = snapshot.config.store_dir.clone();
+                    let action = crate::store::audit::Action {
+                        actor: "rollout".into(),
+                        action: "rollout_decision".into(),
+                        target: format!("experiment/{}", spec.name),
+                        outcome: format!("{:?}", decision.action),
+                    };
+                    ctx.audit.append(dir, action).await;
                     save(&snapshot.config, experiment).await;
                     *saved = now;
                 }

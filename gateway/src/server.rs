@@ -95,6 +95,8 @@ pub(crate) struct ServeCtx {
     pub(crate) reloads_ok: prometheus::IntCounter,
     /// Builds each configuration (at start and on every change).
     pub(crate) loader: Loader,
+    /// The audit trail of management actions.
+    pub(crate) audit: crate::audit::Audit,
     pub(crate) tls: ArcSwap<rustls::ServerConfig>,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -177,6 +179,7 @@ impl Gateway {
             reloads,
             reloads_ok,
             loader,
+            audit: crate::audit::Audit::default(),
             tls: ArcSwap::new(built.tls),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             shutdown: CancellationToken::new(),
@@ -275,10 +278,11 @@ impl Gateway {
         crate::watch::start(self.ctx.clone(), path, debounce)
     }
 
-    /// Reads the configuration file again and applies it; on any error the serving state is
-    /// untouched, and the error is logged, counted and kept for the admin API.
+    /// Reads the configuration file again and applies it (as asked by SIGHUP: the audit trail
+    /// says so); on any error the serving state is untouched, and the error is logged,
+    /// counted and kept for the admin API.
     pub async fn reload_from_file(&self) -> Result<(), ReloadError> {
-        self.ctx.reload_from_file().await
+        self.ctx.reload_from_file("sighup").await
     }
 
     /// Stops accepting, lets in-flight requests finish until the drain deadline, then stops

@@ -172,7 +172,7 @@ pub(crate) fn start(
             // Taken before the reload reads anything: a change while it runs is seen next time.
             last = Some(now);
             tracing::info!("watched files changed, reloading");
-            if ctx.reload_from_file().await.is_ok() {
+            if ctx.reload_from_file("watcher").await.is_ok() {
                 // The new config may name other files; watch their directories too.
                 let named = watched_files(&config_path, Some(&ctx.shared.state.load().config));
                 if named != files {

@@ -75,6 +75,14 @@ pub struct RolloutCommanded {
     pub decision: serde_json::Value,
 }
 
+/// `GET /admin/audit`: the audit trail, oldest first, its chain verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audit {
+    /// Every management action: seq, time, actor (token id or the gateway), action, target,
+    /// outcome and the chain hash.
+    pub entries: Vec<crate::store::audit::Entry>,
+}
+
 /// Every refusal of the admin API (4xx and 5xx): what went wrong and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorAnswer {

@@ -26,8 +26,8 @@ pub trait Control: Send + Sync + 'static {
     fn last_reload(&self) -> Option<ReloadReport>;
     /// When this gateway's recent uploads were accepted (the upload rate limit).
     fn recent_uploads(&self) -> &Mutex<VecDeque<Instant>>;
-    /// Reloads from the config file; on error nothing changes.
-    fn reload_from_file(&self) -> impl Future<Output = Result<(), ReloadRefused>> + Send;
+    /// Reloads from the config file, as `by` (a token id) asked; on error nothing changes.
+    fn reload_from_file(&self, by: &str) -> impl Future<Output = Result<(), ReloadRefused>> + Send;
     /// Makes `target` the active version of `name`, in one serialized step.
     fn activate(
         &self,
@@ -35,6 +35,12 @@ pub trait Control: Send + Sync + 'static {
         name: &str,
         target: Target<'_>,
     ) -> impl Future<Output = Result<Activated, ArtifactError>> + Send;
+    /// Appends a management action to the audit trail (a failure to write it is logged).
+    fn audit(&self, action: crate::store::audit::Action) -> impl Future<Output = ()> + Send;
+    /// The audit trail, oldest first.
+    fn audit_entries(
+        &self,
+    ) -> impl Future<Output = Result<Vec<crate::store::audit::Entry>, String>> + Send;
     /// Applies an operator's command to the rollout of experiment `name` and records it.
     fn rollout_command(
         &self,

@@ -226,6 +226,26 @@ fn authenticate(
     }
 }
 
+/// What a management call is, for the audit trail: its action and target.
+fn audited(method: &Method, segments: &[&str]) -> Option<(String, String)> {
+    let one = |kind: &str| kind.trim_end_matches('s').to_string();
+    match (method, segments) {
+        (&Method::PUT, [kind @ ("plugins" | "models"), name]) => {
+            Some(("upload".into(), format!("{}/{name}", one(kind))))
+        }
+        (&Method::POST, [kind @ ("plugins" | "models"), name, "rollback"]) => {
+            Some(("rollback".into(), format!("{}/{name}", one(kind))))
+        }
+        (&Method::DELETE, [kind @ ("plugins" | "models"), name]) => {
+            Some(("delete".into(), format!("{}/{name}", one(kind))))
+        }
+        (&Method::POST, ["rollouts", name, command]) => {
+            Some((format!("rollout_{command}"), format!("experiment/{name}")))
+        }
+        _ => None,
+    }
+}
+
 async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Response<ProxyBody> {
     let who = match authenticate(&req, ctx) {
         Ok(id) => id,
@@ -233,7 +253,35 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
     };
     let method = req.method().clone();
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    match (method.clone(), segments.as_slice()) {
+    let audit = audited(&method, &segments);
+    let response = dispatch(req, ctx, &who, &method, &segments).await;
+    if let Some((action, target)) = audit {
+        let status = response.status();
+        ctx.audit(crate::store::audit::Action {
+            actor: who,
+            action,
+            target,
+            outcome: format!(
+                "{} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+        })
+        .await;
+    }
+    response
+}
+
+async fn dispatch(
+    req: Request<Incoming>,
+    ctx: &impl Control,
+    who: &str,
+    method: &Method,
+    segments: &[&str],
+) -> Response<ProxyBody> {
+    let who = who.to_string();
+    let method = method.clone();
+    match (method.clone(), segments) {
         (Method::GET, ["status"]) => typed_response(&status(ctx)),
         (Method::GET, ["config"]) => {
             let snapshot = ctx.snapshot();
@@ -251,7 +299,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
         }
         (Method::POST, ["reload"]) => {
             tracing::info!(target: "admin", token = %who, "reload requested");
-            match ctx.reload_from_file().await {
+            match ctx.reload_from_file(&who).await {
                 Ok(()) => typed_response(&api::Reloaded {
                     reloaded: true,
                     status: status(ctx),
@@ -285,6 +333,10 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
         (Method::DELETE, [kind @ ("plugins" | "models"), name]) => {
             forget(ctx, kind_of(kind), name, &who).await
         }
+        (Method::GET, ["audit"]) => match ctx.audit_entries().await {
+            Ok(entries) => typed_response(&api::Audit { entries }),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        },
         (Method::GET, ["rollouts"]) => {
             let snapshot = ctx.snapshot();
             let now = crate::proxy::experiment::now_ms();
@@ -320,7 +372,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
                 Err(e) => error(StatusCode::CONFLICT, e),
             }
         }
-        (_, ["rollouts"]) | (_, ["rollouts", _, _]) => error(
+        (_, ["rollouts" | "audit"]) | (_, ["rollouts", _, _]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed here"),
         ),
@@ -332,7 +384,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
         ),
         _ => error(
             StatusCode::NOT_FOUND,
-            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback, GET rollouts, POST rollouts/{experiment}/pause|resume|promote|abort",
+            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback, GET rollouts, POST rollouts/{experiment}/pause|resume|promote|abort, GET audit",
         ),
     }
 }

@@ -9,7 +9,10 @@
 //! This crate also owns content identity, in one place: [`sha256_hex`] (a blob's name),
 //! [`content_version`] (the short version plugins and models are reported by) and
 //! [`check_pin`] (the one SHA-256 pin check that plugin loading, model loading and admin
-//! uploads share). It is a leaf of the workspace: filesystem and hashing only.
+//! uploads share), and the hash-chained audit trail of management actions ([`audit`]). It is
+//! a leaf of the workspace: filesystem and hashing only.
+
+pub mod audit;
 
 use std::collections::BTreeMap;
 use std::io::Write;
