@@ -145,6 +145,19 @@ async fn the_demo_command_serves_the_storefront_through_its_plugins() {
         v["reranked_by"].as_str().unwrap().starts_with("recs@"),
         "{v}"
     );
+    // A shopper with a cookie is in the demo's experiment and gets a token.
+    let mut with_cookie = get("localhost", "/api/recommendations?user=42&limit=3");
+    with_cookie
+        .headers_mut()
+        .insert("cookie", "shopper=alice".parse().unwrap());
+    let r = fetch(addr, &ca, false, with_cookie).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        matches!(r.header("x-gateway-variant"), Some("current" | "next")),
+        "{:?}",
+        r.headers
+    );
+    assert!(r.header("x-gateway-attribution").is_some());
     // Ctrl-C drains and exits 0, and the demo's certificate and model go with it.
     let pid = child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")

@@ -84,7 +84,21 @@ pub fn demo_config(
     spec.n_users = 100;
     let model_path = dir.join("demo-recs.safetensors");
     std::fs::write(&model_path, crate::scoring::sample_model(&spec)).map_err(write_err)?;
-    let text = text.replace("@MODEL@", &model_path.display().to_string());
+    let mut next = crate::scoring::SampleSpec::embedding(49, 32, 43);
+    next.name = "demo-recs-next".into();
+    next.n_users = 100;
+    let next_path = dir.join("demo-recs-next.safetensors");
+    std::fs::write(&next_path, crate::scoring::sample_model(&next)).map_err(write_err)?;
+    // The key that signs the demo's attribution tokens: fresh each start.
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
+    let key_path = dir.join("demo-feedback.key");
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&key_path, hex).map_err(write_err)?;
+    let text = text
+        .replace("@MODEL@", &model_path.display().to_string())
+        .replace("@MODEL_NEXT@", &next_path.display().to_string())
+        .replace("@FEEDBACK_KEY@", &key_path.display().to_string());
     let plugins = plugins_dir.filter(|d| {
         DEMO_PLUGINS
             .iter()

@@ -903,7 +903,11 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
             "  curl -sk https://localhost:{}/_gateway/models/recs/rank -d '{{\"user\": 42, \"candidates\": [2, 8, 14, 20]}}'",
             https.port()
         );
-        println!("  curl -s http://{admin}/metrics | grep gateway_requests_total");
+        println!(
+            "  curl -sk -i --cookie shopper=alice https://localhost:{}/api/recommendations?user=42 | grep -i x-gateway",
+            https.port()
+        );
+        println!("  curl -s http://{admin}/metrics | grep -E 'gateway_(requests|experiment_requests)_total'");
         println!("Ctrl-C stops it (in-flight requests are drained first).");
     });
     let code = run(config, None, Some(banner));
