@@ -147,3 +147,20 @@ pub enum ScoringError {
     #[error(transparent)]
     Gpu(#[from] GpuError),
 }
+
+impl ScoringError {
+    /// The index, within its batch, of the request this error is about, when it is about one
+    /// request (an unknown id, a bad query, a request over a limit).
+    pub fn request(&self) -> Option<usize> {
+        match self {
+            ScoringError::UnknownItem { request, .. }
+            | ScoringError::UnknownUser { request, .. }
+            | ScoringError::QueryDim { request, .. }
+            | ScoringError::NotFinite { request, .. }
+            | ScoringError::QueryTooLarge { request, .. }
+            | ScoringError::InputTooLarge { request, .. }
+            | ScoringError::DenseLen { request, .. } => Some(*request),
+            _ => None,
+        }
+    }
+}

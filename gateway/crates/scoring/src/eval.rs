@@ -397,19 +397,6 @@ fn wrong_kind(file: &str, model: ModelKind, found: &'static str) -> EvalError {
     }
 }
 
-/// The request index a scoring error names, if any.
-fn request_of(e: &ScoringError) -> Option<usize> {
-    match e {
-        ScoringError::UnknownItem { request, .. }
-        | ScoringError::UnknownUser { request, .. }
-        | ScoringError::QueryDim { request, .. }
-        | ScoringError::NotFinite { request, .. }
-        | ScoringError::QueryTooLarge { request, .. }
-        | ScoringError::InputTooLarge { request, .. }
-        | ScoringError::DenseLen { request, .. } => Some(*request),
-        _ => None,
-    }
-}
 
 fn rank_cases(
     model: &Model,
@@ -446,7 +433,7 @@ fn rank_cases(
     for chunk in open.chunks(model.batch_limits().max_queries.max(1)) {
         let queries: Vec<Query<'_>> = chunk.iter().map(|&i| Query::User(cases[i].user)).collect();
         let hits = model.top_k_cpu_any_k(&queries, k).map_err(|e| {
-            let line = request_of(&e).map_or(cases[chunk[0]].line, |r| cases[chunk[r]].line);
+            let line = e.request().map_or(cases[chunk[0]].line, |r| cases[chunk[r]].line);
             scoring(line, e)
         })?;
         for (&i, hits) in chunk.iter().zip(hits) {
@@ -540,7 +527,7 @@ fn ctr_cases(model: &Model, file: &str, cases: &[CtrCase]) -> Result<Report, Eva
             .collect();
         let p = model.predict_cpu(&rows).map_err(|e| EvalError::Scoring {
             file: file.to_string(),
-            line: chunk[request_of(&e).unwrap_or(0)].line,
+            line: chunk[e.request().unwrap_or(0)].line,
             error: e,
         })?;
         probs.extend(p.into_iter().map(f64::from));

@@ -650,19 +650,6 @@ fn is_heavy(ask: &Ask, limits: &super::BatchLimits) -> bool {
     }
 }
 
-/// The index of the request an error names, if it names one.
-fn offending(e: &ScoringError) -> Option<usize> {
-    match e {
-        ScoringError::UnknownItem { request, .. }
-        | ScoringError::UnknownUser { request, .. }
-        | ScoringError::QueryDim { request, .. }
-        | ScoringError::NotFinite { request, .. }
-        | ScoringError::QueryTooLarge { request, .. }
-        | ScoringError::InputTooLarge { request, .. }
-        | ScoringError::DenseLen { request, .. } => Some(*request),
-        _ => None,
-    }
-}
 
 /// The dispatch of one operation: answers for `jobs`, one per job in job order.
 type Dispatch<T> = fn(&[Pending<T>], &Model, bool) -> Result<Vec<Vec<Hit>>, ScoringError>;
@@ -716,7 +703,7 @@ fn run<T>(
                 );
                 return;
             }
-            Err(e) => match offending(&e) {
+            Err(e) => match e.request() {
                 Some(i) if i < jobs.len() => {
                     metrics.count(version, op, "bad_request", 1);
                     let job = jobs.remove(i);
