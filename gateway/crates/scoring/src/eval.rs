@@ -397,7 +397,6 @@ fn wrong_kind(file: &str, model: ModelKind, found: &'static str) -> EvalError {
     }
 }
 
-
 fn rank_cases(
     model: &Model,
     file: &str,
@@ -433,7 +432,9 @@ fn rank_cases(
     for chunk in open.chunks(model.batch_limits().max_queries.max(1)) {
         let queries: Vec<Query<'_>> = chunk.iter().map(|&i| Query::User(cases[i].user)).collect();
         let hits = model.top_k_cpu_any_k(&queries, k).map_err(|e| {
-            let line = e.request().map_or(cases[chunk[0]].line, |r| cases[chunk[r]].line);
+            let line = e
+                .request()
+                .map_or(cases[chunk[0]].line, |r| cases[chunk[r]].line);
             scoring(line, e)
         })?;
         for (&i, hits) in chunk.iter().zip(hits) {

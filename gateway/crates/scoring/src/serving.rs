@@ -650,7 +650,6 @@ fn is_heavy(ask: &Ask, limits: &super::BatchLimits) -> bool {
     }
 }
 
-
 /// The dispatch of one operation: answers for `jobs`, one per job in job order.
 type Dispatch<T> = fn(&[Pending<T>], &Model, bool) -> Result<Vec<Vec<Hit>>, ScoringError>;
 
