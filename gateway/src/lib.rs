@@ -10,6 +10,7 @@ pub mod admin_client;
 mod audit;
 pub mod demo;
 mod loader;
+mod monitor;
 pub mod ranker;
 mod reload;
 mod rollouts;

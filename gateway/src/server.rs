@@ -198,6 +198,8 @@ impl Gateway {
             tokio::spawn(accept_loop(ctx.clone(), listener, spec));
         }
         tokio::spawn(crate::rollouts::run(ctx.clone()));
+        let anomaly = crate::monitor::gauge(&registry).map_err(MetricsError::from)?;
+        tokio::spawn(crate::monitor::run(ctx.clone(), anomaly));
         let draining = Arc::new(AtomicBool::new(false));
         let admin_shutdown = CancellationToken::new();
         tracing::info!(addr = %admin_addr, "admin listening");

@@ -244,6 +244,8 @@ pub struct ServerSettings {
     pub watch_files: bool,
     /// Quiet time before a watched change is applied.
     pub watch_debounce: Duration,
+    /// How often routes' series are sampled for anomaly alerts.
+    pub anomaly_interval: Duration,
 }
 
 /// `[limits]`, validated.

@@ -263,6 +263,9 @@ pub struct RawServer {
     pub watch_files: Option<bool>,
     /// Quiet time after the last file event before reloading, in milliseconds. Default 250.
     pub watch_debounce_ms: Option<u64>,
+    /// How often each route's request rate, error ratio and p99 latency are sampled for the
+    /// anomaly alerts (`gateway_anomaly`), in milliseconds. Default 10000.
+    pub anomaly_interval_ms: Option<u64>,
 }
 
 /// `[limits]`

@@ -191,7 +191,14 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         drain_timeout: ms(drain),
         watch_files: raw.server.watch_files.unwrap_or(true),
         watch_debounce: ms(raw.server.watch_debounce_ms.unwrap_or(250)),
+        anomaly_interval: ms(raw.server.anomaly_interval_ms.unwrap_or(10_000)),
     };
+    if !(100..=3_600_000).contains(&server.anomaly_interval.as_millis()) {
+        c.fail(
+            vec![Key("server"), Key("anomaly_interval_ms")],
+            "must be between 100 and 3600000 milliseconds",
+        );
+    }
     if server.worker_threads > 1024 {
         c.fail(
             vec![Key("server"), Key("worker_threads")],
