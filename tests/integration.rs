@@ -31,6 +31,7 @@ mod swaps_under_load_lose_no_request;
 mod the_sample_config_is_complete_and_checks;
 mod timeouts_and_limits;
 mod tls_sni_alpn_and_versions;
+mod tuning_hints_name_what_to_change;
 mod uploads_are_validated_durable_and_reversible;
 mod upstream_failover_health_and_retries;
 mod upstream_protocols_and_balancing;

@@ -48,6 +48,9 @@ pub struct Removed {
 /// `GET /admin/status`: what serves. Fields are in alphabetical order, as the JSON has them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// Tuning hints from the gateway's own series (see `GET /admin/hints`).
+    #[serde(default)]
+    pub hints: Vec<Hint>,
     /// The last reload from the file, if any.
     pub last_reload: Option<LastReload>,
     /// Served models, by name.
@@ -81,6 +84,25 @@ pub struct Audit {
     /// Every management action: seq, time, actor (token id or the gateway), action, target,
     /// outcome and the chain hash.
     pub entries: Vec<crate::store::audit::Entry>,
+}
+
+/// A change the gateway suggests, with the numbers behind it. Fields are in alphabetical
+/// order, as the JSON has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hint {
+    /// What to change, and why.
+    pub advice: String,
+    /// The figures it rests on.
+    pub evidence: String,
+    /// What it is about: `model recs`, `plugin ratelimit`, `upstream app`.
+    pub subject: String,
+}
+
+/// `GET /admin/hints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hints {
+    /// The hints, possibly none.
+    pub hints: Vec<Hint>,
 }
 
 /// Every refusal of the admin API (4xx and 5xx): what went wrong and what to do about it.
@@ -226,6 +248,11 @@ mod tests {
     fn the_status_document_serializes_as_its_json_value_does() {
         // The CLI prints a status it parsed; it must read as the node wrote it.
         let status = Status {
+            hints: vec![Hint {
+                subject: "model recs".into(),
+                advice: "lower max_queue_delay_us".into(),
+                evidence: "300 batches of 1.02 requests on average".into(),
+            }],
             last_reload: Some(LastReload {
                 at_unix_ms: 5,
                 error: None,

@@ -33,6 +33,7 @@ use gateway_store as store;
 
 pub mod api;
 mod control;
+mod hints;
 pub use control::{
     Activated, ArtifactError, Control, PluginStatus, ReloadRefused, ReloadReport, RolloutRefused,
     Target,
@@ -142,7 +143,7 @@ async fn respond(
 ) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/admin/") {
-        return admin_api(req, rest, ctx).await;
+        return admin_api(req, rest, ctx, registry).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
@@ -246,7 +247,12 @@ fn audited(method: &Method, segments: &[&str]) -> Option<(String, String)> {
     }
 }
 
-async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Response<ProxyBody> {
+async fn admin_api(
+    req: Request<Incoming>,
+    rest: &str,
+    ctx: &impl Control,
+    registry: &Registry,
+) -> Response<ProxyBody> {
     let who = match authenticate(&req, ctx) {
         Ok(id) => id,
         Err(r) => return r,
@@ -254,7 +260,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
     let method = req.method().clone();
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let audit = audited(&method, &segments);
-    let response = dispatch(req, ctx, &who, &method, &segments).await;
+    let response = dispatch(req, ctx, registry, &who, &method, &segments).await;
     if let Some((action, target)) = audit {
         let status = response.status();
         ctx.audit(crate::store::audit::Action {
@@ -275,6 +281,7 @@ async fn admin_api(req: Request<Incoming>, rest: &str, ctx: &impl Control) -> Re
 async fn dispatch(
     req: Request<Incoming>,
     ctx: &impl Control,
+    registry: &Registry,
     who: &str,
     method: &Method,
     segments: &[&str],
@@ -282,7 +289,10 @@ async fn dispatch(
     let who = who.to_string();
     let method = method.clone();
     match (method.clone(), segments) {
-        (Method::GET, ["status"]) => typed_response(&status(ctx)),
+        (Method::GET, ["status"]) => typed_response(&status(ctx, registry)),
+        (Method::GET, ["hints"]) => typed_response(&api::Hints {
+            hints: hints::hints(registry, &ctx.snapshot()),
+        }),
         (Method::GET, ["config"]) => {
             let snapshot = ctx.snapshot();
             let source = snapshot.config.source.as_deref();
@@ -302,7 +312,7 @@ async fn dispatch(
             match ctx.reload_from_file(&who).await {
                 Ok(()) => typed_response(&api::Reloaded {
                     reloaded: true,
-                    status: status(ctx),
+                    status: status(ctx, registry),
                 }),
                 Err(e @ ReloadRefused::NoFile(_)) => error(StatusCode::CONFLICT, e),
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
@@ -376,7 +386,7 @@ async fn dispatch(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed here"),
         ),
-        (_, ["status" | "config" | "reload" | "plugins" | "models"])
+        (_, ["status" | "config" | "reload" | "plugins" | "models" | "hints"])
         | (_, ["plugins" | "models", _])
         | (_, ["plugins" | "models", _, "rollback"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -384,7 +394,7 @@ async fn dispatch(
         ),
         _ => error(
             StatusCode::NOT_FOUND,
-            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback, GET rollouts, POST rollouts/{experiment}/pause|resume|promote|abort, GET audit",
+            "admin API: GET status, GET config, GET|POST reload, GET plugins|models, PUT|DELETE plugins|models/{name}, POST plugins|models/{name}/rollback, GET rollouts, POST rollouts/{experiment}/pause|resume|promote|abort, GET audit, GET hints",
         ),
     }
 }
@@ -401,7 +411,7 @@ fn last_reload(ctx: &impl Control) -> Option<api::LastReload> {
     })
 }
 
-fn status(ctx: &impl Control) -> api::Status {
+fn status(ctx: &impl Control, registry: &Registry) -> api::Status {
     let snapshot = ctx.snapshot();
     let plugins = ctx.plugins(&snapshot);
     let mut models: Vec<_> = snapshot
@@ -436,6 +446,7 @@ fn status(ctx: &impl Control) -> api::Status {
         })
         .collect();
     api::Status {
+        hints: hints::hints(registry, &snapshot),
         routes,
         plugins,
         models,
