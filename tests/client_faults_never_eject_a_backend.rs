@@ -147,7 +147,13 @@ async fn a_backend_that_times_out_after_the_whole_body_is_still_ejected() {
     let slow =
         Upstream::with(|_| Reply::Delay(Duration::from_secs(3), Bytes::from_static(b"late"))).await;
     let gw = TestGateway::start(
-        &basic_config(&pki, &[slow.addr], "request_timeout_ms = 300", ""),
+        // Without the panic threshold, so the ejected only backend takes no traffic.
+        &basic_config(
+            &pki,
+            &[slow.addr],
+            "request_timeout_ms = 300\npanic_threshold = 0",
+            "",
+        ),
         pki.path(),
     )
     .await;

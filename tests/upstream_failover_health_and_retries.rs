@@ -209,3 +209,49 @@ async fn nothing_to_answer_gives_502_and_a_reset_is_retried() {
         2.0
     );
 }
+
+#[tokio::test]
+async fn ejection_never_empties_a_pool_below_its_panic_threshold() {
+    // The only backend answers 503 five times (ejected for a minute), then recovers.
+    let pki = Pki::new();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = {
+        let calls = calls.clone();
+        Upstream::with(move |_| {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let status = if n < 5 {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                http::StatusCode::OK
+            };
+            Reply::Respond(status, vec![], bytes::Bytes::from_static(b"up"))
+        })
+        .await
+    };
+    let passive = "[upstreams.passive]\nconsecutive_failures = 5\nejection_ms = 60000";
+    for (threshold, expected) in [("", 200), ("panic_threshold = 0\n", 502)] {
+        calls.store(0, std::sync::atomic::Ordering::Relaxed);
+        let gw = TestGateway::start(
+            &basic_config(&pki, &[up.addr], &format!("{threshold}{passive}"), ""),
+            pki.path(),
+        )
+        .await;
+        let addr = gw.addr("https");
+        for _ in 0..5 {
+            let r = fetch(addr, &pki.ca_der, false, get("localhost", "/")).await;
+            assert_eq!(r.status, 503);
+        }
+        let backend = up.addr.to_string();
+        assert_eq!(
+            gw.metric("gateway_backend_healthy", &[("backend", &backend)]),
+            0.0,
+            "ejected"
+        );
+        // Below the panic threshold (0 of 1 healthy < 0.5) the pool uses every backend:
+        // the recovered backend serves instead of the pool answering 502 for a minute.
+        let r = fetch(addr, &pki.ca_der, false, get("localhost", "/")).await;
+        assert_eq!(r.status, expected, "threshold {threshold:?}: {}", r.text());
+        let panics = gw.metric("gateway_upstream_panic_total", &[("upstream", "app")]);
+        assert_eq!(panics, if expected == 200 { 1.0 } else { 0.0 });
+    }
+}

@@ -523,6 +523,8 @@ pub struct UpstreamSpec {
     pub retry_budget_ratio: f64,
     /// Retries per second always allowed.
     pub retry_budget_min_per_sec: u32,
+    /// Below this fraction of healthy backends, balance across all of them (0: never).
+    pub panic_threshold: f64,
     /// Active checks, if any.
     pub health_check: Option<HealthCheckSpec>,
     /// Failures that eject; 0 disables passive ejection.

@@ -435,6 +435,11 @@ pub struct RawUpstream {
     pub retry_budget_ratio: Option<f64>,
     /// Retries allowed per second regardless of the ratio. Default 5.
     pub retry_budget_min_per_sec: Option<u32>,
+    /// Panic threshold: when fewer than this fraction of the backends are healthy (passive
+    /// ejection and active checks together), requests are balanced across all of them
+    /// instead, so ejection never turns a moment of overload into an outage. 0 to 1; 0 turns
+    /// it off (then a pool with no healthy backend answers 502). Default 0.5.
+    pub panic_threshold: Option<f64>,
     /// Active health checks. Absent: none, backends are only ejected passively.
     pub health_check: Option<RawHealthCheck>,
     /// Passive ejection after consecutive failures.

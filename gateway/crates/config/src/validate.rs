@@ -554,6 +554,10 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         if !(0.0..=1.0).contains(&ratio) {
             c.fail(at("retry_budget_ratio"), "must be between 0.0 and 1.0");
         }
+        let panic_threshold = ru.panic_threshold.unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&panic_threshold) {
+            c.fail(at("panic_threshold"), "must be between 0.0 and 1.0");
+        }
         let max_retries = ru.max_retries.unwrap_or(2);
         if max_retries > 10 {
             c.fail(at("max_retries"), "must be at most 10");
@@ -610,6 +614,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             max_retries,
             retry_budget_ratio: ratio,
             retry_budget_min_per_sec: ru.retry_budget_min_per_sec.unwrap_or(5),
+            panic_threshold,
             health_check,
             eject_after_failures: ru.passive.consecutive_failures.unwrap_or(5),
             ejection: ms(ejection_ms),

@@ -17,6 +17,9 @@ pub struct Metrics {
     /// (`connect`, `reset`, `timeout`, `no_backend`, `other`; `client_body` for those the
     /// client's body caused, which are not held against the backend).
     pub upstream_errors: IntCounterVec,
+    /// `gateway_upstream_panic_total{upstream}`: requests balanced across every backend
+    /// because fewer than the pool's panic threshold were healthy.
+    pub upstream_panics: IntCounterVec,
     /// `gateway_upstream_retries_total{upstream,outcome}`: retries made (`outcome=attempted`)
     /// or refused by the budget (`outcome=budget_exhausted`).
     pub retries: IntCounterVec,
@@ -131,6 +134,13 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            upstream_panics: IntCounterVec::new(
+                Opts::new(
+                    "gateway_upstream_panic_total",
+                    "Requests balanced across every backend because too few were healthy (the panic threshold).",
+                ),
+                &["upstream"],
+            )?,
             experiment_requests: IntCounterVec::new(
                 Opts::new(
                     "gateway_experiment_requests_total",
@@ -192,6 +202,7 @@ impl Metrics {
         registry.register(Box::new(m.tls_handshake_failures.clone()))?;
         registry.register(Box::new(m.backend_healthy.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.upstream_panics.clone()))?;
         registry.register(Box::new(m.experiment_requests.clone()))?;
         registry.register(Box::new(m.experiment_duration.clone()))?;
         registry.register(Box::new(m.experiment_events.clone()))?;

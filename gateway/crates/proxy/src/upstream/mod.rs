@@ -60,6 +60,8 @@ pub struct Pool {
     pub(crate) budget: RetryBudget,
     /// `gateway_upstream_request_duration_seconds` for this pool.
     pub(crate) attempt_duration: Histogram,
+    /// `gateway_upstream_panic_total` for this pool.
+    panics: prometheus::IntCounter,
     next: AtomicUsize,
     start: Instant,
 }
@@ -97,11 +99,15 @@ impl Pool {
         let attempt_duration = metrics
             .upstream_duration
             .with_label_values(&[spec.name.as_str()]);
+        let panics = metrics
+            .upstream_panics
+            .with_label_values(&[spec.name.as_str()]);
         let pool = Arc::new(Pool {
             spec,
             backends,
             budget,
             attempt_duration,
+            panics,
             next: AtomicUsize::new(0),
             start: Instant::now(),
         });
@@ -169,14 +175,23 @@ impl Pool {
         let candidates = (0..n)
             .map(|k| (start + k) % n)
             .filter(|i| !tried.contains(i));
+        // Panic mode: with too few healthy backends, every backend takes traffic again.
+        let healthy = self
+            .backends
+            .iter()
+            .filter(|b| self.is_available(b))
+            .count();
+        let panic = (healthy as f64) < self.spec.panic_threshold * n as f64;
+        let usable = |i: &usize| panic || self.is_available(&self.backends[*i]);
         let chosen = match self.spec.balance {
-            Balance::RoundRobin => candidates
-                .into_iter()
-                .find(|&i| self.is_available(&self.backends[i])),
+            Balance::RoundRobin => candidates.into_iter().find(usable),
             Balance::LeastInFlight => candidates
-                .filter(|&i| self.is_available(&self.backends[i]))
+                .filter(usable)
                 .min_by_key(|&i| self.backends[i].in_flight()),
         }?;
+        if panic {
+            self.panics.inc();
+        }
         let backend = self.backends[chosen].clone();
         backend.in_flight.fetch_add(1, Ordering::Relaxed);
         Some((chosen, InFlight(backend)))
