@@ -84,11 +84,12 @@ pub async fn handle(
             )
         }
     };
+    let offload = bytes.len() >= OFFLOAD_BYTES;
     let work = {
         let snapshot = snapshot.clone();
         move || record(&snapshot, &bytes)
     };
-    let result = if limit >= OFFLOAD_BYTES && snapshot.config.feedback.max_events_per_request > 8 {
+    let result = if offload {
         tokio::task::spawn_blocking(work)
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
