@@ -101,6 +101,19 @@ async fn management_actions_are_chained_into_the_audit_log() {
     assert_eq!(brief[3].0, *token_id);
     assert_eq!(brief[4].0, "sighup");
 
+    // `?limit=` keeps the newest entries; a bad limit is refused.
+    let r = admin_call(admin, Method::GET, "/admin/audit?limit=2", Some(TOKEN)).await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let seqs: Vec<u64> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [4, 5]);
+    let r = admin_call(admin, Method::GET, "/admin/audit?limit=0", Some(TOKEN)).await;
+    assert_eq!(r.status, 400);
+
     // The chain verifies; an edited entry is named.
     let log = pki.path().join("store/audit.log");
     let verify = || {

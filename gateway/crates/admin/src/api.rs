@@ -78,7 +78,8 @@ pub struct RolloutCommanded {
     pub decision: serde_json::Value,
 }
 
-/// `GET /admin/audit`: the audit trail, oldest first, its chain verified.
+/// `GET /admin/audit[?limit=N]`: the newest N entries of the audit trail (default 1000),
+/// oldest first, the whole chain verified.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Audit {
     /// Every management action: seq, time, actor (token id or the gateway), action, target,

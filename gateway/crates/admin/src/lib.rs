@@ -227,6 +227,9 @@ fn authenticate(
     }
 }
 
+/// Audit entries `GET /admin/audit` returns without `?limit=`: the newest this many.
+const AUDIT_DEFAULT_LIMIT: usize = 1000;
+
 /// What a management call is, for the audit trail: its action and target.
 fn audited(method: &Method, segments: &[&str]) -> Option<(String, String)> {
     let one = |kind: &str| kind.trim_end_matches('s').to_string();
@@ -343,10 +346,29 @@ async fn dispatch(
         (Method::DELETE, [kind @ ("plugins" | "models"), name]) => {
             forget(ctx, kind_of(kind), name, &who).await
         }
-        (Method::GET, ["audit"]) => match ctx.audit_entries().await {
-            Ok(entries) => typed_response(&api::Audit { entries }),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        },
+        (Method::GET, ["audit"]) => {
+            let limit = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+                .map(str::parse::<usize>);
+            let limit = match limit {
+                None => AUDIT_DEFAULT_LIMIT,
+                Some(Ok(n)) if n > 0 => n,
+                Some(_) => {
+                    return error(StatusCode::BAD_REQUEST, "limit must be a positive integer")
+                }
+            };
+            match ctx.audit_entries().await {
+                Ok(mut entries) => {
+                    // The newest `limit`, oldest first.
+                    let keep = entries.len().min(limit);
+                    entries.drain(..entries.len() - keep);
+                    typed_response(&api::Audit { entries })
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
         (Method::GET, ["rollouts"]) => {
             let snapshot = ctx.snapshot();
             let now = crate::proxy::experiment::now_ms();
