@@ -25,7 +25,7 @@ async fn each_misbehaviour_gets_a_500_and_its_own_outcome() {
     let pki = Pki::new();
     let up = Upstream::named("a").await;
     let cases = [
-        ("loop", "on_request", "timeout"),
+        ("loop", "on_request", "fuel"),
         ("grow", "on_request", "memory"),
         ("trap", "on_request", "trap"),
         ("panic", "on_request", "trap"),

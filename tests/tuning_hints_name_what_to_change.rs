@@ -74,3 +74,61 @@ async fn batches_that_never_fill_suggest_a_shorter_queue_delay() {
     let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
     assert_eq!(status["hints"], hints, "gateway status shows them too");
 }
+
+#[tokio::test]
+async fn a_plugin_near_its_fuel_budget_gets_the_hint_to_raise_it() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    std::fs::write(pki.path().join("admin.token"), TOKEN).unwrap();
+    // hygiene's request hook burns about 6,000 units: a budget of 12,000 is too close.
+    let extra = format!(
+        "plugins = [\"hygiene\"]\n{}",
+        plugin_table("hygiene", "hygiene", "", "fuel_per_call = 12000")
+    );
+    let toml = basic_config(&pki, &[up.addr], "", &extra).replace(
+        "[admin]\nbind = \"127.0.0.1:0\"",
+        "[admin]\nbind = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
+    );
+    let gw = TestGateway::start(&toml, pki.path()).await;
+    let mut conn = tls_connect(gw.addr("https"), &pki.ca_der, ClientOpts::default())
+        .await
+        .unwrap()
+        .sender;
+    for _ in 0..210 {
+        let req = Request::get("https://localhost/")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(conn.send(req).await.unwrap().status, 200);
+    }
+    let r = admin_call(
+        gw.gateway.admin_addr(),
+        Method::GET,
+        "/admin/hints",
+        Some(TOKEN),
+    )
+    .await;
+    let hints = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["hints"].clone();
+    let hint = hints
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| {
+            h["subject"] == "plugin hygiene" && h["advice"].as_str().unwrap().contains("fuel")
+        })
+        .unwrap_or_else(|| panic!("no fuel hint in {hints}"));
+    assert!(
+        hint["advice"]
+            .as_str()
+            .unwrap()
+            .contains("raise fuel_per_call (now 12000)"),
+        "{hint}"
+    );
+    assert!(
+        hint["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("over 210 calls"),
+        "{hint}"
+    );
+}

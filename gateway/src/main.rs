@@ -548,7 +548,8 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
         config,
         deadline: std::time::Duration::from_millis(1000),
         memory_limit: 64 << 20,
-        fuel_per_call: None,
+        fuel_per_call: Some(gateway::config::DEFAULT_FUEL_PER_CALL),
+        fuel_per_body_byte: gateway::config::DEFAULT_FUEL_PER_BODY_BYTE,
         max_output_bytes: 256 * 1024,
         instances: 1,
     };

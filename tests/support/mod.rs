@@ -250,7 +250,9 @@ impl TestGateway {
 pub fn metric_value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut total = 0.0;
     for family in registry.gather() {
-        if family.name() != name {
+        // A histogram answers its sample count by its name and `_count`, its sum by `_sum`.
+        let sum = name.strip_suffix("_sum") == Some(family.name());
+        if family.name() != name && !sum && name.strip_suffix("_count") != Some(family.name()) {
             continue;
         }
         for m in family.get_metric() {
@@ -263,6 +265,7 @@ pub fn metric_value(registry: &Registry, name: &str, labels: &[(&str, &str)]) ->
                 total += match family.get_field_type() {
                     prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
                     prometheus::proto::MetricType::GAUGE => m.get_gauge().get_value(),
+                    _ if sum => m.get_histogram().get_sample_sum(),
                     _ => m.get_histogram().get_sample_count() as f64,
                 };
             }

@@ -108,6 +108,27 @@ pub(crate) fn hints(registry: &Registry, snapshot: &Snapshot) -> Vec<Hint> {
             });
         }
     }
+    for (labels, h) in histograms(&families, "gateway_plugin_fuel_per_call") {
+        let (plugin, hook) = (label(&labels, "plugin"), label(&labels, "hook"));
+        let calls = h.get_sample_count();
+        let spec = snapshot.config.plugins.iter().find(|p| p.name == plugin);
+        let Some(budget) = spec.and_then(|s| s.fuel_per_call) else {
+            continue;
+        };
+        let Some(p99) = quantile(h, 0.99).filter(|_| calls >= MIN_EVENTS) else {
+            continue;
+        };
+        // Bucket bounds grow by 4: a p99 bound at a quarter of the budget may be near it.
+        if p99 >= 0.25 * budget as f64 {
+            out.push(Hint {
+                subject: format!("plugin {plugin}"),
+                advice: format!(
+                    "its {hook} hook's p99 fuel is near its budget: raise fuel_per_call (now {budget}) or fuel_per_body_byte, or make the plugin cheaper, before heavy calls start failing with outcome fuel"
+                ),
+                evidence: format!("p99 ≤ {p99:.0} fuel units over {calls} calls, budget {budget}"),
+            });
+        }
+    }
     for family in families
         .iter()
         .filter(|f| f.name() == "gateway_upstream_retries_total")

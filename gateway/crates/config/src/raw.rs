@@ -215,8 +215,10 @@ pub struct RawPluginRuntime {
     /// Deadline granularity, in milliseconds: deadlines are counted in ticks of this length.
     /// Default 1.
     pub epoch_tick_ms: Option<u64>,
-    /// Meter fuel (instructions) so plugins can be given `fuel_per_call`. Slows every plugin
-    /// by roughly a quarter. Default false.
+    /// Meter fuel (wasm work units): each hook call is bounded by `fuel_per_call`, the work
+    /// it does, which waiting for a CPU on a busy node does not use up. Turning it off leaves
+    /// only the wall-clock `deadline_ms`, and busy nodes then fail healthy plugins. Default
+    /// true.
     pub fuel: Option<bool>,
 }
 
@@ -234,14 +236,22 @@ pub struct RawPlugin {
     pub path: String,
     /// The plugin's own configuration: a string passed as is, or a table passed as TOML text.
     pub config: Option<toml::Value>,
-    /// Wall-clock deadline of one hook call, in milliseconds; the call is aborted after it.
-    /// Default 20.
+    /// Wall-clock backstop of one hook call, in milliseconds: the call is aborted after it
+    /// whatever it was doing (a loop when fuel is off, a wait in a host call). Fuel is the
+    /// primary bound; keep this generous, since it also counts time spent waiting for a CPU.
+    /// Default 500.
     pub deadline_ms: Option<u64>,
     /// Linear memory one instance may grow to, in bytes. Default 16777216 (16 MiB).
     pub memory_limit_bytes: Option<u64>,
-    /// Fuel (roughly, wasm instructions) one hook call may burn; needs
-    /// `plugin_runtime.fuel = true`. Default: unmetered.
+    /// Fuel (roughly, wasm instructions) one hook call may burn before it is stopped with
+    /// outcome `fuel`; `init` may burn 20 times as much. Needs `plugin_runtime.fuel = true`
+    /// (the default). Default 50000000: a runaway loop burns it in about 5 ms of CPU, and the
+    /// shipped plugins' calls burn at most about 500000.
     pub fuel_per_call: Option<u64>,
+    /// Fuel added to a hook call for each byte of request or response body it is handed
+    /// (routes with `plugin_body_access`), since rewriting a body is work in proportion to it.
+    /// Default 2000.
+    pub fuel_per_body_byte: Option<u64>,
     /// Bytes one hook call may add through headers, path, query and local responses.
     /// Default 262144.
     pub max_output_bytes: Option<u64>,

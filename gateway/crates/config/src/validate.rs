@@ -665,7 +665,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 String::new()
             }
         };
-        let deadline_ms = rp.deadline_ms.unwrap_or(20);
+        let deadline_ms = rp.deadline_ms.unwrap_or(crate::DEFAULT_PLUGIN_DEADLINE_MS);
         if !(1..=60_000).contains(&deadline_ms) {
             c.fail(
                 at("deadline_ms"),
@@ -685,6 +685,18 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 "needs `fuel = true` in [plugin_runtime]",
             );
         }
+        if rp.fuel_per_body_byte > Some(1_000_000) {
+            c.fail(at("fuel_per_body_byte"), "must be between 0 and 1000000");
+        }
+        if rp.fuel_per_call == Some(0) || rp.fuel_per_call > Some(900_000_000_000_000_000) {
+            c.fail(
+                at("fuel_per_call"),
+                "must be between 1 and 900000000000000000",
+            );
+        }
+        let fuel_per_call = plugin_runtime
+            .fuel
+            .then(|| rp.fuel_per_call.unwrap_or(crate::DEFAULT_FUEL_PER_CALL));
         let instances = rp.instances.unwrap_or(4);
         if !(1..=1024).contains(&instances) {
             c.fail(at("instances"), "must be between 1 and 1024");
@@ -697,7 +709,10 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             config,
             deadline: ms(deadline_ms),
             memory_limit: memory_limit as usize,
-            fuel_per_call: rp.fuel_per_call,
+            fuel_per_call,
+            fuel_per_body_byte: rp
+                .fuel_per_body_byte
+                .unwrap_or(crate::DEFAULT_FUEL_PER_BODY_BYTE),
             max_output_bytes: rp.max_output_bytes.unwrap_or(256 * 1024) as usize,
             instances,
         });

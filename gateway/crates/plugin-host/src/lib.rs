@@ -136,7 +136,7 @@ pub enum Outcome {
     LocalResponse = 1,
     /// Trapped (including panics and `unreachable`).
     Trap = 2,
-    /// Ran past its deadline (or its fuel).
+    /// Ran past its wall-clock backstop (`deadline_ms`).
     Timeout = 3,
     /// Tried to grow memory past its cap.
     Memory = 4,
@@ -144,9 +144,11 @@ pub enum Outcome {
     BadOutput = 5,
     /// No instance could be made.
     Unavailable = 6,
+    /// Burned its fuel (`fuel_per_call`): the work bound, independent of how busy the node is.
+    Fuel = 7,
 }
 
-const OUTCOMES: [Outcome; 7] = [
+const OUTCOMES: [Outcome; 8] = [
     Outcome::Ok,
     Outcome::LocalResponse,
     Outcome::Trap,
@@ -154,6 +156,7 @@ const OUTCOMES: [Outcome; 7] = [
     Outcome::Memory,
     Outcome::BadOutput,
     Outcome::Unavailable,
+    Outcome::Fuel,
 ];
 
 impl Outcome {
@@ -167,6 +170,7 @@ impl Outcome {
             Outcome::Memory => "memory",
             Outcome::BadOutput => "bad_output",
             Outcome::Unavailable => "unavailable",
+            Outcome::Fuel => "fuel",
         }
     }
 
@@ -181,6 +185,8 @@ impl Outcome {
 struct HookSeries {
     invocations: IntCounterVec,
     duration: HistogramVec,
+    fuel: HistogramVec,
+    created: IntCounterVec,
 }
 
 /// The engine shared by all plugins, with its deadline ticker.
@@ -270,9 +276,29 @@ impl PluginRuntime {
                 ),
                 &["plugin", "hook"],
             )?,
+            fuel: HistogramVec::new(
+                HistogramOpts::new(
+                    "gateway_plugin_fuel_per_call",
+                    "Fuel (wasm work units) one completed plugin hook call burned; compare with \
+                     the plugin's fuel_per_call.",
+                )
+                .buckets(prometheus::exponential_buckets(1000.0, 4.0, 12).expect("static buckets")),
+                &["plugin", "hook"],
+            )?,
+            created: IntCounterVec::new(
+                Opts::new(
+                    "gateway_plugin_instances_created_total",
+                    "Plugin instances made: `ahead` (at load, or refilling the ready pool off the \
+                     request path) or `on_demand` (a request found every ready instance busy and \
+                     waited for a new one).",
+                ),
+                &["plugin", "when"],
+            )?,
         };
         registry.register(Box::new(series.invocations.clone()))?;
         registry.register(Box::new(series.duration.clone()))?;
+        registry.register(Box::new(series.fuel.clone()))?;
+        registry.register(Box::new(series.created.clone()))?;
         Ok(Arc::new(PluginRuntime {
             engine,
             linker,
@@ -377,6 +403,9 @@ impl PluginRuntime {
         });
         let tick_ms = self.settings.epoch_tick.as_millis().max(1) as u64;
         let deadline_ticks = (spec.deadline.as_millis() as u64).div_ceil(tick_ms) + 1;
+        // The async backstop for a call parked in a host call, where epochs cannot reach it:
+        // a tick later than the epoch deadline, so a running guest is stopped by the epoch.
+        let backstop = spec.deadline + self.settings.epoch_tick * 2;
         let series = |hook: Hook| {
             OUTCOMES.map(|o| {
                 self.series.invocations.with_label_values(&[
@@ -397,15 +426,30 @@ impl PluginRuntime {
             idle: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
             deadline_ticks,
+            backstop,
             outcomes: [series(Hook::Request), series(Hook::Response)],
             durations: [Hook::Request, Hook::Response].map(|h| {
                 self.series
                     .duration
                     .with_label_values(&[spec.name.as_str(), h.label()])
             }),
+            fuel_used: [Hook::Request, Hook::Response].map(|h| {
+                self.series
+                    .fuel
+                    .with_label_values(&[spec.name.as_str(), h.label()])
+            }),
+            created_ahead: self
+                .series
+                .created
+                .with_label_values(&[spec.name.as_str(), "ahead"]),
+            created_on_demand: self
+                .series
+                .created
+                .with_label_values(&[spec.name.as_str(), "on_demand"]),
         });
         for _ in 0..spec.instances {
             let instance = plugin.new_instance().await?;
+            plugin.created_ahead.inc();
             plugin.idle.lock().expect("pool lock").push(instance);
         }
         tracing::info!(plugin = %spec.name, version = %version, instances = spec.instances, "plugin loaded");
@@ -480,6 +524,8 @@ pub use crate::store::content_version;
 struct Instance {
     store: Store<StoreState>,
     plugin: Plugin,
+    /// The fuel the current call was given.
+    budget: u64,
 }
 
 /// One loaded plugin version and its ready instances.
@@ -496,8 +542,12 @@ pub struct LoadedPlugin {
     idle: Mutex<Vec<Instance>>,
     refilling: AtomicBool,
     deadline_ticks: u64,
-    outcomes: [[IntCounter; 7]; 2],
+    backstop: std::time::Duration,
+    outcomes: [[IntCounter; 8]; 2],
     durations: [Histogram; 2],
+    fuel_used: [Histogram; 2],
+    created_ahead: IntCounter,
+    created_on_demand: IntCounter,
 }
 
 impl LoadedPlugin {
@@ -512,9 +562,14 @@ impl LoadedPlugin {
         );
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks);
+        // `init` parses configuration and builds tables: it gets INIT_FUEL_FACTOR times a
+        // hook call's work and wall-clock time.
+        let factor = crate::config::INIT_FUEL_FACTOR;
+        store.set_epoch_deadline(self.deadline_ticks.saturating_mul(factor));
         if let Some(fuel) = self.spec.fuel_per_call {
-            store.set_fuel(fuel).map_err(|e| fail(first_line(&e)))?;
+            store
+                .set_fuel(fuel.saturating_mul(factor))
+                .map_err(|e| fail(first_line(&e)))?;
         } else if self.engine.get_consume_fuel() {
             store.set_fuel(u64::MAX).map_err(|e| fail(first_line(&e)))?;
         }
@@ -523,16 +578,20 @@ impl LoadedPlugin {
             .pre
             .instantiate_async(&mut store)
             .await
-            .map_err(|e| fail(describe_failure(store.data(), &e)))?;
+            .map_err(|e| fail(self.describe_failure(store.data(), &e)))?;
         match plugin.call_init(&mut store, &self.spec.config).await {
-            Ok(Ok(())) => Ok(Instance { store, plugin }),
+            Ok(Ok(())) => Ok(Instance {
+                store,
+                plugin,
+                budget: 0,
+            }),
             Ok(Err(message)) => Err(PluginError::InitRefused {
                 name: self.name.clone(),
                 message,
             }),
             Err(e) => Err(fail(format!(
                 "init failed: {}",
-                describe_failure(store.data(), &e)
+                self.describe_failure(store.data(), &e)
             ))),
         }
     }
@@ -557,7 +616,10 @@ impl LoadedPlugin {
         let this = self.clone();
         tokio::spawn(async move {
             match this.new_instance().await {
-                Ok(i) => this.put_back(i),
+                Ok(i) => {
+                    this.created_ahead.inc();
+                    this.put_back(i)
+                }
                 Err(e) => {
                     tracing::warn!(plugin = %this.name, error = %e, "could not prepare a plugin instance")
                 }
@@ -577,7 +639,10 @@ impl LoadedPlugin {
         match self.take() {
             Some(i) => Some(i),
             None => match self.new_instance().await {
-                Ok(i) => Some(i),
+                Ok(i) => {
+                    self.created_on_demand.inc();
+                    Some(i)
+                }
                 Err(e) => {
                     tracing::warn!(plugin = %self.name, error = %e, "no plugin instance available");
                     None
@@ -586,14 +651,16 @@ impl LoadedPlugin {
         }
     }
 
-    fn prepare_call(&self, instance: &mut Instance) {
+    fn prepare_call(&self, instance: &mut Instance, body_bytes: usize) {
         let data = instance.store.data_mut();
         data.output_left = self.spec.max_output_bytes;
         data.output_exceeded = false;
         data.limiter.exceeded = false;
         instance.store.set_epoch_deadline(self.deadline_ticks);
         if let Some(fuel) = self.spec.fuel_per_call {
-            let _ = instance.store.set_fuel(fuel);
+            let per_byte = self.spec.fuel_per_body_byte;
+            instance.budget = fuel.saturating_add(per_byte.saturating_mul(body_bytes as u64));
+            let _ = instance.store.set_fuel(instance.budget);
         }
     }
 
@@ -602,15 +669,40 @@ impl LoadedPlugin {
         self.durations[hook as usize].observe(started.elapsed().as_secs_f64());
     }
 
+    /// Records the fuel a completed call burned.
+    fn record_fuel(&self, hook: Hook, instance: &Instance) {
+        if let (Some(_), Ok(left)) = (self.spec.fuel_per_call, instance.store.get_fuel()) {
+            self.fuel_used[hook as usize].observe(instance.budget.saturating_sub(left) as f64);
+        }
+    }
+
+    /// Says why a call failed, with the bound it met.
+    fn describe_failure(&self, state: &StoreState, err: &wasmtime::Error) -> String {
+        match classify(state, err) {
+            Outcome::Timeout => format!(
+                "ran past its wall-clock deadline of {} ms",
+                self.spec.deadline.as_millis()
+            ),
+            Outcome::Fuel => format!(
+                "burned all its fuel (fuel_per_call {} plus {} per body byte; raise them if \
+                 the plugin is healthy and gateway_plugin_fuel_per_call shows it needs more)",
+                self.spec.fuel_per_call.unwrap_or_default(),
+                self.spec.fuel_per_body_byte
+            ),
+            _ => first_line(err),
+        }
+    }
+
     /// Prepares `instance` for a call on `state` (limits reset, ranking service lent) and
     /// lends the state to it; returns the handle the guest borrows.
     fn lend<S: Send + 'static>(
         &self,
         instance: &mut Instance,
         state: S,
+        body_bytes: usize,
         ranker: Option<Arc<dyn host::Ranker>>,
     ) -> Resource<S> {
-        self.prepare_call(instance);
+        self.prepare_call(instance, body_bytes);
         let data = instance.store.data_mut();
         data.ranker = ranker;
         match data.table.push(state) {
@@ -643,11 +735,29 @@ impl LoadedPlugin {
             version = %self.version,
             hook = hook.label(),
             outcome = outcome.label(),
-            error = %describe_failure(instance.store.data(), err),
+            error = %self.describe_failure(instance.store.data(), err),
             "plugin call failed; instance discarded"
         );
         self.record(hook, outcome, started);
         outcome
+    }
+
+    /// Logs and counts a call that was still waiting in a host call at its backstop; the
+    /// instance is dropped by the caller.
+    fn stuck(&self, hook: Hook, started: Instant) -> Outcome {
+        tracing::warn!(
+            plugin = %self.name,
+            version = %self.version,
+            hook = hook.label(),
+            outcome = Outcome::Timeout.label(),
+            error = %format!(
+                "still waiting in a host call at its wall-clock deadline of {} ms",
+                self.spec.deadline.as_millis()
+            ),
+            "plugin call failed; instance discarded"
+        );
+        self.record(hook, Outcome::Timeout, started);
+        Outcome::Timeout
     }
 
     /// Runs `on-request`. The request state comes back whatever happened (edits included,
@@ -662,20 +772,26 @@ impl LoadedPlugin {
             return (state, Err(Outcome::Unavailable));
         };
         let ranker = state.ranker.clone();
-        let handle = self.lend(&mut instance, state, ranker);
+        let body_bytes = state.body.as_ref().map_or(0, |b| b.len());
+        let handle = self.lend(&mut instance, state, body_bytes, ranker);
         let borrowed = Resource::<RequestState>::new_borrow(handle.rep());
-        let result = instance
-            .plugin
-            .call_on_request(&mut instance.store, borrowed)
-            .await;
+        let result = tokio::time::timeout(
+            self.backstop,
+            instance
+                .plugin
+                .call_on_request(&mut instance.store, borrowed),
+        )
+        .await;
         let state = self.take_back(&mut instance, handle);
         let action = match result {
-            Ok(action) => action,
-            Err(e) => {
+            Ok(Ok(action)) => action,
+            Ok(Err(e)) => {
                 let outcome = self.failed(Hook::Request, &instance, &e, started);
                 return (state, Err(outcome));
             }
+            Err(_) => return (state, Err(self.stuck(Hook::Request, started))),
         };
+        self.record_fuel(Hook::Request, &instance);
         let outcome = match &action {
             RequestAction::Continue => Outcome::Ok,
             RequestAction::Respond(local) => {
@@ -708,17 +824,26 @@ impl LoadedPlugin {
             return (state, Err(Outcome::Unavailable));
         };
         let ranker = state.ranker.clone();
-        let handle = self.lend(&mut instance, state, ranker);
+        let body_bytes = state.body.as_ref().map_or(0, |b| b.len());
+        let handle = self.lend(&mut instance, state, body_bytes, ranker);
         let borrowed = Resource::<ResponseState>::new_borrow(handle.rep());
-        let result = instance
-            .plugin
-            .call_on_response(&mut instance.store, borrowed)
-            .await;
+        let result = tokio::time::timeout(
+            self.backstop,
+            instance
+                .plugin
+                .call_on_response(&mut instance.store, borrowed),
+        )
+        .await;
         let state = self.take_back(&mut instance, handle);
-        if let Err(e) = result {
-            let outcome = self.failed(Hook::Response, &instance, &e, started);
-            return (state, Err(outcome));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let outcome = self.failed(Hook::Response, &instance, &e, started);
+                return (state, Err(outcome));
+            }
+            Err(_) => return (state, Err(self.stuck(Hook::Response, started))),
         }
+        self.record_fuel(Hook::Response, &instance);
         self.put_back(instance);
         self.record(Hook::Response, Outcome::Ok, started);
         (state, Ok(()))
@@ -738,15 +863,9 @@ fn classify(state: &StoreState, err: &wasmtime::Error) -> Outcome {
         return Outcome::BadOutput;
     }
     match err.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) | Some(Trap::OutOfFuel) => Outcome::Timeout,
+        Some(Trap::Interrupt) => Outcome::Timeout,
+        Some(Trap::OutOfFuel) => Outcome::Fuel,
         _ => Outcome::Trap,
-    }
-}
-
-fn describe_failure(state: &StoreState, err: &wasmtime::Error) -> String {
-    match classify(state, err) {
-        Outcome::Timeout => "deadline exceeded".to_string(),
-        _ => first_line(err),
     }
 }
 

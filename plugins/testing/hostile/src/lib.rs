@@ -12,6 +12,8 @@
 //! | `panic`       | `on-request` panics (a trap too, since panics abort)             |
 //! | `huge-header` | `on-request` sets `x-hostile` to a 1 MiB value, then continues   |
 //! | `huge-body`   | `on-response` calls `set-body` with 64 MiB                       |
+//! | `wait`        | `on-request` asks model `recs` to rank items 1–3 (parked in a    |
+//! |               | host call for as long as the model's batch takes), continues     |
 //! | `init-fail`   | `init` returns `Err("hostile plugin refuses to start")`          |
 //! | `ok`          | behaves: continues (telling the upstream the size of the request |
 //! |               | body it was shown, in `x-body-bytes`), leaves responses alone    |
@@ -29,6 +31,7 @@ enum Mode {
     Panic,
     HugeHeader,
     HugeBody,
+    Wait,
     Ok,
 }
 
@@ -50,6 +53,7 @@ impl Plugin for Hostile {
             "huge-header" => Mode::HugeHeader,
             "huge-body" => Mode::HugeBody,
             "ok" => Mode::Ok,
+            "wait" => Mode::Wait,
             "init-fail" => return Err("hostile plugin refuses to start".into()),
             other => return Err(format!("hostile: unknown mode {other:?}")),
         };
@@ -82,6 +86,12 @@ impl Plugin for Hostile {
             Mode::Ok => {
                 if let Some(body) = req.body() {
                     let _ = req.set_header("x-body-bytes", &body.len().to_string());
+                }
+                Action::Continue
+            }
+            Mode::Wait => {
+                if let Err(e) = gateway_plugin_sdk::ranking::rank("recs", 1, &[1, 2, 3]) {
+                    log::info(&format!("rank refused: {e}"));
                 }
                 Action::Continue
             }
