@@ -19,6 +19,7 @@ mod hostile_plugins_are_contained;
 mod management_actions_are_audited;
 mod models_are_gated_by_offline_evaluation;
 mod one_authority_per_request;
+mod overload_is_shed_fast_with_retry_after;
 mod plugin_limits_count_work_not_waiting;
 mod reload_keeps_what_did_not_change;
 mod reloads_and_uploads_are_linearisable;

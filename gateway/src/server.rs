@@ -152,9 +152,13 @@ impl Gateway {
 
         let limits = config.limits.clone();
         let drain_timeout = config.server.drain_timeout;
+        let admission = Arc::new(
+            gateway_proxy::admission::Admission::new(&registry).map_err(MetricsError::from)?,
+        );
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(built.snapshot),
             metrics,
+            admission,
         });
         let reloads = prometheus::IntCounterVec::new(
             prometheus::Opts::new("gateway_reload_failures_total", "Configuration reloads that failed and left the old state serving, by kind (config, tls, plugin, model, store)."),
@@ -198,6 +202,14 @@ impl Gateway {
             tokio::spawn(accept_loop(ctx.clone(), listener, spec));
         }
         tokio::spawn(crate::rollouts::run(ctx.clone()));
+        tokio::spawn({
+            let shared = ctx.shared.clone();
+            gateway_proxy::admission::sample(
+                shared.admission.clone(),
+                move || shared.state.load().config.limits.max_queue_time,
+                ctx.shutdown.clone().cancelled_owned(),
+            )
+        });
         let anomaly = crate::monitor::gauge(&registry).map_err(MetricsError::from)?;
         tokio::spawn(crate::monitor::run(ctx.clone(), anomaly));
         let draining = Arc::new(AtomicBool::new(false));

@@ -287,6 +287,10 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Concurrent h2 streams per connection.
     pub h2_max_concurrent_streams: u32,
+    /// Requests answered at once (to their response head); more get 503.
+    pub max_inflight_requests: usize,
+    /// Standing scheduling delay past which new requests get 503; zero: never.
+    pub max_queue_time: Duration,
 }
 
 /// Log line format.

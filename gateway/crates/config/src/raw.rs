@@ -302,6 +302,16 @@ pub struct RawLimits {
     pub idle_timeout_ms: Option<u64>,
     /// Concurrent h2 streams per downstream connection. Default 256.
     pub h2_max_concurrent_streams: Option<u32>,
+    /// Requests being answered at once across all listeners (until their response head);
+    /// one more gets 503 with `retry-after` at once (`gateway_shed_requests_total{reason=
+    /// "concurrency"}`). Default 4096.
+    pub max_inflight_requests: Option<usize>,
+    /// Load shedding on queue time, in milliseconds: when the gateway's worker threads have
+    /// been at least this far behind for 3 samples in a row (a standing queue, not a blip:
+    /// the node is saturated), new requests get 503 with `retry-after` until they catch up
+    /// (`reason="queue_time"`), so the requests it does take keep a bounded latency. 0 turns
+    /// it off. Default 50.
+    pub max_queue_time_ms: Option<u64>,
 }
 
 /// `[logging]`

@@ -216,6 +216,8 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         body_read_timeout: ms(l.body_read_timeout_ms.unwrap_or(30_000)),
         idle_timeout: ms(l.idle_timeout_ms.unwrap_or(60_000)),
         h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(256),
+        max_inflight_requests: l.max_inflight_requests.unwrap_or(4096),
+        max_queue_time: ms(l.max_queue_time_ms.unwrap_or(50)),
     };
     let lim = |f| vec![Key("limits"), Key(f)];
     if limits.max_connections == 0 {
@@ -238,6 +240,15 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
     }
     if limits.h2_max_concurrent_streams == 0 {
         c.fail(lim("h2_max_concurrent_streams"), "must be at least 1");
+    }
+    if limits.max_inflight_requests == 0 {
+        c.fail(lim("max_inflight_requests"), "must be at least 1");
+    }
+    if limits.max_queue_time > Duration::from_secs(60) {
+        c.fail(
+            lim("max_queue_time_ms"),
+            "must be at most 60000 milliseconds (0 turns queue-time shedding off)",
+        );
     }
 
     // [logging]

@@ -4,8 +4,8 @@
 //! health checks, ejection, the retry budget), the HTTP rules of a proxy ([`http_util`]:
 //! hop-by-hop headers, forwarding headers, request ids, body limits), downstream TLS
 //! ([`tls`]: SNI choice, the rustls server config), the proxy's Prometheus series
-//! ([`metrics`]), reusable timers ([`deadline`]) and the scoring JSON endpoint
-//! ([`scoring_endpoint`]).
+//! ([`metrics`]), reusable timers ([`deadline`]), admission control under overload
+//! ([`admission`]) and the scoring JSON endpoint ([`scoring_endpoint`]).
 //!
 //! It depends on the leaves `gateway-config` and `gateway-scoring` only; the plugin host
 //! depends on it (it implements [`hooks::RouteHooks`]), never the other way.
@@ -16,6 +16,7 @@
 use gateway_config as config;
 use gateway_scoring as scoring;
 
+pub mod admission;
 mod deadline;
 pub mod experiment;
 pub mod feedback;

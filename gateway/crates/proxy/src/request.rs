@@ -304,6 +304,8 @@ pub struct Shared {
     pub state: ArcSwap<Snapshot>,
     /// The proxy's series.
     pub metrics: Metrics,
+    /// Node-wide admission control (`[limits] max_inflight_requests`, `max_queue_time_ms`).
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// What a request knows about the connection it came on.
@@ -344,14 +346,44 @@ enum Refusal {
     Misdirected,
 }
 
-/// Answers one downstream request.
+/// Answers one downstream request: 503 with `retry-after` at once when admission control
+/// sheds it, else routed and answered.
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
     let snapshot = shared.state.load();
+    match shared.admission.admit(&snapshot.config.limits) {
+        Ok(_ticket) => handle_admitted(shared, snapshot, conn, req).await,
+        Err(shed) => {
+            let mut r = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the gateway is overloaded ({}); retry shortly",
+                    shed.label()
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let rid = &snapshot.config.proxy.request_id_header;
+            let id = match req.headers().get(rid) {
+                Some(v) if http_util::valid_request_id(v) => v.clone(),
+                _ => http_util::new_request_id(),
+            };
+            r.headers_mut().insert(rid.clone(), id);
+            r
+        }
+    }
+}
+
+async fn handle_admitted(
+    shared: &Shared,
+    snapshot: arc_swap::Guard<Arc<Snapshot>>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
     let config = &snapshot.config;
     let rid_header = &config.proxy.request_id_header;
     let mut request_id = match req.headers().get(rid_header) {
@@ -1286,6 +1318,9 @@ upstream = "app"
                 &HashMap::new(),
             )),
             metrics,
+            admission: Arc::new(
+                crate::admission::Admission::new(&prometheus::Registry::new()).unwrap(),
+            ),
         };
         let conn = ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
