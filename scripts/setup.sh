@@ -14,6 +14,9 @@ packages=()
 command -v cc >/dev/null 2>&1 || packages+=(gcc)
 dpkg-query -W -f='${Status}' mesa-vulkan-drivers 2>/dev/null | grep -q "install ok installed" ||
   packages+=(mesa-vulkan-drivers)
+# promtool (Debian package prometheus) checks and unit-tests config/prometheus/alerts.yml and
+# parses the PromQL of config/grafana/dashboard.json (tests/alert_rules_and_dashboard_check.rs).
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 if [ "${#packages[@]}" -gt 0 ]; then
   apt_prefix=()
   [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)

@@ -7,6 +7,7 @@
 mod support;
 
 mod admin_api_reloads_and_guards_the_node;
+mod alert_rules_and_dashboard_check;
 mod anomalies_raise_an_alert_state;
 mod bad_config_files_give_located_errors;
 mod client_faults_never_eject_a_backend;
