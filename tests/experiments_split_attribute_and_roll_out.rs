@@ -594,6 +594,13 @@ models = { recs = "recs-v2" }
     let gw = TestGateway::start(&config, pki.path()).await;
     let addr = gw.addr("https");
     let v2 = gw.gateway.model("recs-v2").unwrap().live().version.clone();
+    // Each model keeps its own size series (loading one used to wipe the others').
+    for model in ["recs", "recs-v2"] {
+        assert!(
+            gw.metric("gateway_model_loaded_bytes", &[("model", model)]) > 0.0,
+            "{model}"
+        );
+    }
     let mut conn = h2(addr, &pki).await;
     let rank = |shopper: &str| {
         Request::post("https://localhost/_gateway/models/recs/rank")

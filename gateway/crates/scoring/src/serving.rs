@@ -367,7 +367,26 @@ impl ModelSlot {
             super::ExecutionPath::Gpu { software: true, .. } => "software-gpu",
             super::ExecutionPath::Cpu | super::ExecutionPath::CpuFallback { .. } => "cpu",
         };
-        self.metrics.loaded.reset();
+        // Only this model's earlier series go: the family holds every model's.
+        use prometheus::core::Collector;
+        for family in self.metrics.loaded.collect() {
+            for metric in family.get_metric() {
+                let label = |n: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == n)
+                        .map_or("", |l| l.value())
+                };
+                if label("model") == self.name {
+                    let _ = self.metrics.loaded.remove_label_values(&[
+                        label("model"),
+                        label("version"),
+                        label("backend"),
+                    ]);
+                }
+            }
+        }
         self.metrics
             .loaded
             .with_label_values(&[self.name.as_str(), m.version.as_str(), backend])
