@@ -4,6 +4,7 @@
 #   bench/overload.sh                             # 2 modes x 60 s
 #   DURATION=150 bench/overload.sh                # "several minutes" of load in all
 #   GATEWAY=/path/to/gateway SKIP_BUILD=1 bench/overload.sh
+#   KEEP=/tmp/overload bench/overload.sh          # keep each mode's metrics, logs, load output
 #
 # One gateway (a worker per core) in front of the nginx upstream from bench/nginx, with two
 # routes:
@@ -123,8 +124,21 @@ EOF
 
 to_ms() { awk '{printf "%.2f\n", $1 * 1000}'; }
 pct() { sort -g | awk -v q="$1" '{a[NR]=$1} END {if (NR == 0) {print "-"; exit} i = int(NR * q + 0.999999); if (i < 1) i = 1; print a[i]}'; }
-metric() { # sum of a series' samples whose line matches $1
-  awk -v re="$1" '$0 ~ re && $1 !~ /^#/ {s += $NF} END {printf "%d\n", s}' "$WORK/metrics"
+metric() { # $1: series name; then label=regex pairs that must all match; prints the sum
+  local name=$1
+  shift
+  awk -v name="$name" -v conds="$*" '
+    BEGIN { n = split(conds, c, " ") }
+    index($0, name "{") == 1 || $1 == name {
+      for (i = 1; i <= n; i++) {
+        split(c[i], kv, "=")
+        if (!match($0, kv[1] "=\"[^\"]*\"")) next
+        v = substr($0, RSTART + length(kv[1]) + 2, RLENGTH - length(kv[1]) - 3)
+        if (v !~ "^(" kv[2] ")$") next
+      }
+      s += $NF
+    }
+    END { printf "%d\n", s }' "$WORK/metrics"
 }
 
 timeout -k 5 3600 nginx -e /tmp/bench-up.err -c "$ROOT/bench/nginx/nginx-upstream.conf" &
@@ -163,6 +177,7 @@ for mode in on off; do
   lp=$!
   wait "$h2" "$wr" "$sh" "$lp" || true
   curl -s "http://127.0.0.1:$GW_ADMIN/metrics" >"$WORK/metrics"
+  if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP" && cp "$WORK/metrics" "$KEEP/metrics-$mode" && cp "$WORK/gw-$mode.log" "$WORK/h2load-$mode" "$WORK/wrk-$mode" "$KEEP/"; fi
   kill "$gw" 2>/dev/null || true
   wait "$gw" 2>/dev/null || true
   sleep 2
@@ -182,15 +197,17 @@ for mode in on off; do
   loop_fuel=$(awk '$1 == 500 && $3 == 1' "$WORK/loop-$mode" | wc -l)
   loop_p50=$(awk '$1 == 500 {print $2}' "$WORK/loop-$mode" | pct 0.5 | to_ms)
   loop_max=$(awk '$1 == 500 {print $2}' "$WORK/loop-$mode" | pct 1 | to_ms)
-  healthy_fail=$(metric 'gateway_plugin_invocations_total\{.*plugin="(hygiene|storefront)".*outcome="(trap|timeout|memory|bad_output|unavailable|fuel)"')
-  healthy_ok=$(metric 'gateway_plugin_invocations_total\{.*plugin="(hygiene|storefront)".*outcome="(ok|local_response)"')
-  loop_stops=$(metric 'gateway_plugin_invocations_total\{.*plugin="loop".*outcome="fuel"')
-  loop_other=$(metric 'gateway_plugin_invocations_total\{.*plugin="loop".*outcome="(ok|trap|timeout|memory|unavailable)"')
-  route_5xx=$(metric 'gateway_requests_total\{.*route="api".*status_class="5xx"')
-  shed=$(metric 'gateway_shed_requests_total')
+  healthy_fail=$(metric gateway_plugin_invocations_total 'plugin=hygiene|storefront' 'outcome=trap|timeout|memory|bad_output|unavailable|fuel')
+  healthy_ok=$(metric gateway_plugin_invocations_total 'plugin=hygiene|storefront' 'outcome=ok|local_response')
+  loop_stops=$(metric gateway_plugin_invocations_total plugin=loop outcome=fuel)
+  loop_other=$(metric gateway_plugin_invocations_total plugin=loop 'outcome=ok|trap|timeout|memory|unavailable')
+  route_5xx=$(metric gateway_requests_total route=api status_class=5xx)
+  shed=$(metric gateway_shed_requests_total)
   echo "== admission control $mode (max_queue_time_ms = $qt), $DURATION s, $HOGS CPU hogs"
   echo "   h2load (512 streams): $h2_ok 2xx, $h2_5xx 5xx, $h2_failed failed | wrk (64 conns): $wrk_total requests, ${wrk_non2xx:-0} non-2xx"
+  up_err=$(awk '/^gateway_upstream_errors_total\{/ && $NF > 0 {match($0, /kind="[^"]*"/); printf "%s%s %d", sep, substr($0, RSTART + 6, RLENGTH - 7), $NF; sep = ", "}' "$WORK/metrics")
   echo "   healthy plugin calls: $healthy_ok ok, $healthy_fail failed (timeout, fuel, ...); route 5xx (not shed): $route_5xx; shed with 503: $shed"
+  echo "   upstream errors by kind: ${up_err:-none}"
   echo "   shopper (1 req / 100 ms, new TLS connection each): $shop_n requests, $shop_bad not 200 ($shop_503 were 503); p50 $shop_p50 ms, p99 $shop_p99 ms, max $shop_max ms"
   echo "   /loop probe: $loop_fuel of $loop_n stopped by fuel (gateway: $loop_stops fuel, $loop_other other); answer p50 $loop_p50 ms, max $loop_max ms"
   ROW[$mode]="| $mode ($qt ms) | $h2_ok / $h2_5xx | $wrk_total / ${wrk_non2xx:-0} | $healthy_fail | $route_5xx | $shed | $shop_p50 / $shop_p99 / $shop_max | $shop_bad | $loop_fuel of $loop_n ($loop_max ms max) |"

@@ -190,3 +190,64 @@ async fn without_fuel_the_wall_clock_deadline_stops_a_loop() {
     // Unmetered calls record no fuel.
     assert_eq!(gw.metric("gateway_plugin_fuel_per_call_count", &[]), 0.0);
 }
+
+#[tokio::test]
+async fn when_every_instance_slot_is_busy_a_call_waits_its_deadline_then_gets_503() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let mut spec = gateway::scoring::SampleSpec::embedding(16, 4, 1);
+    spec.n_users = 4;
+    std::fs::write(
+        pki.path().join("recs.safetensors"),
+        gateway::scoring::sample_model(&spec),
+    )
+    .unwrap();
+    // One instance slot for the whole engine; each call holds it 300 ms (parked in `rank`)
+    // and may wait 500 ms for it.
+    let extra = format!(
+        "{}{}\n[plugin_runtime]\nmax_instances = 1\n\n[scoring]\nbackend = \"cpu\"\nmax_queue_delay_us = 300000\n\n[[models]]\nname = \"recs\"\npath = \"recs.safetensors\"\n",
+        route("slot", "slot"),
+        plugin_table("slot", "hostile", "wait", "instances = 1\ndeadline_ms = 500"),
+    );
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", &extra), pki.path()).await;
+    let addr = gw.addr("https");
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let ca = pki.ca_der.clone();
+            tokio::spawn(async move { fetch(addr, &ca, false, get("localhost", "/slot")).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for c in calls {
+        let r = c.await.unwrap();
+        if r.status == 503 {
+            assert_eq!(r.header("retry-after"), Some("1"));
+            assert!(
+                r.text().contains("plugin slot had no free instance"),
+                "{}",
+                r.text()
+            );
+        }
+        statuses.push(r.status.as_u16());
+    }
+    statuses.sort();
+    // The first is served at once, the second after waiting for the first, the third gives up
+    // when its wait reaches the plugin's deadline: an overload answer, not a plugin failure.
+    assert_eq!(statuses, [200, 200, 503]);
+    let waits = |outcome: &str| {
+        gw.metric(
+            "gateway_plugin_instance_waits_total",
+            &[("plugin", "slot"), ("outcome", outcome)],
+        )
+    };
+    // Each request checks an instance out for both hooks, so more than one call may wait.
+    assert!(waits("got") >= 1.0, "{}", waits("got"));
+    assert_eq!(waits("gave_up"), 1.0);
+    assert_eq!(
+        gw.metric(
+            "gateway_plugin_invocations_total",
+            &[("plugin", "slot"), ("outcome", "unavailable")]
+        ),
+        1.0
+    );
+}

@@ -101,6 +101,14 @@ pub enum PluginError {
         /// What went wrong.
         reason: String,
     },
+    /// Every instance slot of the engine is in use (`[plugin_runtime] max_instances`).
+    #[error(
+        "plugin {name:?}: every plugin instance slot is in use ([plugin_runtime] max_instances)"
+    )]
+    PoolFull {
+        /// Plugin name.
+        name: String,
+    },
     /// The engine could not be configured.
     #[error("plugin engine: {0}")]
     Engine(String),
@@ -142,7 +150,8 @@ pub enum Outcome {
     Memory = 4,
     /// Produced output over its budget or malformed (bad local response).
     BadOutput = 5,
-    /// No instance could be made.
+    /// No instance was free in time: every instance slot was busy for the whole wait (the
+    /// node is overloaded; the request gets 503), or one could not be made.
     Unavailable = 6,
     /// Burned its fuel (`fuel_per_call`): the work bound, independent of how busy the node is.
     Fuel = 7,
@@ -187,6 +196,7 @@ struct HookSeries {
     duration: HistogramVec,
     fuel: HistogramVec,
     created: IntCounterVec,
+    waits: IntCounterVec,
 }
 
 /// The engine shared by all plugins, with its deadline ticker.
@@ -201,6 +211,9 @@ pub struct PluginRuntime {
     /// Compiled components by content version, so a reload that brings back a version seen
     /// recently (a rollback, a flip between two files) does not compile it again.
     compiled: Mutex<Vec<(String, PluginPre<StoreState>)>>,
+    /// Signalled whenever an instance goes back to a pool or is dropped, freeing room for a
+    /// call that found every slot in use.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 /// Compiled components kept for reuse.
@@ -294,11 +307,22 @@ impl PluginRuntime {
                 ),
                 &["plugin", "when"],
             )?,
+            waits: IntCounterVec::new(
+                Opts::new(
+                    "gateway_plugin_instance_waits_total",
+                    "Plugin calls that found every instance slot of the engine in use and \
+                     waited for one to be freed (`outcome=\"got\"`), or gave up after the \
+                     plugin's deadline_ms and failed with outcome unavailable (`outcome=\"gave_up\"`). \
+                     The wait is not charged to the plugin's fuel or deadline.",
+                ),
+                &["plugin", "outcome"],
+            )?,
         };
         registry.register(Box::new(series.invocations.clone()))?;
         registry.register(Box::new(series.duration.clone()))?;
         registry.register(Box::new(series.fuel.clone()))?;
         registry.register(Box::new(series.created.clone()))?;
+        registry.register(Box::new(series.waits.clone()))?;
         Ok(Arc::new(PluginRuntime {
             engine,
             linker,
@@ -307,6 +331,7 @@ impl PluginRuntime {
             families: PluginMetricFamilies::new(registry.clone()),
             kv: Mutex::new(HashMap::new()),
             compiled: Mutex::new(Vec::new()),
+            freed: Arc::new(tokio::sync::Notify::new()),
         }))
     }
 
@@ -446,6 +471,12 @@ impl PluginRuntime {
                 .series
                 .created
                 .with_label_values(&[spec.name.as_str(), "on_demand"]),
+            waits: ["got", "gave_up"].map(|o| {
+                self.series
+                    .waits
+                    .with_label_values(&[spec.name.as_str(), o])
+            }),
+            freed: self.freed.clone(),
         });
         for _ in 0..spec.instances {
             let instance = plugin.new_instance().await?;
@@ -526,6 +557,14 @@ struct Instance {
     plugin: Plugin,
     /// The fuel the current call was given.
     budget: u64,
+    /// Told when this instance is dropped: its slot is free.
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.freed.notify_waiters();
+    }
 }
 
 /// One loaded plugin version and its ready instances.
@@ -548,6 +587,8 @@ pub struct LoadedPlugin {
     fuel_used: [Histogram; 2],
     created_ahead: IntCounter,
     created_on_demand: IntCounter,
+    waits: [IntCounter; 2],
+    freed: Arc<tokio::sync::Notify>,
 }
 
 impl LoadedPlugin {
@@ -574,16 +615,23 @@ impl LoadedPlugin {
             store.set_fuel(u64::MAX).map_err(|e| fail(first_line(&e)))?;
         }
         store.data_mut().output_left = self.spec.max_output_bytes;
-        let plugin = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| fail(self.describe_failure(store.data(), &e)))?;
+        let plugin = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                .is_some()
+            {
+                PluginError::PoolFull {
+                    name: self.name.clone(),
+                }
+            } else {
+                fail(self.describe_failure(store.data(), &e))
+            }
+        })?;
         match plugin.call_init(&mut store, &self.spec.config).await {
             Ok(Ok(())) => Ok(Instance {
                 store,
                 plugin,
                 budget: 0,
+                freed: self.freed.clone(),
             }),
             Ok(Err(message)) => Err(PluginError::InitRefused {
                 name: self.name.clone(),
@@ -620,6 +668,8 @@ impl LoadedPlugin {
                     this.created_ahead.inc();
                     this.put_back(i)
                 }
+                // Busy, not broken: requests make their own or wait.
+                Err(PluginError::PoolFull { .. }) => {}
                 Err(e) => {
                     tracing::warn!(plugin = %this.name, error = %e, "could not prepare a plugin instance")
                 }
@@ -632,22 +682,53 @@ impl LoadedPlugin {
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < self.spec.instances as usize {
             idle.push(instance);
+            self.freed.notify_waiters();
         }
+        // Otherwise it is dropped here, which frees its slot and says so.
     }
 
+    /// A ready instance, or a new one; when every slot of the engine is in use, waits up to
+    /// the plugin's deadline for one to be freed (a bounded queue: the wait is counted, and
+    /// not charged to the call's fuel or deadline).
     async fn checkout(self: &Arc<Self>) -> Option<Instance> {
-        match self.take() {
-            Some(i) => Some(i),
-            None => match self.new_instance().await {
+        let give_up = tokio::time::Instant::now() + self.spec.deadline;
+        let mut waited = false;
+        loop {
+            // Registered before looking, so a slot freed meanwhile is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(i) = self.take() {
+                if waited {
+                    self.waits[0].inc();
+                }
+                return Some(i);
+            }
+            match self.new_instance().await {
                 Ok(i) => {
                     self.created_on_demand.inc();
-                    Some(i)
+                    if waited {
+                        self.waits[0].inc();
+                    }
+                    return Some(i);
+                }
+                Err(PluginError::PoolFull { .. }) => {
+                    waited = true;
+                    if tokio::time::timeout_at(give_up, freed).await.is_err() {
+                        self.waits[1].inc();
+                        tracing::warn!(
+                            plugin = %self.name,
+                            waited_ms = self.spec.deadline.as_millis() as u64,
+                            "no plugin instance slot was freed in time ([plugin_runtime] max_instances are all in use)"
+                        );
+                        return None;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(plugin = %self.name, error = %e, "no plugin instance available");
-                    None
+                    return None;
                 }
-            },
+            }
         }
     }
 

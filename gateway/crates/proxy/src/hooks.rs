@@ -61,7 +61,8 @@ pub enum RequestOutcome {
     Failed {
         /// The plugin.
         plugin: String,
-        /// How it failed (the plugin outcome's metric label).
+        /// How it failed (the plugin outcome's metric label); `unavailable` (no instance was
+        /// free in time) is answered 503 with `retry-after`, the rest 500.
         reason: &'static str,
         /// Plugins before it, which will see the error response.
         ran: usize,

@@ -1138,6 +1138,18 @@ fn attribute(
 }
 
 fn plugin_failure_response(plugin: &str, reason: &str) -> Response<ProxyBody> {
+    // No instance was free in time: the node is overloaded, the plugin did nothing wrong.
+    if reason == "unavailable" {
+        let mut r = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "plugin {plugin} had no free instance (the gateway is overloaded); retry shortly"
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
     error_response(
         StatusCode::INTERNAL_SERVER_ERROR,
         &format!("plugin {plugin} failed ({reason}) and this route fails closed"),
