@@ -5,6 +5,7 @@
 #   DURATION=150 bench/overload.sh                # "several minutes" of load in all
 #   GATEWAY=/path/to/gateway SKIP_BUILD=1 bench/overload.sh
 #   KEEP=/tmp/overload bench/overload.sh          # keep each mode's metrics, logs, load output
+#   QUEUE_MS="50 20 0" bench/overload.sh          # max_queue_time_ms of each mode (0: off)
 #
 # One gateway (a worker per core) in front of the nginx upstream from bench/nginx, with two
 # routes:
@@ -12,7 +13,7 @@
 #             a sample embedding model through the `ranking` import (plugin body access on);
 #   /loop     the hostile fixture in `loop` mode: every call spins until its fuel runs out.
 # For each mode (admission control on with the default max_queue_time_ms = 50, then off with
-# 0), while four CPU-bound processes run beside it on the same cores, for DURATION seconds:
+# 0; QUEUE_MS chooses), while four CPU-bound processes run beside it on the same cores, for DURATION seconds:
 #   - h2load -c 32 -m 16 (512 concurrent h2 streams) and wrk -c 64 (HTTP/1.1), both over TLS,
 #     on /api/recommendations?user=42;
 #   - a well-behaved shopper: one new TLS connection and one request every 100 ms, whose
@@ -26,6 +27,7 @@ ROOT=$PWD
 DURATION=${DURATION:-60}
 SKIP_BUILD=${SKIP_BUILD:-0}
 HOGS=${HOGS:-4}
+QUEUE_MS=${QUEUE_MS:-50 0}
 UP_PORT=18080
 GW_PORT=18447
 GW_ADMIN=19904
@@ -145,8 +147,8 @@ timeout -k 5 3600 nginx -e /tmp/bench-up.err -c "$ROOT/bench/nginx/nginx-upstrea
 PIDS+=($!)
 
 declare -A ROW
-for mode in on off; do
-  if [[ $mode == on ]]; then qt=50; else qt=0; fi
+for qt in $QUEUE_MS; do
+  if ((qt > 0)); then mode=on-$qt; else mode=off; fi
   config "$qt" >"$WORK/gateway.toml"
   "$GATEWAY" sample-files --config "$WORK/gateway.toml" >/dev/null
   "$GATEWAY" check --config "$WORK/gateway.toml" >/dev/null
@@ -197,7 +199,10 @@ for mode in on off; do
   loop_fuel=$(awk '$1 == 500 && $3 == 1' "$WORK/loop-$mode" | wc -l)
   loop_p50=$(awk '$1 == 500 {print $2}' "$WORK/loop-$mode" | pct 0.5 | to_ms)
   loop_max=$(awk '$1 == 500 {print $2}' "$WORK/loop-$mode" | pct 1 | to_ms)
-  healthy_fail=$(metric gateway_plugin_invocations_total 'plugin=hygiene|storefront' 'outcome=trap|timeout|memory|bad_output|unavailable|fuel')
+  waits=$(metric gateway_plugin_instance_waits_total outcome=got)
+  gave_up=$(metric gateway_plugin_instance_waits_total outcome=gave_up)
+  healthy_fail=$(metric gateway_plugin_invocations_total 'plugin=hygiene|storefront' 'outcome=trap|timeout|memory|bad_output|fuel')
+  unavailable=$(metric gateway_plugin_invocations_total 'plugin=hygiene|storefront' outcome=unavailable)
   healthy_ok=$(metric gateway_plugin_invocations_total 'plugin=hygiene|storefront' 'outcome=ok|local_response')
   loop_stops=$(metric gateway_plugin_invocations_total plugin=loop outcome=fuel)
   loop_other=$(metric gateway_plugin_invocations_total plugin=loop 'outcome=ok|trap|timeout|memory|unavailable')
@@ -206,15 +211,16 @@ for mode in on off; do
   echo "== admission control $mode (max_queue_time_ms = $qt), $DURATION s, $HOGS CPU hogs"
   echo "   h2load (512 streams): $h2_ok 2xx, $h2_5xx 5xx, $h2_failed failed | wrk (64 conns): $wrk_total requests, ${wrk_non2xx:-0} non-2xx"
   up_err=$(awk '/^gateway_upstream_errors_total\{/ && $NF > 0 {match($0, /kind="[^"]*"/); printf "%s%s %d", sep, substr($0, RSTART + 6, RLENGTH - 7), $NF; sep = ", "}' "$WORK/metrics")
-  echo "   healthy plugin calls: $healthy_ok ok, $healthy_fail failed (timeout, fuel, ...); route 5xx (not shed): $route_5xx; shed with 503: $shed"
-  echo "   upstream errors by kind: ${up_err:-none}"
+  echo "   healthy plugin calls: $healthy_ok ok, $healthy_fail failed (trap, timeout, fuel, ...), $unavailable found no instance in time (503); route 5xx (not shed): $route_5xx; shed with 503: $shed"
+  echo "   upstream errors by kind: ${up_err:-none}; calls that waited for an instance slot: $waits got one, $gave_up gave up (503)"
   echo "   shopper (1 req / 100 ms, new TLS connection each): $shop_n requests, $shop_bad not 200 ($shop_503 were 503); p50 $shop_p50 ms, p99 $shop_p99 ms, max $shop_max ms"
   echo "   /loop probe: $loop_fuel of $loop_n stopped by fuel (gateway: $loop_stops fuel, $loop_other other); answer p50 $loop_p50 ms, max $loop_max ms"
-  ROW[$mode]="| $mode ($qt ms) | $h2_ok / $h2_5xx | $wrk_total / ${wrk_non2xx:-0} | $healthy_fail | $route_5xx | $shed | $shop_p50 / $shop_p99 / $shop_max | $shop_bad | $loop_fuel of $loop_n ($loop_max ms max) |"
+  ROW[$mode]="| $mode | $h2_ok / $h2_5xx | $wrk_total / ${wrk_non2xx:-0} | $healthy_fail | $unavailable | $route_5xx | $shed | $shop_p50 / $shop_p99 / $shop_max | $shop_bad | $loop_fuel of $loop_n ($loop_max ms max) |"
 done
 echo
 echo "gateway $("$GATEWAY" --version), nproc $(nproc), $HOGS CPU hogs, $DURATION s per mode"
-echo "| admission | h2load 2xx / 5xx | wrk requests / non-2xx | healthy plugin failures | route 5xx | shed (503) | shopper p50 / p99 / max ms | shopper not 200 | loop stopped by fuel |"
-echo "|---|---|---|---|---|---|---|---|---|"
-echo "${ROW[on]}"
-echo "${ROW[off]}"
+echo "| admission | h2load 2xx / 5xx | wrk requests / non-2xx | healthy plugin failures | no instance in time (503) | route 5xx | shed (503) | shopper p50 / p99 / max ms | shopper not 200 | loop stopped by fuel |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for qt in $QUEUE_MS; do
+  if ((qt > 0)); then echo "${ROW[on-$qt]}"; else echo "${ROW[off]}"; fi
+done
