@@ -17,6 +17,8 @@ dpkg-query -W -f='${Status}' mesa-vulkan-drivers 2>/dev/null | grep -q "install 
 # promtool (Debian package prometheus) checks and unit-tests config/prometheus/alerts.yml and
 # parses the PromQL of config/grafana/dashboard.json (tests/alert_rules_and_dashboard_check.rs).
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+# testssl.sh scans the TLS listener (tests/tls_scan_finds_nothing_the_config_controls.rs).
+command -v testssl >/dev/null 2>&1 || packages+=(testssl.sh)
 if [ "${#packages[@]}" -gt 0 ]; then
   apt_prefix=()
   [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)

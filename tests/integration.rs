@@ -33,6 +33,7 @@ mod shipped_plugins_work_end_to_end;
 mod swaps_under_load_lose_no_request;
 mod the_sample_config_is_complete_and_checks;
 mod timeouts_and_limits;
+mod tls_scan_finds_nothing_the_config_controls;
 mod tls_sni_alpn_and_versions;
 mod tuning_hints_name_what_to_change;
 mod uploads_are_validated_durable_and_reversible;
