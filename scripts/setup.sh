@@ -14,6 +14,11 @@ packages=()
 command -v cc >/dev/null 2>&1 || packages+=(gcc)
 dpkg-query -W -f='${Status}' mesa-vulkan-drivers 2>/dev/null | grep -q "install ok installed" ||
   packages+=(mesa-vulkan-drivers)
+# Headless Chromium and its WebDriver: the status page is tested in a real browser.
+dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed" ||
+  packages+=(chromium)
+dpkg-query -W -f='${Status}' chromium-driver 2>/dev/null | grep -q "install ok installed" ||
+  packages+=(chromium-driver)
 if [ "${#packages[@]}" -gt 0 ]; then
   apt_prefix=()
   [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)
