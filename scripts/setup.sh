@@ -19,6 +19,11 @@ dpkg-query -W -f='${Status}' mesa-vulkan-drivers 2>/dev/null | grep -q "install 
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 # testssl.sh scans the TLS listener (tests/tls_scan_finds_nothing_the_config_controls.rs).
 command -v testssl >/dev/null 2>&1 || packages+=(testssl.sh)
+# Headless Chromium and its WebDriver: the status page is tested in a real browser.
+dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed" ||
+  packages+=(chromium)
+dpkg-query -W -f='${Status}' chromium-driver 2>/dev/null | grep -q "install ok installed" ||
+  packages+=(chromium-driver)
 if [ "${#packages[@]}" -gt 0 ]; then
   apt_prefix=()
   [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)

@@ -112,6 +112,10 @@ impl gateway_admin::Control for ServeCtx {
     ) -> Result<(), ArtifactError> {
         ServeCtx::forget(self, kind, name, users).await
     }
+
+    fn observed(&self) -> gateway_admin::Observations {
+        self.observed.get()
+    }
 }
 
 impl ServeCtx {
@@ -145,6 +149,7 @@ impl ServeCtx {
             .await?;
         self.shared.state.store(Arc::new(built.snapshot));
         self.tls.store(built.tls);
+        self.observed.note_versions(&self.shared.state.load());
         Ok(())
     }
 
@@ -239,6 +244,7 @@ impl ServeCtx {
                 let version = slot
                     .rollback(version)
                     .map_err(ArtifactError::NothingToRollBackTo)?;
+                self.observed.note_versions(&self.shared.state.load());
                 return Ok(Activated::Held { version, slot });
             }
             (Target::Rollback(_), None) if stored.is_none() => return Err(ArtifactError::NoStore),

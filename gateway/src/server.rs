@@ -97,6 +97,8 @@ pub(crate) struct ServeCtx {
     pub(crate) loader: Loader,
     /// The audit trail of management actions.
     pub(crate) audit: crate::audit::Audit,
+    /// The sampler's recent series and when versions went live (the status page).
+    pub(crate) observed: crate::monitor::Observed,
     pub(crate) tls: ArcSwap<rustls::ServerConfig>,
     limits: Limits,
     connections: Arc<Semaphore>,
@@ -155,6 +157,7 @@ impl Gateway {
         let admission = Arc::new(
             gateway_proxy::admission::Admission::new(&registry).map_err(MetricsError::from)?,
         );
+        let observed = crate::monitor::Observed::new(&built.snapshot);
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(built.snapshot),
             metrics,
@@ -184,6 +187,7 @@ impl Gateway {
             reloads_ok,
             loader,
             audit: crate::audit::Audit::default(),
+            observed,
             tls: ArcSwap::new(built.tls),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             shutdown: CancellationToken::new(),

@@ -214,6 +214,325 @@ pub struct Reloaded {
     pub status: Status,
 }
 
+/// `GET /status.json` on the admin listener: everything the status page (`GET /`) shows, in
+/// one read-only document. It needs no token, like `/metrics`, so it holds nothing the metrics
+/// do not already tell: names, versions, counts and figures; never a token, a key, a file's
+/// content or a reload's error text (`GET /admin/reload` has that). Fields are in
+/// alphabetical order, as the JSON has them; times are milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Overview {
+    /// Whether the admin API is enabled (a token is configured), so the page's actions work.
+    pub admin_api: bool,
+    /// Experiments in config order, with their variants' weights and figures and their
+    /// rollouts.
+    pub experiments: Vec<ExperimentOverview>,
+    /// When the document was made.
+    pub generated_unix_ms: u64,
+    /// Configurations applied since start (1 for the first).
+    pub generation: u64,
+    /// Tuning hints from the gateway's own series (as `GET /admin/hints`).
+    pub hints: Vec<Hint>,
+    /// The last reload from the file, if any: when, and whether it applied.
+    pub last_reload: Option<ReloadOutcome>,
+    /// Served models, by name.
+    pub models: Vec<ModelOverview>,
+    /// Plugins the routes use, in config order.
+    pub plugins: Vec<PluginOverview>,
+    /// Routes, in config order, with their traffic.
+    pub routes: Vec<RouteOverview>,
+    /// How often each route's series are sampled (`[server] anomaly_interval_ms`).
+    pub sample_interval_ms: u64,
+    /// The scoring device in use (`gateway_scoring_device_info`), once a model is loaded.
+    pub scoring_device: Option<ScoringDevice>,
+    /// When the gateway started.
+    pub started_unix_ms: u64,
+    /// Upstream pools, in config order, with their backends' health.
+    pub upstreams: Vec<UpstreamOverview>,
+}
+
+/// When the last reload from the file finished and whether it applied (the error text is in
+/// `GET /admin/reload`, behind the token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// When it finished.
+    pub at_unix_ms: u64,
+    /// Whether it applied.
+    pub ok: bool,
+}
+
+/// A route in the [`Overview`]: what it matches, where it goes, and its traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteOverview {
+    /// Answers by status class (`2xx`, `5xx`, ...) since start.
+    pub by_class: std::collections::BTreeMap<String, u64>,
+    /// 5xx answers since start.
+    pub errors: u64,
+    /// The experiment that splits it, if any (see [`Overview::experiments`]).
+    pub experiment: Option<String>,
+    /// The sampled series of the last minutes, oldest first (at most [`HISTORY_SAMPLES`]).
+    pub history: Vec<Sample>,
+    /// Host patterns (`*` for any).
+    pub hosts: Vec<String>,
+    /// Its name.
+    pub name: String,
+    /// Path prefix.
+    pub path_prefix: String,
+    /// Its plugins, in order.
+    pub plugins: Vec<String>,
+    /// Requests answered since start.
+    pub requests: u64,
+    /// The anomaly state of its signals (`gateway_anomaly{route,signal}`), once sampled.
+    pub signals: Vec<SignalState>,
+    /// Its upstream's name.
+    pub upstream: String,
+    /// Its canary variants (a plugin picks one), each with its upstream.
+    pub variants: Vec<RouteVariant>,
+}
+
+/// The most samples a route's history holds; it also spans at most [`HISTORY_WINDOW_MS`].
+pub const HISTORY_SAMPLES: usize = 180;
+
+/// How far back a route's history reaches, ms (15 minutes).
+pub const HISTORY_WINDOW_MS: u64 = 15 * 60 * 1000;
+
+/// One sample of a route's series over one sampling interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// When it was taken (the end of its interval).
+    pub at_unix_ms: u64,
+    /// 5xx answers per request (`null` with fewer than 20 requests in the interval).
+    pub error_ratio: Option<f64>,
+    /// The interval's p99 latency, ms: the upper bound of the histogram bucket that holds it
+    /// (`null` with fewer than 20 requests in the interval).
+    pub p99_ms: Option<f64>,
+    /// Requests per second.
+    pub rate_per_s: f64,
+}
+
+/// One signal of a route as the anomaly detector judged its last sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalState {
+    /// Whether it is in alert (`gateway_anomaly` is 1).
+    pub alert: bool,
+    /// The adaptive band's upper edge, in the signal's unit (`null` while warming up).
+    pub high: Option<f64>,
+    /// The band's lower edge.
+    pub low: Option<f64>,
+    /// `request_rate` (per second), `error_ratio` or `p99_latency` (ms).
+    pub signal: String,
+    /// The last sample, in the signal's unit.
+    pub value: f64,
+}
+
+/// A canary variant of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteVariant {
+    /// Its name.
+    pub name: String,
+    /// Its upstream's name.
+    pub upstream: String,
+}
+
+/// An upstream pool in the [`Overview`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamOverview {
+    /// Backends that may take traffic now.
+    pub available: usize,
+    /// Its backends, in config order.
+    pub backends: Vec<BackendOverview>,
+    /// `round_robin` or `least_in_flight`.
+    pub balance: String,
+    /// Failed attempts since start, by kind (`gateway_upstream_errors_total`).
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Whether active health checks run.
+    pub health_checks: bool,
+    /// Its name.
+    pub name: String,
+    /// Requests balanced across every backend because too few were healthy.
+    pub panics: u64,
+    /// `http1` or `h2`.
+    pub protocol: String,
+    /// Retries since start, by outcome (`gateway_upstream_retries_total`).
+    pub retries: std::collections::BTreeMap<String, u64>,
+}
+
+/// A backend and its health (`gateway_backend_healthy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendOverview {
+    /// `host:port`.
+    pub address: String,
+    /// Whether it takes traffic (not ejected, passing its checks).
+    pub healthy: bool,
+}
+
+/// A plugin in the [`Overview`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginOverview {
+    /// Its deadline per hook call, ms.
+    pub deadline_ms: u64,
+    /// Each hook's calls and latency since start.
+    pub hooks: Vec<HookFigures>,
+    /// Instances ready for a request.
+    pub idle_instances: usize,
+    /// When its version became live; `null` when it has served since the gateway started.
+    pub last_swap_unix_ms: Option<u64>,
+    /// Its name in the config.
+    pub name: String,
+    /// The live version's hook calls since start, by outcome (`ok`, `local_response`,
+    /// `trap`, `timeout`, ...).
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// The routes whose chain runs it.
+    pub routes: Vec<String>,
+    /// The version serving.
+    pub version: String,
+}
+
+/// One plugin hook's figures (`gateway_plugin_hook_duration_seconds`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookFigures {
+    /// Calls since start.
+    pub calls: u64,
+    /// `on_request` or `on_response`.
+    pub hook: String,
+    /// p99 call time, ms (a bucket's upper bound; `null` without calls).
+    pub p99_ms: Option<f64>,
+}
+
+/// A model in the [`Overview`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelOverview {
+    /// The GPU adapter it runs on, or whose memory it did not fit (`null` on the CPU path).
+    pub adapter: Option<String>,
+    /// Its batches and queueing since start.
+    pub batching: BatchFigures,
+    /// Batches answered on the CPU path after the GPU failed, since start.
+    pub cpu_fallbacks: u64,
+    /// `gpu`, `software-gpu` or `cpu`.
+    pub device: String,
+    /// Why it runs on the CPU path of a GPU device, when it does.
+    pub fallback_reason: Option<String>,
+    /// Bytes of weights held.
+    pub held_bytes: u64,
+    /// Versions kept for rollback, newest first.
+    pub history: Vec<String>,
+    /// `embedding` or `mlp`.
+    pub kind: String,
+    /// When its version became live; `null` when it has served since the gateway started.
+    pub last_swap_unix_ms: Option<u64>,
+    /// Its name in the config.
+    pub name: String,
+    /// The live version's scoring requests since start, by outcome.
+    pub requests: std::collections::BTreeMap<String, u64>,
+    /// How its tables are held (`f32`, `f16`).
+    pub storage: String,
+    /// The version live.
+    pub version: String,
+}
+
+/// A model's batching since start (`gateway_model_batch_size`, `gateway_model_queue_seconds`,
+/// `gateway_model_compute_seconds`), with the configured limits. Quantiles are the upper
+/// bounds of histogram buckets; `null` before the first batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchFigures {
+    /// Batches dispatched.
+    pub batches: u64,
+    /// p99 time of one batch on the device, ms.
+    pub compute_p99_ms: Option<f64>,
+    /// `[scoring] max_batch`.
+    pub max_batch: usize,
+    /// `[scoring] max_queue_delay_us`.
+    pub max_queue_delay_us: u64,
+    /// Requests per batch, on average.
+    pub mean_size: Option<f64>,
+    /// p99 requests per batch.
+    pub p99_size: Option<f64>,
+    /// Median time a request waited for its batch, ms.
+    pub queue_p50_ms: Option<f64>,
+    /// p99 time a request waited for its batch, ms.
+    pub queue_p99_ms: Option<f64>,
+}
+
+/// The scoring device (`gateway_scoring_device_info`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScoringDevice {
+    /// The GPU adapter's name (`null` on the CPU).
+    pub adapter: Option<String>,
+    /// `gpu`, `software-gpu` or `cpu`.
+    pub backend: String,
+}
+
+/// An experiment in the [`Overview`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentOverview {
+    /// Where the shopper id comes from.
+    pub assign_by: String,
+    /// Its name.
+    pub name: String,
+    /// Its rollout, if it has one.
+    pub rollout: Option<RolloutOverview>,
+    /// The routes it splits.
+    pub routes: Vec<String>,
+    /// Variants, the baseline first, with their weights now.
+    pub variants: Vec<VariantOverview>,
+}
+
+/// A variant of an experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantOverview {
+    /// Figures of the last five minutes.
+    pub last_5_minutes: VariantFigures,
+    /// Its name.
+    pub name: String,
+    /// Figures since the rollout's step began (since the experiment started, without one).
+    pub step: VariantFigures,
+    /// Its weight in the split now.
+    pub weight: u32,
+}
+
+/// A variant's figures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VariantFigures {
+    /// Clicks reported.
+    pub clicks: u64,
+    /// Clicks per impression.
+    pub ctr: f64,
+    /// Purchases per impression.
+    pub cvr: f64,
+    /// 5xx answers per request.
+    pub error_rate: f64,
+    /// Impressions reported.
+    pub impressions: u64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// p99 latency, ms.
+    pub p99_ms: f64,
+    /// Purchases reported.
+    pub purchases: u64,
+    /// Counted requests.
+    pub requests: u64,
+}
+
+/// An experiment's rollout: where it is and the decisions it made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutOverview {
+    /// The baseline variant's name.
+    pub baseline: String,
+    /// The canary variant's name.
+    pub canary: String,
+    /// The canary's share now, percent.
+    pub canary_percent: u8,
+    /// Decisions, oldest first, each with its figures.
+    pub decisions: Vec<gateway_rollout::Decision>,
+    /// The figures of the last evaluation.
+    pub evidence: gateway_rollout::Evidence,
+    /// `Running`, `Paused`, `Promoted`, `RolledBack` or `Aborted`.
+    pub state: gateway_rollout::State,
+    /// When the current step began.
+    pub step_started_ms: u64,
+    /// The plan's steps, percent.
+    pub steps: Vec<u8>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! targets ([`Target`]) and made active ([`Activated`]), and why one changed nothing
 //! ([`ArtifactError`]). The binary implements [`Control`] over its serving state.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -55,6 +55,57 @@ pub trait Control: Send + Sync + 'static {
         name: &str,
         users: impl FnOnce(&Config) -> Vec<String> + Send,
     ) -> impl Future<Output = Result<(), ArtifactError>> + Send;
+    /// What the gateway's sampler saw over the last minutes, and when versions went live:
+    /// the status page's charts and "last swap".
+    fn observed(&self) -> Observations;
+}
+
+/// What the gateway observed lately ([`Control::observed`]).
+#[derive(Debug, Clone, Default)]
+pub struct Observations {
+    /// When the gateway started, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// Each route's sampled series, by route name.
+    pub routes: HashMap<String, RouteSeries>,
+    /// When each plugin's live version went live, by plugin name.
+    pub plugins: HashMap<String, LiveSince>,
+    /// When each model's live version went live, by model name.
+    pub models: HashMap<String, LiveSince>,
+}
+
+/// A route's samples and the detector's view of its signals.
+#[derive(Debug, Clone, Default)]
+pub struct RouteSeries {
+    /// Samples, oldest first: at most [`crate::api::HISTORY_SAMPLES`], none older than
+    /// [`crate::api::HISTORY_WINDOW_MS`].
+    pub samples: VecDeque<crate::api::Sample>,
+    /// Each signal as its last sample was judged.
+    pub signals: Vec<crate::api::SignalState>,
+}
+
+impl RouteSeries {
+    /// Appends a sample, then drops the oldest beyond [`crate::api::HISTORY_SAMPLES`] or
+    /// older than [`crate::api::HISTORY_WINDOW_MS`] before it.
+    pub fn push(&mut self, sample: crate::api::Sample) {
+        self.samples.push_back(sample);
+        let oldest = sample
+            .at_unix_ms
+            .saturating_sub(crate::api::HISTORY_WINDOW_MS);
+        while self.samples.len() > crate::api::HISTORY_SAMPLES
+            || self.samples.front().is_some_and(|s| s.at_unix_ms < oldest)
+        {
+            self.samples.pop_front();
+        }
+    }
+}
+
+/// A plugin's or model's live version and when it went live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSince {
+    /// The version.
+    pub version: String,
+    /// When it went live, ms since the Unix epoch; `None` when it has served since start.
+    pub since_unix_ms: Option<u64>,
 }
 
 /// Why `POST /admin/reload` did not reload.
@@ -141,4 +192,38 @@ pub enum Activated {
         /// The model's slot, for its history.
         slot: Arc<ModelSlot>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Sample, HISTORY_SAMPLES, HISTORY_WINDOW_MS};
+
+    fn at(ms: u64) -> Sample {
+        Sample {
+            at_unix_ms: ms,
+            error_ratio: None,
+            p99_ms: None,
+            rate_per_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_route_history_is_bounded_by_count_and_by_age() {
+        let mut series = RouteSeries::default();
+        for i in 0..(HISTORY_SAMPLES as u64 + 10) {
+            series.push(at(1_000_000 + i));
+        }
+        assert_eq!(series.samples.len(), HISTORY_SAMPLES);
+        assert_eq!(
+            series.samples.back().unwrap().at_unix_ms,
+            1_000_000 + HISTORY_SAMPLES as u64 + 9
+        );
+        // A sample a window later leaves only itself.
+        series.push(at(1_000_000
+            + HISTORY_SAMPLES as u64
+            + 10
+            + HISTORY_WINDOW_MS));
+        assert_eq!(series.samples.len(), 1);
+    }
 }

@@ -39,7 +39,7 @@ fn label<'a>(labels: &[(&'a str, &'a str)], name: &str) -> &'a str {
 }
 
 /// The smallest bucket bound below which at least `q` of the observations fall.
-fn quantile(h: &Histogram, q: f64) -> Option<f64> {
+pub(crate) fn quantile(h: &Histogram, q: f64) -> Option<f64> {
     let total = h.get_sample_count();
     if total == 0 {
         return None;

@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz` and `/readyz` for monitoring, and the admin API
-//! under `/admin/`, which needs the bearer token from `[admin]` (compared in constant time;
+//! The admin listener: `/metrics`, `/healthz` and `/readyz` for monitoring, the status page
+//! (`/`, which renders `/status.json`; the `page` module), and the admin API under
+//! `/admin/`, which needs the bearer token from `[admin]` (compared in constant time;
 //! without a configured token it is disabled, and the listener may only bind to loopback).
 //!
 //! - `GET /admin/status`: routes, plugins and models with their versions, the last reload;
@@ -34,9 +35,10 @@ use gateway_store as store;
 pub mod api;
 mod control;
 mod hints;
+mod page;
 pub use control::{
-    Activated, ArtifactError, Control, PluginStatus, ReloadRefused, ReloadReport, RolloutRefused,
-    Target,
+    Activated, ArtifactError, Control, LiveSince, Observations, PluginStatus, ReloadRefused,
+    ReloadReport, RolloutRefused, RouteSeries, Target,
 };
 
 use std::convert::Infallible;
@@ -165,6 +167,8 @@ async fn respond(
             );
             r
         }
+        "/" | "/status" => page::page(),
+        "/status.json" => page::overview_response(ctx, registry),
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
             if draining.load(Ordering::SeqCst) {
@@ -195,7 +199,8 @@ async fn respond(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "admin endpoints: /metrics /healthz /readyz /admin/...\n".into(),
+            "admin endpoints: / (status page) /status.json /metrics /healthz /readyz /admin/...\n"
+                .into(),
         ),
     }
 }
