@@ -30,6 +30,7 @@ mod scoring_kernels_match_the_cpu_path;
 mod scoring_rejects_bad_models;
 mod scoring_serves_and_swaps_without_mixing;
 mod shipped_plugins_work_end_to_end;
+mod slow_and_stuck_clients_are_bounded;
 mod swaps_under_load_lose_no_request;
 mod the_sample_config_is_complete_and_checks;
 mod timeouts_and_limits;
