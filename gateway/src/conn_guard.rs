@@ -15,8 +15,9 @@
 //! Neither costs a timer per request: the connection's one watchdog samples both every
 //! `send_timeout / SAMPLES`, and a stall is one that stayed unchanged for `SAMPLES` samples in
 //! a row, so it fires between `send_timeout` and `send_timeout * (1 + 1 / SAMPLES)` after the
-//! last progress, never earlier. The hot paths only store a counter when a write blocks or
-//! unblocks, or when a body hands hyper a frame.
+//! last progress, never earlier. On the hot path a connection stores a counter only when a
+//! write blocks or unblocks; an h2 stream costs a small allocation, a lock to list it, and a
+//! store each time hyper polls its body.
 //!
 //! **Eviction.** [`Connections`] lists every open downstream connection. When all
 //! `max_connections` places are taken and a new client comes, the longest-idle connections
