@@ -57,35 +57,51 @@ async fn least_in_flight_avoids_the_busy_backend() {
     assert_eq!(first.await.unwrap().text(), "busy");
 }
 
+/// At `max_connections` a new client waits while every connection is busy, and gets the place
+/// of one that has gone idle (it is evicted to make room).
 #[tokio::test]
-async fn connection_limit_holds_new_clients_until_one_leaves() {
+async fn connection_limit_holds_new_clients_while_every_connection_is_busy() {
     let pki = Pki::new();
-    let up = Upstream::named("a").await;
+    let up =
+        Upstream::with(|_| Reply::Delay(Duration::from_millis(800), Bytes::from_static(b"slow")))
+            .await;
     let gw = TestGateway::start(
         &basic_config(&pki, &[up.addr], "", "[limits]\nmax_connections = 1"),
         pki.path(),
     )
     .await;
     let addr = gw.addr("https");
-    let first = tls_connect(addr, &pki.ca_der, ClientOpts::default())
+    let mut first = tls_connect(addr, &pki.ca_der, ClientOpts::default())
         .await
         .unwrap();
+    let busy = tokio::spawn(async move {
+        let r = first.sender.get("localhost", "/").await;
+        (first, r)
+    });
+    assert!(eventually(Duration::from_secs(2), || up.hits() == 1).await);
     let ca = pki.ca_der.clone();
     let second = tokio::spawn(async move { tls_connect(addr, &ca, ClientOpts::default()).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !second.is_finished(),
-        "the second client waits while the first holds the only slot"
+        "the second client waits while the first is busy in the only place"
     );
     assert_eq!(
         gw.metric("gateway_active_connections", &[("listener", "https")]),
         1.0
     );
-    drop(first);
+    // The first connection stays open but goes idle once answered: it makes room.
+    let (first, r) = busy.await.unwrap();
+    assert_eq!(r.text(), "slow");
     let mut second = tokio::time::timeout(Duration::from_secs(3), second)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
     assert_eq!(second.sender.get("localhost", "/").await.status, 200);
+    assert_eq!(
+        gw.metric("gateway_connections_closed_total", &[("reason", "evicted")]),
+        1.0
+    );
+    drop(first);
 }

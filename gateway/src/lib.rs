@@ -8,6 +8,7 @@
 
 pub mod admin_client;
 mod audit;
+mod conn_guard;
 pub mod demo;
 mod loader;
 mod monitor;

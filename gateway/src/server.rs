@@ -1,11 +1,13 @@
 //! Listeners and connections: accept loops, TLS handshakes inside each connection's task,
-//! HTTP/1.1 and h2 serving, the admin listener, and graceful drain.
+//! HTTP/1.1 and h2 serving, the admin listener, and graceful drain. What bounds a slow or
+//! stuck client (the send timeout, eviction at `max_connections`) is in
+//! [`crate::conn_guard`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ use futures_util::task::AtomicWaker;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits, ListenerKind, ListenerSpec};
-use crate::http_util::GuardedBody;
+use crate::conn_guard::{
+    self, Connections, Expiry, Registered, RequestActive, StreamExecutor, Watch, WatchedBody,
+    WatchedIo,
+};
 use crate::loader::{with_record, Loader};
 use crate::metrics::{Metrics, MetricsError};
 use crate::plugin::PluginError;
@@ -102,11 +107,13 @@ pub(crate) struct ServeCtx {
     pub(crate) tls: ArcSwap<rustls::ServerConfig>,
     limits: Limits,
     connections: Arc<Semaphore>,
+    /// Every open connection, for eviction when `connections` has no place left.
+    open: Arc<Connections>,
     pub(crate) shutdown: CancellationToken,
     tracker: TaskTracker,
-    auto: auto::Builder<TokioExecutor>,
-    h1: auto::Builder<TokioExecutor>,
-    h2: auto::Builder<TokioExecutor>,
+    auto: auto::Builder<StreamExecutor>,
+    h1: auto::Builder<StreamExecutor>,
+    h2: auto::Builder<StreamExecutor>,
 }
 
 /// A running gateway: its listeners are bound and serving.
@@ -190,6 +197,7 @@ impl Gateway {
             observed,
             tls: ArcSwap::new(built.tls),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
+            open: Arc::default(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             auto: http_builder(&limits, true),
@@ -332,8 +340,8 @@ impl Gateway {
 /// `hyper_head_timer`: hyper enforces the HTTP/1.1 header read timeout. Without it the
 /// connection's watchdog must (see [`Connection::serve_http`]); hyper's timer costs a timer
 /// registration and removal per request, about 2% of a proxied request's instructions.
-fn http_builder(limits: &Limits, hyper_head_timer: bool) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+fn http_builder(limits: &Limits, hyper_head_timer: bool) -> auto::Builder<StreamExecutor> {
+    let mut b = auto::Builder::new(StreamExecutor);
     if hyper_head_timer {
         b.http1()
             .timer(TokioTimer::new())
@@ -364,10 +372,6 @@ async fn accept_loop(ctx: Arc<ServeCtx>, listener: TcpListener, spec: ListenerSp
     let accepted = metrics.connections.with_label_values(&[&*name]);
     let handshake_failures = metrics.tls_handshake_failures.with_label_values(&[&*name]);
     loop {
-        let permit = tokio::select! {
-            p = ctx.connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            _ = ctx.shutdown.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(conn) => conn,
@@ -380,6 +384,13 @@ async fn accept_loop(ctx: Arc<ServeCtx>, listener: TcpListener, spec: ListenerSp
             },
             _ = ctx.shutdown.cancelled() => break,
         };
+        let permit = match ctx.connections.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match make_room(&ctx).await {
+                Some(p) => p,
+                None => break,
+            },
+        };
         let _ = stream.set_nodelay(true);
         accepted.inc();
         let conn = Connection {
@@ -388,11 +399,38 @@ async fn accept_loop(ctx: Arc<ServeCtx>, listener: TcpListener, spec: ListenerSp
             handshake_failures: handshake_failures.clone(),
             listener: name.clone(),
             reject_misdirected,
+            registered: ctx.open.open(),
             _permit: permit,
         };
         ctx.tracker.spawn(conn.serve(stream, peer, kind));
     }
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+/// How often a client accepted at `max_connections` asks again for idle connections to close
+/// while it waits for a place.
+const EVICTION_RETRY: Duration = Duration::from_millis(100);
+
+/// Waits for a place for a client accepted while every place is taken, asking the
+/// longest-idle connections to close meanwhile; `None` on shutdown. While it waits, clients
+/// behind it wait in the accept backlog.
+async fn make_room(ctx: &ServeCtx) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    loop {
+        let asked = ctx.open.evict_idle();
+        if asked > 0 {
+            tracing::debug!(
+                asked,
+                "max_connections reached: closing the longest-idle connections"
+            );
+        }
+        tokio::select! {
+            p = ctx.connections.clone().acquire_owned() => {
+                return Some(p.expect("semaphore is never closed"));
+            }
+            _ = tokio::time::sleep(EVICTION_RETRY) => {}
+            _ = ctx.shutdown.cancelled() => return None,
+        }
+    }
 }
 
 struct ActiveGuard(IntGauge);
@@ -428,61 +466,9 @@ struct Connection {
     listener: Arc<str>,
     /// The listener's `reject_misdirected`.
     reject_misdirected: bool,
+    /// Its place in the list of open connections.
+    registered: Registered,
     _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// Requests in flight on one connection and when it last became idle, for its watchdog.
-struct Activity {
-    in_flight: AtomicUsize,
-    idle_since_ms: AtomicU64,
-    start: Instant,
-}
-
-/// Held by a response body while it streams.
-struct RequestActive(Arc<Activity>);
-
-impl RequestActive {
-    fn new(a: &Arc<Activity>) -> Self {
-        a.in_flight.fetch_add(1, Ordering::Relaxed);
-        RequestActive(a.clone())
-    }
-}
-
-impl Drop for RequestActive {
-    fn drop(&mut self) {
-        let a = &self.0;
-        a.idle_since_ms
-            .store(a.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        a.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Resolves once the connection has had no request in flight for `limit`. One timer per
-/// connection, re-armed only when it fires: requests themselves touch no timer.
-async fn idle_expired(activity: Arc<Activity>, limit: Duration) {
-    let mut wait = limit;
-    loop {
-        tokio::time::sleep(wait).await;
-        if activity.in_flight.load(Ordering::Relaxed) > 0 {
-            wait = limit;
-            continue;
-        }
-        let since = Duration::from_millis(activity.idle_since_ms.load(Ordering::Relaxed));
-        let idle_for = activity.start.elapsed().saturating_sub(since);
-        if idle_for >= limit {
-            return;
-        }
-        wait = limit - idle_for;
-    }
-}
-
-/// Why a connection's watchdog ends it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Expiry {
-    /// The gateway is shutting down.
-    Shutdown,
-    /// No request in flight for the connection's limit.
-    Idle,
 }
 
 /// Sets a flag and wakes the task that polls an [`OnWake`].
@@ -565,6 +551,11 @@ impl Connection {
                         }
                     },
                     _ = self.ctx.shutdown.cancelled() => return,
+                    () = self.registered.activity.evicted() => {
+                        self.closed("evicted").inc();
+                        tracing::debug!(listener = %self.listener, %peer, "closing a connection still in its TLS handshake to make room");
+                        return;
+                    }
                 };
                 let (builder, speaks) = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                     (&self.ctx.h2, Speaks::Http2)
@@ -608,6 +599,15 @@ impl Connection {
         drop(self.active);
     }
 
+    /// `gateway_connections_closed_total` of this connection's listener, for `reason`.
+    fn closed(&self, reason: &str) -> IntCounter {
+        self.ctx
+            .shared
+            .metrics
+            .connections_closed
+            .with_label_values(&[&*self.listener, reason])
+    }
+
     /// Serves one connection. On h2 requests are answered by a boxed future, because hyper
     /// spawns a task per h2 stream and moves the request future into it and out of it
     /// (a pointer instead of ~3 KB; on HTTP/1.1 hyper already boxes it, so there it is not).
@@ -616,10 +616,12 @@ impl Connection {
     /// shutdown. On `Speaks::Http1` it also enforces the header read timeout, which hyper's
     /// HTTP/1.1 server applies from the moment it waits for a head (the end of the previous
     /// response, or the connection's start) to the head's last byte: with no request in flight
-    /// for the shorter of the two limits, the connection is closed.
+    /// for the shorter of the two limits, the connection is closed. It closes the connection
+    /// when the client takes nothing for `send_timeout`, resets h2 streams whose window stays
+    /// shut that long, and closes the connection when it is evicted ([`crate::conn_guard`]).
     async fn serve_http<I>(
         &self,
-        builder: &auto::Builder<TokioExecutor>,
+        builder: &auto::Builder<StreamExecutor>,
         io: I,
         info: ConnInfo,
         redirect_port: Option<u16>,
@@ -627,17 +629,17 @@ impl Connection {
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let activity = Arc::new(Activity {
-            in_flight: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            start: Instant::now(),
-        });
+        let activity = self.registered.activity.clone();
+        activity.ready();
+        let io = WatchedIo::new(io, activity.clone());
         let shared = self.ctx.shared.clone();
         let peer = info.peer;
         let info = Arc::new(info);
         let service_activity = activity.clone();
         let answer = move |req: Request<Incoming>| {
             let guard = RequestActive::new(&service_activity);
+            let stream =
+                (req.version() == http::Version::HTTP_2).then(|| service_activity.open_stream());
             let shared = shared.clone();
             let info = info.clone();
             async move {
@@ -645,7 +647,7 @@ impl Connection {
                     Some(port) => proxy::redirect(&req, port),
                     None => proxy::handle(&shared, &info, req).await,
                 };
-                Ok::<_, Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
+                Ok::<_, Infallible>(resp.map(|b| WatchedBody::new(b, guard, stream)))
             }
         };
         let limits = &self.ctx.limits;
@@ -653,19 +655,24 @@ impl Connection {
             Speaks::Http1 => limits.idle_timeout.min(limits.header_read_timeout),
             Speaks::Http2 | Speaks::Either => limits.idle_timeout,
         };
-        let shutdown = self.ctx.shutdown.clone();
-        let mut watchdog = OnWake::new(async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => Expiry::Shutdown,
-                _ = idle_expired(activity, limit) => Expiry::Idle,
-            }
-        });
+        let metrics = &self.ctx.shared.metrics;
+        let send_timeouts = metrics.rejected.with_label_values(&["send_timeout"]);
+        let watch = |idle: Option<Duration>, linger_until: Option<Instant>| Watch {
+            idle,
+            send_timeout: limits.send_timeout,
+            linger_until,
+            streams_reset: send_timeouts.clone(),
+        };
+        let mut watchdog = OnWake::new(guard(
+            activity.clone(),
+            watch(Some(limit), None),
+            Some(self.ctx.shutdown.clone()),
+        ));
         // The same loop over two connection types (the services differ in their future).
         macro_rules! drive {
             ($conn:expr) => {{
                 let conn = $conn;
                 tokio::pin!(conn);
-                let mut closing = false;
                 loop {
                     tokio::select! {
                         biased;
@@ -675,17 +682,40 @@ impl Connection {
                             }
                             break;
                         }
-                        why = &mut watchdog, if !closing => {
+                        why = &mut watchdog => match why {
+                            Expiry::SendTimeout => {
+                                let cut = activity.in_flight();
+                                tracing::debug!(listener = %self.listener, %peer, responses = cut, "closing a connection whose client took nothing for the send timeout");
+                                self.closed("send_timeout").inc();
+                                send_timeouts.inc_by(cut as u64);
+                                break;
+                            }
+                            Expiry::Lingered => break,
                             // An HTTP/1.1 connection with no request in flight is idle or has
                             // an incomplete head; hyper's graceful shutdown would leave a first
                             // request's partial head waiting, so close it outright.
-                            if why == Expiry::Idle && speaks == Speaks::Http1 {
+                            Expiry::Idle if speaks == Speaks::Http1 => {
                                 tracing::debug!(listener = %self.listener, %peer, "closing an idle HTTP/1.1 connection or one with a slow request head");
                                 break;
                             }
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
+                            Expiry::Evicted => {
+                                self.closed("evicted").inc();
+                                tracing::debug!(listener = %self.listener, %peer, "closing an idle connection to make room");
+                                if speaks == Speaks::Http1
+                                    && !activity.served_any()
+                                    && activity.in_flight() == 0
+                                {
+                                    break;
+                                }
+                                conn.as_mut().graceful_shutdown();
+                                let linger = Instant::now() + conn_guard::EVICTION_GRACE;
+                                watchdog = OnWake::new(guard(activity.clone(), watch(None, Some(linger)), None));
+                            }
+                            Expiry::Shutdown | Expiry::Idle => {
+                                conn.as_mut().graceful_shutdown();
+                                watchdog = OnWake::new(guard(activity.clone(), watch(None, None), None));
+                            }
+                        },
                     }
                 }
             }};
@@ -698,9 +728,26 @@ impl Connection {
     }
 }
 
+/// A connection's watchdog ([`conn_guard::watchdog`]), which also ends it on shutdown while
+/// `shutdown` is given (until the connection starts closing).
+async fn guard(
+    activity: Arc<conn_guard::Activity>,
+    watch: Watch,
+    shutdown: Option<CancellationToken>,
+) -> Expiry {
+    match shutdown {
+        Some(token) => tokio::select! {
+            _ = token.cancelled() => Expiry::Shutdown,
+            e = conn_guard::watchdog(activity, watch) => e,
+        },
+        None => conn_guard::watchdog(activity, watch).await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
 
     /// Pending until released; counts its polls and keeps the last waker it was given.

@@ -283,6 +283,10 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Longest pause inside a request body.
     pub body_read_timeout: Duration,
+    /// Longest time to receive a whole request body the gateway reads before answering.
+    pub body_deadline: Duration,
+    /// Longest time a response may wait for the client to take more of it.
+    pub send_timeout: Duration,
     /// Connection closed after this long with no request in flight.
     pub idle_timeout: Duration,
     /// Concurrent h2 streams per connection.

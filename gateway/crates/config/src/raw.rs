@@ -282,8 +282,10 @@ pub struct RawServer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
-    /// Open downstream connections across all listeners; further clients wait in the accept
-    /// backlog. Default 10000.
+    /// Open downstream connections across all listeners. When they are all open, a new client
+    /// is accepted and the longest-idle connections (no request in flight) are closed to make
+    /// room for it (`gateway_connections_closed_total{reason="evicted"}`); while none is idle,
+    /// further clients wait in the accept backlog. Default 10000.
     pub max_connections: Option<usize>,
     /// Bytes of request line plus headers (HTTP/1.1) or of the header list (h2); larger requests
     /// get 431. Default 65536.
@@ -297,6 +299,19 @@ pub struct RawLimits {
     /// Time a client may leave a started request body without sending more of it, in
     /// milliseconds; the request gets 408. Default 30000.
     pub body_read_timeout_ms: Option<u64>,
+    /// Time a client may take to send a whole request body that the gateway reads before it
+    /// answers or forwards it (a route whose plugins read bodies, the scoring and feedback
+    /// endpoints), in milliseconds, counted from the first read; the request then gets 408
+    /// (`gateway_rejected_requests_total{reason="body_deadline"}`). It stops a body trickled
+    /// just fast enough to never trip `body_read_timeout_ms`. Default 60000.
+    pub body_deadline_ms: Option<u64>,
+    /// Time a response may wait for the client to take more of it, in milliseconds: when no
+    /// byte could be written to the connection, or an h2 stream's data could not be sent
+    /// (flow-control window), for this long, the h2 stream is reset or the connection closed
+    /// and the upstream side released (`gateway_rejected_requests_total{reason=
+    /// "send_timeout"}`, `gateway_connections_closed_total{reason="send_timeout"}`). A slow
+    /// reader that keeps taking bytes never hits it. Default 30000.
+    pub send_timeout_ms: Option<u64>,
     /// A connection with no request in flight for this long is closed, in milliseconds.
     /// Default 60000.
     pub idle_timeout_ms: Option<u64>,

@@ -214,6 +214,8 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         max_body_bytes: l.max_body_bytes.unwrap_or(10 * 1024 * 1024),
         header_read_timeout: ms(l.header_read_timeout_ms.unwrap_or(10_000)),
         body_read_timeout: ms(l.body_read_timeout_ms.unwrap_or(30_000)),
+        body_deadline: ms(l.body_deadline_ms.unwrap_or(60_000)),
+        send_timeout: ms(l.send_timeout_ms.unwrap_or(30_000)),
         idle_timeout: ms(l.idle_timeout_ms.unwrap_or(60_000)),
         h2_max_concurrent_streams: l.h2_max_concurrent_streams.unwrap_or(256),
         max_inflight_requests: l.max_inflight_requests.unwrap_or(4096),
@@ -232,6 +234,8 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
     for (field, d) in [
         ("header_read_timeout_ms", limits.header_read_timeout),
         ("body_read_timeout_ms", limits.body_read_timeout),
+        ("body_deadline_ms", limits.body_deadline),
+        ("send_timeout_ms", limits.send_timeout),
         ("idle_timeout_ms", limits.idle_timeout),
     ] {
         if d.is_zero() {

@@ -166,6 +166,8 @@ mod tests {
             max_body_bytes: 1,
             header_read_timeout: Duration::ZERO,
             body_read_timeout: Duration::ZERO,
+            body_deadline: Duration::ZERO,
+            send_timeout: Duration::ZERO,
             idle_timeout: Duration::ZERO,
             h2_max_concurrent_streams: 1,
             max_inflight_requests,

@@ -310,6 +310,10 @@ pub enum BodyLimitError {
     /// the upstream request timeout passed.
     #[error("request body stalled longer than the read timeout")]
     Timeout,
+    /// The client took longer than `limits.body_deadline_ms` to send a body the gateway reads
+    /// before answering.
+    #[error("request body took longer than the body deadline")]
+    Deadline,
     /// The body's framing was invalid (a bad chunk size, an h2 protocol error).
     #[error("request body framing is invalid")]
     Malformed,
@@ -319,6 +323,17 @@ pub enum BodyLimitError {
 }
 
 impl BodyLimitError {
+    /// Its `reason` in `gateway_rejected_requests_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            BodyLimitError::TooLarge => "body_too_large",
+            BodyLimitError::Timeout => "body_timeout",
+            BodyLimitError::Deadline => "body_deadline",
+            BodyLimitError::Malformed => "body_malformed",
+            BodyLimitError::Aborted => "body_aborted",
+        }
+    }
+
     /// Sorts an error of the downstream body: an early end is an abort, anything else bad
     /// framing.
     fn of_downstream(err: &(dyn std::error::Error + 'static)) -> BodyLimitError {
@@ -397,7 +412,8 @@ impl BodyProgress {
             3 => BodyState::Failed(BodyLimitError::TooLarge),
             4 => BodyState::Failed(BodyLimitError::Timeout),
             5 => BodyState::Failed(BodyLimitError::Malformed),
-            _ => BodyState::Failed(BodyLimitError::Aborted),
+            6 => BodyState::Failed(BodyLimitError::Aborted),
+            _ => BodyState::Failed(BodyLimitError::Deadline),
         }
     }
 
@@ -410,14 +426,16 @@ impl BodyProgress {
             BodyState::Failed(BodyLimitError::Timeout) => 4,
             BodyState::Failed(BodyLimitError::Malformed) => 5,
             BodyState::Failed(BodyLimitError::Aborted) => 6,
+            BodyState::Failed(BodyLimitError::Deadline) => 7,
         };
         self.0.store(v, Ordering::Release);
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A request body that fails with [`BodyLimitError`] when it grows past a size, stalls or
-    /// breaks, and records how far it got in an optional [`BodyProgress`].
+    /// A request body that fails with [`BodyLimitError`] when it grows past a size, stalls,
+    /// misses its deadline or breaks, and records how far it got in an optional
+    /// [`BodyProgress`].
     pub struct LimitedBody<B> {
         #[pin]
         inner: B,
@@ -427,6 +445,11 @@ pin_project_lite::pin_project! {
         // may take a while to be ready to read it.
         started: bool,
         progress: Option<Arc<BodyProgress>>,
+        // The whole-body deadline and how many bytes it covers, until the first read.
+        deadline: Option<(Duration, u64)>,
+        // From the first read: when the covered bytes must have arrived, and how many remain.
+        deadline_at: Option<(tokio::time::Instant, u64)>,
+        // Fires at the stall deadline or the body deadline, whichever comes first.
         #[pin]
         sleep: tokio::time::Sleep,
     }
@@ -441,8 +464,18 @@ impl<B> LimitedBody<B> {
             timeout,
             started: false,
             progress: None,
+            deadline: None,
+            deadline_at: None,
             sleep: tokio::time::sleep(timeout),
         }
+    }
+
+    /// Fails with [`BodyLimitError::Deadline`] unless the first `covers` bytes (the part the
+    /// gateway reads before answering) arrive within `deadline` of the first read; what comes
+    /// after them is bounded by the stall timeout only.
+    pub fn with_deadline(mut self, deadline: Duration, covers: u64) -> Self {
+        self.deadline = Some((deadline, covers));
+        self
     }
 
     /// Records the body's progress in `progress` as it is read.
@@ -467,8 +500,11 @@ where
         let mut this = self.project();
         if !*this.started {
             *this.started = true;
-            let deadline = tokio::time::Instant::now() + *this.timeout;
-            this.sleep.as_mut().reset(deadline);
+            let now = tokio::time::Instant::now();
+            *this.deadline_at = this.deadline.map(|(d, covers)| (now + d, covers));
+            this.sleep
+                .as_mut()
+                .reset(first_due(now + *this.timeout, *this.deadline_at));
         }
         let (state, res) = match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -478,8 +514,17 @@ where
                     (BodyState::Failed(e), Poll::Ready(Some(Err(e.into()))))
                 } else {
                     *this.remaining -= len;
-                    let deadline = tokio::time::Instant::now() + *this.timeout;
-                    this.sleep.as_mut().reset(deadline);
+                    if let Some((_, covers)) = this.deadline_at {
+                        if len >= *covers {
+                            *this.deadline_at = None;
+                        } else {
+                            *covers -= len;
+                        }
+                    }
+                    let stall = tokio::time::Instant::now() + *this.timeout;
+                    this.sleep
+                        .as_mut()
+                        .reset(first_due(stall, *this.deadline_at));
                     // A reader may stop at the end without asking again.
                     let state = if this.inner.is_end_stream() {
                         BodyState::Complete
@@ -498,7 +543,14 @@ where
             Poll::Ready(None) => (BodyState::Complete, Poll::Ready(None)),
             Poll::Pending => match std::future::Future::poll(this.sleep, cx) {
                 Poll::Ready(()) => {
-                    let e = BodyLimitError::Timeout;
+                    let missed = this
+                        .deadline_at
+                        .is_some_and(|(at, _)| tokio::time::Instant::now() >= at);
+                    let e = if missed {
+                        BodyLimitError::Deadline
+                    } else {
+                        BodyLimitError::Timeout
+                    };
                     (BodyState::Failed(e), Poll::Ready(Some(Err(e.into()))))
                 }
                 Poll::Pending => (BodyState::WaitingOnClient, Poll::Pending),
@@ -517,6 +569,14 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The earlier of a stall deadline and a body deadline, when there is one.
+fn first_due(
+    stall: tokio::time::Instant,
+    deadline: Option<(tokio::time::Instant, u64)>,
+) -> tokio::time::Instant {
+    deadline.map_or(stall, |(at, _)| at.min(stall))
 }
 
 pin_project_lite::pin_project! {
@@ -609,7 +669,8 @@ pub fn read_error_response(
 pub enum ReadError {
     /// More bytes than the limit.
     TooLarge,
-    /// The client stopped sending for longer than the body read timeout.
+    /// The client stopped sending for longer than the body read timeout, or took longer than
+    /// the body deadline.
     Stalled,
     /// The client went away or the stream broke.
     Failed,
@@ -628,7 +689,7 @@ pub async fn read_to_limit(
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| match find_body_limit_error(&*e) {
             Some(BodyLimitError::TooLarge) => ReadError::TooLarge,
-            Some(BodyLimitError::Timeout) => ReadError::Stalled,
+            Some(BodyLimitError::Timeout | BodyLimitError::Deadline) => ReadError::Stalled,
             Some(BodyLimitError::Malformed | BodyLimitError::Aborted) | None => ReadError::Failed,
         })?;
         if let Ok(data) = frame.into_data() {
@@ -766,6 +827,63 @@ mod tests {
             Some(BodyLimitError::Timeout),
             "a real stall still times out"
         );
+        feeder.abort();
+    }
+
+    /// Sends one byte every 100 ms, forever.
+    fn trickle() -> (ChannelBody, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if tx.send(Bytes::from_static(b"a")).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (ChannelBody(rx), feeder)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_body_misses_its_deadline_but_not_past_what_it_covers() {
+        use http_body_util::BodyExt;
+        let stall = Duration::from_secs(1);
+        let deadline = Duration::from_millis(450);
+
+        let (rx, feeder) = trickle();
+        let progress = Arc::new(BodyProgress::default());
+        let mut body = Box::pin(
+            LimitedBody::new(rx, 1024, stall)
+                .with_deadline(deadline, 100)
+                .tracked(progress.clone()),
+        );
+        let start = tokio::time::Instant::now();
+        let err = loop {
+            match body.frame().await.unwrap() {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(
+            find_body_limit_error(err.as_ref()),
+            Some(BodyLimitError::Deadline),
+            "never stalled, yet too slow"
+        );
+        assert_eq!(start.elapsed(), deadline);
+        assert_eq!(
+            progress.state(),
+            BodyState::Failed(BodyLimitError::Deadline)
+        );
+        feeder.abort();
+
+        // Covering 3 bytes, it is met at 300 ms and the rest may trickle on.
+        let (rx, feeder) = trickle();
+        let mut body = Box::pin(LimitedBody::new(rx, 1024, stall).with_deadline(deadline, 3));
+        let start = tokio::time::Instant::now();
+        for _ in 0..10 {
+            body.frame().await.unwrap().unwrap();
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
         feeder.abort();
     }
 

@@ -32,9 +32,15 @@ pub struct Metrics {
     /// `gateway_backend_healthy{upstream,backend}`: 1 when the backend takes traffic.
     pub backend_healthy: IntGaugeVec,
     /// `gateway_rejected_requests_total{reason}`: requests refused by a limit or for their
-    /// client's fault (`body_too_large`, `body_timeout`, `body_malformed`, `body_aborted`,
-    /// `bad_authority`, `misdirected`).
+    /// client's fault (`body_too_large`, `body_timeout`, `body_deadline`, `body_malformed`,
+    /// `body_aborted`, `bad_authority`, `misdirected`), and responses cut off because the
+    /// client took none of them for `send_timeout_ms` (`send_timeout`).
     pub rejected: IntCounterVec,
+    /// `gateway_connections_closed_total{listener,reason}`: downstream connections the gateway
+    /// closed on its own to protect itself: `send_timeout` (nothing could be written to the
+    /// client for `send_timeout_ms`), `evicted` (idle, closed to make room for a new client
+    /// at `max_connections`).
+    pub connections_closed: IntCounterVec,
     /// `gateway_experiment_requests_total{experiment,variant,status_class}`: requests of
     /// shoppers assigned by an experiment's split (forced and anonymous ones are not counted).
     pub experiment_requests: IntCounterVec,
@@ -134,6 +140,13 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "gateway_connections_closed_total",
+                    "Downstream connections the gateway closed to protect itself, by reason (send_timeout, evicted).",
+                ),
+                &["listener", "reason"],
+            )?,
             upstream_panics: IntCounterVec::new(
                 Opts::new(
                     "gateway_upstream_panic_total",
@@ -202,6 +215,7 @@ impl Metrics {
         registry.register(Box::new(m.tls_handshake_failures.clone()))?;
         registry.register(Box::new(m.backend_healthy.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.connections_closed.clone()))?;
         registry.register(Box::new(m.upstream_panics.clone()))?;
         registry.register(Box::new(m.experiment_requests.clone()))?;
         registry.register(Box::new(m.experiment_duration.clone()))?;

@@ -412,13 +412,17 @@ async fn handle_admitted(
         {
             if rest.is_empty() || rest.starts_with('/') {
                 let rest = rest.to_string();
-                // The same stall and size limits as a proxied body.
+                // The same stall and size limits as a proxied body, and the body deadline: the
+                // whole body is read before the answer.
+                let progress = Arc::new(BodyProgress::default());
                 let req = req.map(|b| {
                     LimitedBody::new(
                         b,
                         config.limits.max_body_bytes,
                         config.limits.body_read_timeout,
                     )
+                    .with_deadline(config.limits.body_deadline, u64::MAX)
+                    .tracked(progress.clone())
                     .boxed_unsync()
                 });
                 // An experiment whose variants serve this model splits its requests.
@@ -455,6 +459,7 @@ async fn handle_admitted(
                     serving,
                 ))
                 .await;
+                count_body_fault(&shared.metrics, &progress);
                 let status = response.status();
                 if let Some((e, a, model, _)) = &assigned {
                     e.record_request(*a, status, started.elapsed());
@@ -474,15 +479,19 @@ async fn handle_admitted(
         }
     }
     if refused.is_none() && snapshot.keyring.is_some() && req.uri().path() == config.feedback.path {
+        let progress = Arc::new(BodyProgress::default());
         let req = req.map(|b| {
             LimitedBody::new(
                 b,
                 config.limits.max_body_bytes,
                 config.limits.body_read_timeout,
             )
+            .with_deadline(config.limits.body_deadline, u64::MAX)
+            .tracked(progress.clone())
             .boxed_unsync()
         });
         let mut response = Box::pin(crate::feedback::handle(shared.state.load_full(), req)).await;
+        count_body_fault(&shared.metrics, &progress);
         response
             .headers_mut()
             .insert(rid_header.clone(), request_id);
@@ -541,9 +550,13 @@ async fn handle_admitted(
                 let e = &*snapshot.experiments[i];
                 (e, e.assign(&parts.headers, &parts.uri))
             });
-            match admit_body(shared, config, &parts, body) {
+            let chain = route.chain_for(assigned.map(|(_, a)| a.variant)).0;
+            // A chain that reads bodies has the gateway buffer up to its limit (one byte more
+            // tells a larger body): the body deadline covers that part.
+            let buffered = chain.and_then(|c| c.body_limit()).map(|l| l as u64 + 1);
+            match admit_body(shared, config, &parts, body, buffered) {
                 Err(resp) => (resp, None, None),
-                Ok((body, progress)) => match route.chain_for(assigned.map(|(_, a)| a.variant)).0 {
+                Ok((body, progress)) => match chain {
                     None => {
                         let upstream = assigned
                             .and_then(|(e, a)| e.spec().variants[a.variant].upstream)
@@ -843,7 +856,8 @@ async fn forward(
 }
 
 /// Refuses a declared-too-large body and wraps the rest in the size and stall limits, with the
-/// progress it records (none for an empty body).
+/// progress it records (none for an empty body). `buffered`: how many bytes of it the gateway
+/// reads before forwarding, which the body deadline covers.
 // A refusal is rare and answered at once: not worth boxing.
 #[allow(clippy::result_large_err)]
 fn admit_body(
@@ -851,6 +865,7 @@ fn admit_body(
     config: &Config,
     parts: &http::request::Parts,
     body: Incoming,
+    buffered: Option<u64>,
 ) -> Result<(ProxyBody, Option<Arc<BodyProgress>>), Response<ProxyBody>> {
     let declared = parts
         .headers
@@ -877,7 +892,18 @@ fn admit_body(
         config.limits.body_read_timeout,
     )
     .tracked(progress.clone());
+    let limited = match buffered {
+        Some(covers) => limited.with_deadline(config.limits.body_deadline, covers),
+        None => limited,
+    };
     Ok((limited.boxed_unsync(), Some(progress)))
+}
+
+/// Counts a body that an endpoint read whole and that failed on the client's side.
+fn count_body_fault(metrics: &Metrics, progress: &BodyProgress) {
+    if let BodyState::Failed(e) = progress.state() {
+        metrics.rejected.with_label_values(&[e.reason()]).inc();
+    }
 }
 
 /// The result of a request that went through a plugin chain.
@@ -891,35 +917,32 @@ struct PluginPass {
 /// The answer to a request whose body the client cut off, stalled or broke, counted in
 /// `gateway_rejected_requests_total` by reason.
 fn body_fault_response(metrics: &Metrics, fault: Option<BodyLimitError>) -> Response<ProxyBody> {
-    let (reason, status, message) = match fault {
-        Some(BodyLimitError::TooLarge) => (
-            "body_too_large",
+    let Some(fault) = fault else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+        );
+    };
+    let (status, message) = match fault {
+        BodyLimitError::TooLarge => (
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body is larger than the gateway accepts",
         ),
-        Some(BodyLimitError::Timeout) => (
-            "body_timeout",
+        BodyLimitError::Timeout => (
             StatusCode::REQUEST_TIMEOUT,
             "request body was not received in time",
         ),
-        Some(BodyLimitError::Malformed) => (
-            "body_malformed",
-            StatusCode::BAD_REQUEST,
-            "request body framing is invalid",
+        BodyLimitError::Deadline => (
+            StatusCode::REQUEST_TIMEOUT,
+            "request body was not received within the body deadline",
         ),
-        Some(BodyLimitError::Aborted) => (
-            "body_aborted",
+        BodyLimitError::Malformed => (StatusCode::BAD_REQUEST, "request body framing is invalid"),
+        BodyLimitError::Aborted => (
             StatusCode::BAD_REQUEST,
             "request body ended before it was complete",
         ),
-        None => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "the request body could not be read",
-            )
-        }
     };
-    metrics.rejected.with_label_values(&[reason]).inc();
+    metrics.rejected.with_label_values(&[fault.reason()]).inc();
     error_response(status, message)
 }
 

@@ -43,6 +43,11 @@ pub enum SendError {
     Http(#[from] hyper::Error),
 }
 
+/// Most bytes an HTTP/1.1 upstream connection reads ahead of the client (hyper's default is
+/// about 400 KiB): what a response whose client stopped reading holds on its upstream side
+/// until the send timeout, and the largest response head an upstream may send.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
     since: Instant,
@@ -172,6 +177,7 @@ impl Conns {
     ) -> Result<Response<ProxyBody>, SendError> {
         let stream = self.connect_tcp().await?;
         let (mut sender, conn) = http1::Builder::new()
+            .max_buf_size(READ_BUFFER_BYTES)
             .handshake(TokioIo::new(stream))
             .await?;
         tokio::spawn(async move {
