@@ -20,6 +20,8 @@
 //! - coverage-guided with AFL++ through `cargo afl` (the `gateway-fuzz-afl` binary, feature
 //!   `afl`). The README's "Fuzzing" section has the commands.
 
+#![warn(missing_docs)]
+
 pub mod fixtures;
 pub mod mutate;
 pub mod run;
