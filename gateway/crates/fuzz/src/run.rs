@@ -129,7 +129,7 @@ pub fn one(target: &Target, input: &[u8], origin: &str) -> usize {
 
 /// Replays `seeds`, then runs mutated inputs within `budget`.
 pub fn run(target: &Target, seeds: &[(String, Vec<u8>)], budget: &Budget) -> Report {
-    let armed = arm(target.name);
+    let _armed = Armed(arm(target.name));
     let mut peak = 0;
     let started = Instant::now();
     for (origin, input) in seeds {
@@ -152,10 +152,6 @@ pub fn run(target: &Target, seeds: &[(String, Vec<u8>)], budget: &Budget) -> Rep
         mutated += 1;
     }
     let mutation_time = started.elapsed();
-    watch::disarm();
-    if let Some(path) = armed {
-        let _ = std::fs::remove_file(path);
-    }
     Report {
         target: target.name,
         replayed: seeds.len(),
@@ -163,6 +159,19 @@ pub fn run(target: &Target, seeds: &[(String, Vec<u8>)], budget: &Budget) -> Rep
         replay_time,
         mutation_time,
         peak_bytes: peak,
+    }
+}
+
+/// Closes and removes the abort file when a run ends, by a return or a finding's panic (an
+/// abort never gets here, and leaves the file with the input).
+struct Armed(Option<PathBuf>);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        watch::disarm();
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
