@@ -1,6 +1,7 @@
 //! The corpora reach past the first check: the seeds meant to be valid are valid, so
-//! mutations start from inputs that get deep into each parser. Files named `afl-*` are
-//! inputs AFL++ found new coverage with (valid or not) and are not checked here.
+//! mutations start from inputs that get deep into each parser. Files named `afl-*` (inputs
+//! AFL++ found new coverage with, valid or not) and `finding-*` (inputs that found a bug,
+//! kept as regression seeds) are not checked here.
 
 use gateway_config::Config;
 use gateway_fuzz::fixtures::{base_dir, FakeFiles};
@@ -13,7 +14,7 @@ fn the_valid_config_seeds_validate() {
     let mut valid = 0;
     for (path, bytes) in &files {
         let name = path.file_name().unwrap().to_string_lossy();
-        if name.starts_with("afl-") {
+        if name.starts_with("afl-") || name.starts_with("finding-") {
             continue;
         }
         let text = String::from_utf8(bytes.clone()).unwrap();
@@ -33,7 +34,7 @@ fn the_valid_config_seeds_validate() {
 fn the_model_seeds_load_except_the_refused_one() {
     for (path, bytes) in read_dir_files(&corpus_dir("model")) {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name.starts_with("afl-") {
+        if name.starts_with("afl-") || name.starts_with("finding-") {
             continue;
         }
         let loaded = Model::from_bytes(&bytes, &ScoringConfig::default(), &ComputeDevice::Cpu);
