@@ -683,11 +683,23 @@ impl Config {
     /// Parses and validates TOML text; `file` names it in messages and `base_dir` anchors
     /// relative paths.
     pub fn from_toml(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        Config::from_toml_with(text, file, base_dir, &files::Disk)
+    }
+
+    /// [`Config::from_toml`], reading the files and variables the text names through `files`
+    /// instead of the filesystem and the environment: the same parsing, validation and
+    /// located errors, for tools and fuzz targets that must not touch the disk.
+    pub fn from_toml_with(
+        text: &str,
+        file: &str,
+        base_dir: &Path,
+        files: &dyn files::Files,
+    ) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = match toml::from_str(text) {
             Ok(raw) => raw,
             Err(err) => return Err(ConfigError::Invalid(vec![parse_issue(text, file, &err)])),
         };
-        let mut config = validate(raw, base_dir).map_err(|problems| {
+        let mut config = validate_with(raw, base_dir, files).map_err(|problems| {
             let doc = toml_edit::Document::parse(text).ok();
             ConfigError::Invalid(
                 problems

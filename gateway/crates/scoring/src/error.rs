@@ -163,4 +163,21 @@ impl ScoringError {
             _ => None,
         }
     }
+
+    /// The same error about request `to(request)`: for a dispatch that merged several
+    /// callers' requests, so the error names the caller's own. Covers every variant
+    /// [`ScoringError::request`] reports, so the two cannot drift apart.
+    pub fn map_request(mut self, to: impl FnOnce(usize) -> usize) -> ScoringError {
+        match &mut self {
+            ScoringError::UnknownItem { request, .. }
+            | ScoringError::UnknownUser { request, .. }
+            | ScoringError::QueryDim { request, .. }
+            | ScoringError::NotFinite { request, .. }
+            | ScoringError::QueryTooLarge { request, .. }
+            | ScoringError::InputTooLarge { request, .. }
+            | ScoringError::DenseLen { request, .. } => *request = to(*request),
+            _ => {}
+        }
+        self
+    }
 }

@@ -325,7 +325,14 @@ pub(crate) fn parse(
             limit("user_dim", info.user_dim, limits.max_dim)?;
             limit("item_dim", info.item_dim, limits.max_dim)?;
             let layers = meta.str("layers")?;
-            let mut widths = vec![info.user_dim + info.item_dim + info.n_dense];
+            // `n_dense` has no limit of its own: the layer-width check below bounds it, so
+            // the sum must not wrap before it (a wrapped width would let a file declaring
+            // 2^64 - 1 dense features load).
+            let input_width = info
+                .user_dim
+                .saturating_add(info.item_dim)
+                .saturating_add(info.n_dense);
+            let mut widths = vec![input_width];
             for part in layers.split(',') {
                 let w = parse_count("layers", part)?;
                 if w == 0 {
@@ -511,6 +518,45 @@ pub fn encode(metadata: &[(&str, String)], tensors: &[TensorData<'_>]) -> Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `model` fuzz target: an `n_dense` near `usize::MAX` overflowed the
+    /// input width (a panic in debug builds; in release the width wrapped to a small number
+    /// and a file with matching `w1` loaded with 2^64 - 1 dense features).
+    #[test]
+    fn a_huge_dense_count_is_refused_not_wrapped() {
+        let v = [0.5f32; 4];
+        // What 2 + 3 + (2^64 - 1) wraps to: the `w1` a wrapped width would expect.
+        let wrapped = 2usize.wrapping_add(3).wrapping_add(usize::MAX);
+        let bytes = encode(
+            &[
+                ("kind", "mlp".to_string()),
+                ("name", "m".to_string()),
+                ("version", "1".to_string()),
+                ("n_users", "1".to_string()),
+                ("n_items", "1".to_string()),
+                ("user_dim", "2".to_string()),
+                ("item_dim", "3".to_string()),
+                ("n_dense", usize::MAX.to_string()),
+                ("layers", "1".to_string()),
+            ],
+            &[
+                ("users", vec![1, 2], &v[..2]),
+                ("items", vec![1, 3], &v[..3]),
+                ("w1", vec![1, wrapped], &v[..wrapped]),
+                ("b1", vec![1], &v[..1]),
+            ],
+        );
+        match parse(&bytes, &ModelLimits::default()) {
+            Err(ModelError::Limit { what, found, .. }) => {
+                assert!(what.contains("layer width"), "{what}");
+                assert_eq!(found, u64::MAX);
+            }
+            other => panic!(
+                "expected a width limit error, got {:?}",
+                other.map(|(i, _)| i)
+            ),
+        }
+    }
 
     #[test]
     fn normalize_keeps_zero_vectors() {

@@ -860,41 +860,7 @@ fn dispatch_predict(
 
 /// Points an error about row `r` of a merged predict batch at the job that sent that row.
 fn remap_request(e: ScoringError, owner: &[usize]) -> ScoringError {
-    let fix = |r: usize| owner.get(r).copied().unwrap_or(r);
-    match e {
-        ScoringError::UnknownItem {
-            request,
-            item,
-            n_items,
-        } => ScoringError::UnknownItem {
-            request: fix(request),
-            item,
-            n_items,
-        },
-        ScoringError::UnknownUser {
-            request,
-            user,
-            n_users,
-        } => ScoringError::UnknownUser {
-            request: fix(request),
-            user,
-            n_users,
-        },
-        ScoringError::NotFinite { request, what } => ScoringError::NotFinite {
-            request: fix(request),
-            what,
-        },
-        ScoringError::DenseLen {
-            request,
-            found,
-            expected,
-        } => ScoringError::DenseLen {
-            request: fix(request),
-            found,
-            expected,
-        },
-        other => other,
-    }
+    e.map_request(|r| owner.get(r).copied().unwrap_or(r))
 }
 
 #[cfg(test)]
@@ -928,6 +894,63 @@ mod tests {
         let out = chunks(vec![pending(8), pending(8)], 10, 8, |c| *c);
         assert_eq!(costs(&out), vec![vec![8], vec![8]]);
         assert!(chunks(Vec::<Pending<usize>>::new(), 3, 8, |c| *c).is_empty());
+    }
+
+    /// Found by the `scoring` fuzz target: `InputTooLarge` (dense features whose activations
+    /// could overflow) named the row of the merged predict batch, not the job, because the
+    /// remapping listed the variants by hand and missed it. A request whose third row was
+    /// too large got a 500 ("model failed"); beside other requests, the row index could
+    /// name an innocent job, which was refused in the culprit's place.
+    #[test]
+    fn a_refused_row_is_blamed_on_the_request_that_sent_it() {
+        let model = Model::from_bytes(
+            &super::super::sample_model(&super::super::SampleSpec::mlp(4, 4, 1)),
+            &super::super::ScoringConfig::default(),
+            &super::super::ComputeDevice::Cpu,
+        )
+        .unwrap();
+        let n_dense = model.info().n_dense;
+        let job = |rows: Vec<Vec<f32>>| {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            Pending {
+                ask: PredictAsk {
+                    rows: rows.into_iter().map(|d| (0, 0, d)).collect(),
+                },
+                reply,
+            }
+        };
+        let good = vec![0.5; n_dense];
+        let huge = vec![3e38; n_dense];
+        let jobs = vec![
+            job(vec![good.clone()]),
+            job(vec![good.clone()]),
+            job(vec![good.clone(), good.clone(), huge]),
+        ];
+        // The huge row is row 4 of the merged batch and belongs to job 2.
+        let err = dispatch_predict(&jobs, &model, true).unwrap_err();
+        assert!(matches!(err, ScoringError::InputTooLarge { .. }), "{err}");
+        assert_eq!(err.request(), Some(2));
+
+        // End to end: the request alone gets a 4xx answer, not "model failed".
+        let registry = prometheus::Registry::new();
+        let families = ModelFamilies::new(&registry).unwrap();
+        let served = ServedModel {
+            model,
+            version: "v".into(),
+        };
+        let slot = ModelSlot::start("ctr", served, BatchPolicy::default(), &families);
+        let answer = pollster::block_on(slot.ask(Ask::Predict {
+            rows: vec![
+                (0, 0, good.clone()),
+                (1, 1, good.clone()),
+                (2, 2, vec![3e38; n_dense]),
+            ],
+        }));
+        assert!(matches!(answer, Err(ServeError::Bad(_))), "{answer:?}");
+        let answer = pollster::block_on(slot.ask(Ask::Predict {
+            rows: vec![(0, 0, good)],
+        }));
+        assert!(answer.is_ok(), "{answer:?}");
     }
 
     #[test]
