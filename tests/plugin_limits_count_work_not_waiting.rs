@@ -12,6 +12,22 @@ fn route(name: &str, plugin: &str) -> String {
     )
 }
 
+/// Writes a small sample model `recs` into the test's directory; returns the `[scoring]` and
+/// `[[models]]` tables that serve it on the CPU path with the given batch window, in which
+/// each plugin's `rank` call waits.
+fn recs_model(pki: &Pki, queue_delay_us: u64) -> String {
+    let mut spec = gateway::scoring::SampleSpec::embedding(16, 4, 1);
+    spec.n_users = 4;
+    std::fs::write(
+        pki.path().join("recs.safetensors"),
+        gateway::scoring::sample_model(&spec),
+    )
+    .unwrap();
+    format!(
+        "\n[scoring]\nbackend = \"cpu\"\nmax_queue_delay_us = {queue_delay_us}\n\n[[models]]\nname = \"recs\"\npath = \"recs.safetensors\"\n"
+    )
+}
+
 #[tokio::test]
 async fn a_runaway_loop_burns_its_fuel_in_milliseconds_while_healthy_plugins_serve() {
     let pki = Pki::new();
@@ -95,19 +111,18 @@ async fn a_runaway_loop_burns_its_fuel_in_milliseconds_while_healthy_plugins_ser
 async fn waiting_in_a_host_call_burns_no_fuel_and_the_wall_clock_backstop_stops_it() {
     let pki = Pki::new();
     let up = Upstream::named("a").await;
-    let mut spec = gateway::scoring::SampleSpec::embedding(16, 4, 1);
-    spec.n_users = 4;
-    std::fs::write(
-        pki.path().join("recs.safetensors"),
-        gateway::scoring::sample_model(&spec),
-    )
-    .unwrap();
     // Each `rank` waits for the model's batch window: 400 ms, while the plugin burns nothing.
+    let scoring = recs_model(&pki, 400_000);
     let extra = format!(
-        "{}{}{}{}\n[scoring]\nbackend = \"cpu\"\nmax_queue_delay_us = 400000\n\n[[models]]\nname = \"recs\"\npath = \"recs.safetensors\"\n",
+        "{}{}{}{}{scoring}",
         route("patient", "patient"),
         route("hasty", "hasty"),
-        plugin_table("patient", "hostile", "wait", "deadline_ms = 5000\nfuel_per_call = 1000000"),
+        plugin_table(
+            "patient",
+            "hostile",
+            "wait",
+            "deadline_ms = 5000\nfuel_per_call = 1000000"
+        ),
         plugin_table("hasty", "hostile", "wait", "deadline_ms = 100"),
     );
     let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", &extra), pki.path()).await;
@@ -195,19 +210,18 @@ async fn without_fuel_the_wall_clock_deadline_stops_a_loop() {
 async fn when_every_instance_slot_is_busy_a_call_waits_its_deadline_then_gets_503() {
     let pki = Pki::new();
     let up = Upstream::named("a").await;
-    let mut spec = gateway::scoring::SampleSpec::embedding(16, 4, 1);
-    spec.n_users = 4;
-    std::fs::write(
-        pki.path().join("recs.safetensors"),
-        gateway::scoring::sample_model(&spec),
-    )
-    .unwrap();
     // One instance slot for the whole engine; each call holds it 300 ms (parked in `rank`)
     // and may wait 500 ms for it.
+    let scoring = recs_model(&pki, 300_000);
     let extra = format!(
-        "{}{}\n[plugin_runtime]\nmax_instances = 1\n\n[scoring]\nbackend = \"cpu\"\nmax_queue_delay_us = 300000\n\n[[models]]\nname = \"recs\"\npath = \"recs.safetensors\"\n",
+        "{}{}\n[plugin_runtime]\nmax_instances = 1\n{scoring}",
         route("slot", "slot"),
-        plugin_table("slot", "hostile", "wait", "instances = 1\ndeadline_ms = 500"),
+        plugin_table(
+            "slot",
+            "hostile",
+            "wait",
+            "instances = 1\ndeadline_ms = 500"
+        ),
     );
     let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", &extra), pki.path()).await;
     let addr = gw.addr("https");
