@@ -40,12 +40,27 @@ pub(crate) struct StoreState {
     pub output_exceeded: bool,
     /// The models the current call may rank with.
     pub ranker: Option<Arc<dyn Ranker>>,
+    /// WASI, capability-less (`wasi.rs`).
+    pub wasi: wasmtime_wasi::WasiCtx,
+    /// `wasi:http`, whose outgoing requests are all refused.
+    pub http: wasmtime_wasi_http::WasiHttpCtx,
+    pub http_hooks: crate::wasi::NoOutgoingHttp,
+    /// The instance's stdout and stderr, logged line by line.
+    pub output: Arc<crate::wasi::GuestOutput>,
+    /// The end of what the last call (or `init`) wrote to stderr.
+    pub last_stderr: String,
 }
 
 impl StoreState {
     /// A fresh state for an instance of `plugin`.
     pub fn new(plugin: Arc<PluginCtx>, memory_limit: usize) -> StoreState {
+        let output = crate::wasi::GuestOutput::new(&plugin.name, &plugin.version);
         StoreState {
+            wasi: crate::wasi::context(&output),
+            http: crate::wasi::http_context(),
+            http_hooks: crate::wasi::NoOutgoingHttp,
+            output,
+            last_stderr: String::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 max: memory_limit,

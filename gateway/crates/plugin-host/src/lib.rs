@@ -22,6 +22,7 @@ use gateway_store as store;
 mod bindings;
 pub mod chain;
 mod host;
+mod wasi;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -233,6 +234,8 @@ impl PluginRuntime {
         let engine = Engine::new(&cfg).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
+        // WASI without capabilities, so that components from any toolchain load (wasi.rs).
+        wasi::add_to_linker(&mut linker).map_err(engine_err)?;
         // The world `use`s these types from `http`, so components also import them at the top
         // level; they are the same host types.
         let mut root = linker.root();
@@ -319,26 +322,20 @@ impl PluginRuntime {
         let component =
             Component::new(&self.engine, bytes).map_err(|e| PluginError::NotAComponent {
                 name: name.to_string(),
-                reason: first_line(&e),
+                reason: error_chain(&e),
             })?;
-        let mut linker = self.linker.clone();
-        // WASI imports that Rust's std pulls in are linked to traps: plugins get no
-        // filesystem, network, environment or clock beyond the contract.
-        linker
-            .define_unknown_imports_as_traps(&component)
-            .map_err(|e| PluginError::WrongWorld {
-                name: name.to_string(),
-                reason: first_line(&e),
-            })?;
-        let pre = linker
+        // The plugin world and capability-less WASI (wasi.rs) are all that is linked: a
+        // component importing anything else is refused here, naming the import.
+        let pre = self
+            .linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::WrongWorld {
                 name: name.to_string(),
-                reason: first_line(&e),
+                reason: error_chain(&e),
             })?;
         let pre = PluginPre::new(pre).map_err(|e| PluginError::WrongWorld {
             name: name.to_string(),
-            reason: first_line(&e),
+            reason: error_chain(&e),
         })?;
         Ok((component, pre))
     }
@@ -508,6 +505,79 @@ fn first_line(e: &wasmtime::Error) -> String {
         .to_string()
 }
 
+/// Frames of a guest backtrace shown; deeper ones are counted.
+const BACKTRACE_FRAMES: usize = 32;
+
+/// What an error from wasmtime says, on one line: each cause in its chain, outermost first,
+/// without the backtrace wasmtime attaches as context (see [`guest_backtrace`]).
+fn error_chain(e: &wasmtime::Error) -> String {
+    let backtrace = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|bt| bt.to_string());
+    let causes: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string())
+        .filter(|c| Some(c) != backtrace.as_ref())
+        .map(|c| c.trim().replace('\n', " "))
+        .filter(|c| !c.is_empty())
+        .collect();
+    if causes.is_empty() {
+        first_line(e)
+    } else {
+        causes.join(": ")
+    }
+}
+
+/// The guest's call stack when a call failed, innermost first, with function names where
+/// the component has a name section (`0: hostile.wasm!hostile::trap`); empty when there is
+/// none (a host-side failure).
+fn guest_backtrace(e: &wasmtime::Error) -> String {
+    let Some(bt) = e.downcast_ref::<wasmtime::WasmBacktrace>() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for (i, f) in bt.frames().iter().take(BACKTRACE_FRAMES).enumerate() {
+        let module = f.module().name().unwrap_or("<module>");
+        let func = match f.func_name() {
+            Some(name) => name.to_string(),
+            None => format!("<wasm function {}>", f.func_index()),
+        };
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("{i:>3}: {module}!{func}"));
+    }
+    if bt.frames().len() > BACKTRACE_FRAMES {
+        out.push_str(&format!(
+            "\n     ... {} more frames",
+            bt.frames().len() - BACKTRACE_FRAMES
+        ));
+    }
+    out
+}
+
+/// A failure in full, for messages that are read by a person (load errors, `plugin check`):
+/// the reason, then the guest backtrace and the end of the guest's stderr when there are.
+fn full_description(reason: &str, backtrace: &str, stderr: &str) -> String {
+    let mut out = reason.to_string();
+    if !backtrace.is_empty() {
+        out.push_str("\n  wasm backtrace:\n");
+        out.push_str(&indent(backtrace, "  "));
+    }
+    if !stderr.is_empty() {
+        out.push_str("\n  the plugin's stderr before it failed:\n");
+        out.push_str(&indent(stderr, "    "));
+    }
+    out
+}
+
+fn indent(text: &str, by: &str) -> String {
+    text.lines()
+        .map(|l| format!("{by}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Refuses content that is not what the spec pins ([`crate::store::check_pin`]).
 pub fn check_pin(spec: &PluginSpec, bytes: &[u8]) -> Result<(), PluginError> {
     crate::store::check_pin(bytes, spec.sha256.as_deref()).map_err(|m| PluginError::PinMismatch {
@@ -574,12 +644,16 @@ impl LoadedPlugin {
             store.set_fuel(u64::MAX).map_err(|e| fail(first_line(&e)))?;
         }
         store.data_mut().output_left = self.spec.max_output_bytes;
-        let plugin = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| fail(self.describe_failure(store.data(), &e)))?;
-        match plugin.call_init(&mut store, &self.spec.config).await {
+        store.data().output.start_call();
+        let plugin = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            let stderr = store.data().output.finish_call();
+            store.data_mut().last_stderr = stderr;
+            fail(self.describe_failure_in_full(store.data(), &e))
+        })?;
+        let init = plugin.call_init(&mut store, &self.spec.config).await;
+        let stderr = store.data().output.finish_call();
+        store.data_mut().last_stderr = stderr;
+        match init {
             Ok(Ok(())) => Ok(Instance {
                 store,
                 plugin,
@@ -591,7 +665,7 @@ impl LoadedPlugin {
             }),
             Err(e) => Err(fail(format!(
                 "init failed: {}",
-                self.describe_failure(store.data(), &e)
+                self.describe_failure_in_full(store.data(), &e)
             ))),
         }
     }
@@ -653,6 +727,7 @@ impl LoadedPlugin {
 
     fn prepare_call(&self, instance: &mut Instance, body_bytes: usize) {
         let data = instance.store.data_mut();
+        data.output.start_call();
         data.output_left = self.spec.max_output_bytes;
         data.output_exceeded = false;
         data.limiter.exceeded = false;
@@ -689,8 +764,17 @@ impl LoadedPlugin {
                 self.spec.fuel_per_call.unwrap_or_default(),
                 self.spec.fuel_per_body_byte
             ),
-            _ => first_line(err),
+            _ => error_chain(err),
         }
+    }
+
+    /// [`Self::describe_failure`] with the guest backtrace and the end of its stderr.
+    fn describe_failure_in_full(&self, state: &StoreState, err: &wasmtime::Error) -> String {
+        full_description(
+            &self.describe_failure(state, err),
+            &guest_backtrace(err),
+            &state.last_stderr,
+        )
     }
 
     /// Prepares `instance` for a call on `state` (limits reset, ranking service lent) and
@@ -716,6 +800,7 @@ impl LoadedPlugin {
     fn take_back<S: 'static>(&self, instance: &mut Instance, handle: Resource<S>) -> S {
         let data = instance.store.data_mut();
         data.ranker = None;
+        data.last_stderr = data.output.finish_call();
         data.table
             .delete(handle)
             .expect("the lent handle is still in the table")
@@ -729,13 +814,16 @@ impl LoadedPlugin {
         err: &wasmtime::Error,
         started: Instant,
     ) -> Outcome {
-        let outcome = classify(instance.store.data(), err);
+        let state = instance.store.data();
+        let outcome = classify(state, err);
         tracing::warn!(
             plugin = %self.name,
             version = %self.version,
             hook = hook.label(),
             outcome = outcome.label(),
-            error = %self.describe_failure(instance.store.data(), err),
+            error = %self.describe_failure(state, err),
+            backtrace = %guest_backtrace(err),
+            stderr = %state.last_stderr,
             "plugin call failed; instance discarded"
         );
         self.record(hook, outcome, started);
