@@ -402,3 +402,68 @@ async fn a_trapping_init_is_a_load_error_with_its_backtrace_and_stderr() {
         "{stderr}"
     );
 }
+
+/// A plugin is sized at load: its memory must start under its cap, its ready instances
+/// must fit the engine's pool; the refusal names the setting to change.
+#[tokio::test]
+async fn a_plugin_that_does_not_fit_its_limits_is_refused_at_load() {
+    let err = start_error(&format!(
+        "plugins = [\"p\"]\n{}",
+        plugin_table("p", "noop", "", "memory_limit_bytes = 65536")
+    ))
+    .await;
+    assert!(
+        err.contains("does not fit its limits")
+            && err.contains("its memory starts at")
+            && err.contains("set memory_limit_bytes to at least"),
+        "{err}"
+    );
+    let err = start_error(&format!(
+        "plugins = [\"p\"]\n{}\n[plugin_runtime]\nmax_instances = 4\n",
+        plugin_table("p", "noop", "", "instances = 8")
+    ))
+    .await;
+    assert!(
+        err.contains("its 8 ready instances need 8 instances")
+            && err.contains("raise plugin_runtime.max_instances"),
+        "{err}"
+    );
+}
+
+/// `plugin check` runs the plugin as `gateway run` would with default settings, calls each
+/// hook once and reports what one instance takes and the memory and fuel it used.
+#[test]
+fn plugin_check_reports_size_memory_and_fuel() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "check", "--config", "ok", "--path", "/x"])
+        .arg(plugin_wasm("hostile"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "core instances, 1 memories",
+        "init      memory reached",
+        "GET /x  on-request ok",
+        "on-response ok",
+        "memory    reached",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
+    }
+    // A failing test call fails the check, with the failure in full.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "check", "--config", "stderr-trap"])
+        .arg(plugin_wasm("hostile"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the test call failed") && stderr.contains("the reason is a test"),
+        "{stderr}"
+    );
+}

@@ -683,7 +683,9 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 "must be between 1 and 60000 milliseconds",
             );
         }
-        let memory_limit = rp.memory_limit_bytes.unwrap_or(16 << 20);
+        let memory_limit = rp
+            .memory_limit_bytes
+            .unwrap_or(crate::DEFAULT_PLUGIN_MEMORY_LIMIT as u64);
         if !((1 << 16)..=(4u64 << 30)).contains(&memory_limit) {
             c.fail(
                 at("memory_limit_bytes"),
@@ -708,7 +710,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         let fuel_per_call = plugin_runtime
             .fuel
             .then(|| rp.fuel_per_call.unwrap_or(crate::DEFAULT_FUEL_PER_CALL));
-        let instances = rp.instances.unwrap_or(4);
+        let instances = rp.instances.unwrap_or(crate::DEFAULT_PLUGIN_INSTANCES);
         if !(1..=1024).contains(&instances) {
             c.fail(at("instances"), "must be between 1 and 1024");
         }
@@ -724,7 +726,10 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             fuel_per_body_byte: rp
                 .fuel_per_body_byte
                 .unwrap_or(crate::DEFAULT_FUEL_PER_BODY_BYTE),
-            max_output_bytes: rp.max_output_bytes.unwrap_or(256 * 1024) as usize,
+            max_output_bytes: rp
+                .max_output_bytes
+                .unwrap_or(crate::DEFAULT_PLUGIN_MAX_OUTPUT_BYTES as u64)
+                as usize,
             instances,
         });
     }

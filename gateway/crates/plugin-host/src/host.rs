@@ -65,6 +65,7 @@ impl StoreState {
             limiter: MemoryLimiter {
                 max: memory_limit,
                 exceeded: false,
+                peak: 0,
             },
             plugin,
             output_left: 0,
@@ -88,6 +89,8 @@ pub(crate) struct MemoryLimiter {
     max: usize,
     /// A growth was refused.
     pub exceeded: bool,
+    /// The largest size a memory of this instance was allowed to grow to, bytes.
+    pub peak: usize,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -104,6 +107,7 @@ impl ResourceLimiter for MemoryLimiter {
                 self.max
             );
         }
+        self.peak = self.peak.max(desired);
         Ok(true)
     }
 
@@ -113,7 +117,7 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= crate::sizing::MAX_TABLE_ELEMENTS)
     }
 }
 

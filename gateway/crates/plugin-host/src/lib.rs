@@ -22,11 +22,14 @@ use gateway_store as store;
 mod bindings;
 pub mod chain;
 mod host;
+mod sizing;
 mod wasi;
+
+pub use sizing::{Footprint, Pool};
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -34,7 +37,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceType};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{Engine, InstanceAllocationStrategy, Store, Trap};
 
 use crate::config::{PluginRuntimeSettings, PluginSpec};
 use bindings::storefront::gateway::http::RequestAction;
@@ -100,6 +103,14 @@ pub enum PluginError {
         /// Plugin name.
         name: String,
         /// What went wrong.
+        reason: String,
+    },
+    /// The component does not fit the engine's pool or its own limits.
+    #[error("plugin {name:?} does not fit its limits: {reason}")]
+    Sizing {
+        /// Plugin name.
+        name: String,
+        /// What does not fit, and the setting to change.
         reason: String,
     },
     /// The engine could not be configured.
@@ -201,7 +212,16 @@ pub struct PluginRuntime {
     kv: Mutex<HashMap<String, Arc<KvStore>>>,
     /// Compiled components by content version, so a reload that brings back a version seen
     /// recently (a rollback, a flip between two files) does not compile it again.
-    compiled: Mutex<Vec<(String, PluginPre<StoreState>)>>,
+    compiled: Mutex<Vec<(String, Compiled)>>,
+    /// The pooling allocator's sizes.
+    pool: Pool,
+}
+
+/// A compiled, checked component: what instances are made from, and what each takes.
+#[derive(Clone)]
+struct Compiled {
+    pre: PluginPre<StoreState>,
+    footprint: Footprint,
 }
 
 /// Compiled components kept for reuse.
@@ -215,22 +235,16 @@ impl PluginRuntime {
         registry: &Registry,
     ) -> Result<Arc<PluginRuntime>, PluginError> {
         let engine_err = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
-        let n = settings.max_instances;
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(4))
-            .total_memories(n)
-            .total_tables(n.saturating_mul(4))
-            .total_stacks(n)
-            // Slots are address space; each plugin's own cap is enforced by its limiter.
-            .max_memory_size(4 << 30);
+        // Sized per instance for interpreters too (sizing.rs); every plugin is checked
+        // against it at load.
+        let pool = Pool::for_settings(settings);
         let mut cfg = wasmtime::Config::new();
         cfg.wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)
             .max_wasm_stack(512 * 1024)
             .async_stack_size(2 << 20)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool.config()));
         let engine = Engine::new(&cfg).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
@@ -310,6 +324,7 @@ impl PluginRuntime {
             families: PluginMetricFamilies::new(registry.clone()),
             kv: Mutex::new(HashMap::new()),
             compiled: Mutex::new(Vec::new()),
+            pool,
         }))
     }
 
@@ -318,12 +333,22 @@ impl PluginRuntime {
         &self,
         name: &str,
         bytes: &[u8],
-    ) -> Result<(Component, PluginPre<StoreState>), PluginError> {
+    ) -> Result<(Component, Compiled), PluginError> {
         let component =
             Component::new(&self.engine, bytes).map_err(|e| PluginError::NotAComponent {
                 name: name.to_string(),
                 reason: error_chain(&e),
             })?;
+        self.link(name, component, bytes)
+    }
+
+    /// Checks a compiled component against the plugin world.
+    fn link(
+        &self,
+        name: &str,
+        component: Component,
+        bytes: &[u8],
+    ) -> Result<(Component, Compiled), PluginError> {
         // The plugin world and capability-less WASI (wasi.rs) are all that is linked: a
         // component importing anything else is refused here, naming the import.
         let pre = self
@@ -337,7 +362,13 @@ impl PluginRuntime {
             name: name.to_string(),
             reason: error_chain(&e),
         })?;
-        Ok((component, pre))
+        let footprint = Footprint::of(&component, bytes);
+        Ok((component, Compiled { pre, footprint }))
+    }
+
+    /// The pooling allocator's sizes, which every plugin is checked against at load.
+    pub fn pool(&self) -> Pool {
+        self.pool
     }
 
     /// Loads one plugin version from its file: compile, check, and start its ready instances
@@ -371,20 +402,27 @@ impl PluginRuntime {
             .iter()
             .find(|(v, _)| *v == version)
             .map(|(_, p)| p.clone());
-        let pre = match cached {
-            Some(pre) => pre,
+        let compiled = match cached {
+            Some(c) => c,
             None => {
                 // Compiling takes milliseconds to seconds: keep it off the async workers.
-                let (_component, pre) =
+                let (_component, compiled) =
                     tokio::task::spawn_blocking(move || this.compile(&name, &bytes))
                         .await
                         .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
                 let mut cache = self.compiled.lock().expect("compile cache lock");
-                cache.insert(0, (version.clone(), pre.clone()));
+                cache.insert(0, (version.clone(), compiled.clone()));
                 cache.truncate(COMPILED_CACHE);
-                pre
+                compiled
             }
         };
+        let Compiled { pre, footprint } = compiled;
+        footprint
+            .check(spec, &self.pool)
+            .map_err(|reason| PluginError::Sizing {
+                name: spec.name.clone(),
+                reason,
+            })?;
         let kv = self
             .kv
             .lock()
@@ -419,6 +457,9 @@ impl PluginRuntime {
             spec: spec.clone(),
             engine: self.engine.clone(),
             pre,
+            footprint,
+            init_memory: AtomicUsize::new(0),
+            memory_peak: AtomicUsize::new(0),
             ctx,
             idle: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
@@ -443,6 +484,7 @@ impl PluginRuntime {
                 .series
                 .created
                 .with_label_values(&[spec.name.as_str(), "on_demand"]),
+            last_failure: Mutex::new(None),
         });
         for _ in 0..spec.instances {
             let instance = plugin.new_instance().await?;
@@ -474,10 +516,16 @@ impl PluginRuntime {
             .exports(&self.engine)
             .map(|(n, _)| n.to_string())
             .collect();
-        let verdict = self
-            .compile("inspected", bytes)
-            .map(|_| ())
-            .map_err(|e| e.to_string());
+        // Kept compiled, so that loading it next (`gateway plugin check`) compiles nothing.
+        let verdict = match self.link("inspected", component, bytes) {
+            Ok((_, compiled)) => {
+                let mut cache = self.compiled.lock().expect("compile cache lock");
+                cache.insert(0, (content_version(bytes), compiled));
+                cache.truncate(COMPILED_CACHE);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
         Inspection {
             imports,
             exports,
@@ -608,6 +656,12 @@ pub struct LoadedPlugin {
     pub spec: PluginSpec,
     engine: Engine,
     pre: PluginPre<StoreState>,
+    /// What one instance takes from the engine's pool.
+    pub footprint: Footprint,
+    /// The largest linear memory an instance reached by the end of `init`, bytes.
+    init_memory: AtomicUsize,
+    /// The largest linear memory an instance reached in any call so far, bytes.
+    memory_peak: AtomicUsize,
     ctx: Arc<PluginCtx>,
     idle: Mutex<Vec<Instance>>,
     refilling: AtomicBool,
@@ -618,6 +672,23 @@ pub struct LoadedPlugin {
     fuel_used: [Histogram; 2],
     created_ahead: IntCounter,
     created_on_demand: IntCounter,
+    /// The full description of the last failed call (`trial` reports it).
+    last_failure: Mutex<Option<String>>,
+}
+
+/// What a test call of each hook did (`gateway plugin check`).
+#[derive(Debug)]
+pub struct Trial {
+    /// How `on-request` ended.
+    pub on_request: Outcome,
+    /// The status of the plugin's own answer, when it gave one.
+    pub local_status: Option<u16>,
+    /// How `on-response` ended; `None` when `on-request` failed.
+    pub on_response: Option<Outcome>,
+    /// Fuel each hook burned (`None` when fuel is off or the hook did not complete).
+    pub fuel: [Option<u64>; 2],
+    /// The first failure in full (reason, backtrace, stderr).
+    pub failure: Option<String>,
 }
 
 impl LoadedPlugin {
@@ -653,6 +724,9 @@ impl LoadedPlugin {
         let init = plugin.call_init(&mut store, &self.spec.config).await;
         let stderr = store.data().output.finish_call();
         store.data_mut().last_stderr = stderr;
+        let reached = store.data().limiter.peak;
+        self.init_memory.fetch_max(reached, Ordering::Relaxed);
+        self.memory_peak.fetch_max(reached, Ordering::Relaxed);
         match init {
             Ok(Ok(())) => Ok(Instance {
                 store,
@@ -703,6 +777,8 @@ impl LoadedPlugin {
     }
 
     fn put_back(&self, instance: Instance) {
+        self.memory_peak
+            .fetch_max(instance.store.data().limiter.peak, Ordering::Relaxed);
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < self.spec.instances as usize {
             idle.push(instance);
@@ -816,6 +892,8 @@ impl LoadedPlugin {
     ) -> Outcome {
         let state = instance.store.data();
         let outcome = classify(state, err);
+        *self.last_failure.lock().expect("failure lock") =
+            Some(self.describe_failure_in_full(state, err));
         tracing::warn!(
             plugin = %self.name,
             version = %self.version,
@@ -935,6 +1013,91 @@ impl LoadedPlugin {
         self.put_back(instance);
         self.record(Hook::Response, Outcome::Ok, started);
         (state, Ok(()))
+    }
+
+    /// The largest linear memory an instance had reached when its `init` returned, bytes.
+    pub fn memory_after_init(&self) -> usize {
+        self.init_memory.load(Ordering::Relaxed)
+    }
+
+    /// The largest linear memory an instance reached in `init` or any call that completed,
+    /// bytes: what `memory_limit_bytes` must allow.
+    pub fn memory_peak(&self) -> usize {
+        self.memory_peak.load(Ordering::Relaxed)
+    }
+
+    /// Calls `on-request` with a `GET path` request (and `on-response` with a 200, or the
+    /// plugin's own answer) as a route with no body access would: what `gateway plugin check`
+    /// reports.
+    pub async fn trial(self: &Arc<Self>, path: &str) -> Trial {
+        let fuel_spent = |h: Hook| self.fuel_used[h as usize].get_sample_sum();
+        let fuel_before = [fuel_spent(Hook::Request), fuel_spent(Hook::Response)];
+        let route: Arc<str> = Arc::from("plugin-check");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("localhost"),
+        );
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("gateway-plugin-check"),
+        );
+        let req = RequestState {
+            method: http::Method::GET,
+            path: path.to_string(),
+            query: None,
+            headers,
+            client: std::net::IpAddr::from([127, 0, 0, 1]),
+            route: route.clone(),
+            variant: None,
+            variants: Arc::from(Vec::<String>::new()),
+            experiment: None,
+            body: None,
+            target_changed: false,
+            ranker: None,
+        };
+        let (_req, result) = self.on_request(req).await;
+        let (on_request, local_status) = match &result {
+            Ok(RequestAction::Continue) => (Outcome::Ok, None),
+            Ok(RequestAction::Respond(local)) => (Outcome::LocalResponse, Some(local.status)),
+            Err(o) => (*o, None),
+        };
+        let on_response = if on_request.is_failure() {
+            None
+        } else {
+            let resp = ResponseState {
+                status: http::StatusCode::from_u16(local_status.unwrap_or(200))
+                    .unwrap_or(http::StatusCode::OK),
+                headers: http::HeaderMap::new(),
+                request_method: http::Method::GET,
+                request_path: path.to_string(),
+                request_query: None,
+                route,
+                variant: None,
+                body: None,
+                body_access: false,
+                body_limit: 0,
+                body_changed: false,
+                ranker: None,
+            };
+            let (_resp, result) = self.on_response(resp).await;
+            Some(result.err().unwrap_or(Outcome::Ok))
+        };
+        let completed = [
+            !on_request.is_failure(),
+            on_response.is_some_and(|o| !o.is_failure()),
+        ];
+        let fuel = [Hook::Request, Hook::Response].map(|h| {
+            (self.spec.fuel_per_call.is_some() && completed[h as usize])
+                .then(|| (fuel_spent(h) - fuel_before[h as usize]) as u64)
+        });
+        Trial {
+            on_request,
+            local_status,
+            on_response,
+            fuel,
+            failure: self.last_failure.lock().expect("failure lock").take(),
+        }
     }
 
     /// Ready instances now pooled.
