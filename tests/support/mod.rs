@@ -691,7 +691,8 @@ pub async fn spawn_gateway_binary_with_admin(
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut https, mut admin) = (None, None);
     while https.is_none() || admin.is_none() {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        // Generous: an interpreter plugin compiles for tens of seconds on a busy debug build.
+        let line = tokio::time::timeout(Duration::from_secs(240), lines.next_line())
             .await
             .unwrap()
             .unwrap()

@@ -1,0 +1,175 @@
+//! Plugins in Python (componentize-py) and JavaScript (componentize-js), built by the suite
+//! with the tools' default options (`plugins/build.sh --python`, `--js`), run through a real
+//! gateway: headers both ways, local responses, metrics, the key-value store, the ranking
+//! import, an exception logged with its message, and WASI that gives errors, not data.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+/// The gateway settings plugins/README.md gives for interpreted plugins.
+const INTERPRETED: &str = "memory_limit_bytes = 67108864\ninstances = 2";
+
+/// A gateway binary with `plugin` (built from plugins/<lang>/hello) on the default route, a
+/// sample model `recs`, and JSON logs.
+async fn gateway_with(
+    pki: &Pki,
+    up: &Upstream,
+    lang: &str,
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let mut spec = gateway::scoring::SampleSpec::embedding(16, 4, 1);
+    spec.n_users = 4;
+    std::fs::write(
+        pki.path().join("recs.safetensors"),
+        gateway::scoring::sample_model(&spec),
+    )
+    .unwrap();
+    let wasm = lang_plugin(lang, "hello");
+    let extra = format!(
+        "plugins = [\"hello\"]\n[[plugins]]\nname = \"hello\"\npath = \"{}\"\nconfig = \"howdy\"\n{INTERPRETED}\n\n[scoring]\nbackend = \"cpu\"\n\n[[models]]\nname = \"recs\"\npath = \"recs.safetensors\"\n",
+        wasm.display()
+    );
+    let toml = basic_config(pki, &[up.addr], "", &extra).replace(
+        "access_log = false",
+        "access_log = false\nformat = \"json\"\nlevel = \"info\"",
+    );
+    let path = pki.path().join(format!("{lang}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    spawn_gateway_binary_with_admin(&path).await
+}
+
+/// The next log line (JSON) that `pred` accepts, within 20 s.
+async fn log_line(
+    log: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), log.recv())
+            .await
+            .expect("a log line within 20 s")
+            .expect("the gateway is still running");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+/// A sample's value in Prometheus text, 0 when absent.
+fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn hello_works_end_to_end(lang: &str, language: &str) {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let (_child, addr, admin, mut log) = gateway_with(&pki, &up, lang).await;
+    let ca = &pki.ca_der;
+
+    // Local responses, with a count in the key-value store that every instance shares.
+    for n in 1..=3 {
+        let r = fetch(addr, ca, false, get("localhost", "/hello")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("howdy from {language}\n"));
+        assert_eq!(r.header("x-hello-count"), Some(n.to_string().as_str()));
+        assert_eq!(r.header("x-hello-lang"), Some(language));
+    }
+    assert_eq!(up.hits(), 0, "answered by the plugin");
+
+    // Headers both ways on a proxied request.
+    let r = fetch(addr, ca, false, get("localhost", "/shop")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "a"));
+    assert_eq!(up.last().headers.get("x-hello").unwrap(), language);
+    assert_eq!(r.header("x-hello-lang"), Some(language));
+
+    // The ranking import.
+    let r = fetch(
+        addr,
+        ca,
+        false,
+        get("localhost", "/hello/rank?model=recs&user=1&items=1,2,3"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    assert_eq!(v["scores"].as_array().unwrap().len(), 3, "{v}");
+    assert!(!v["version"].as_str().unwrap().is_empty(), "{v}");
+    let r = fetch(
+        addr,
+        ca,
+        false,
+        get("localhost", "/hello/rank?model=nope&user=1&items=1"),
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("ranking failed"), "{}", r.text());
+
+    // No file, no network: errors the plugin sees, not data.
+    let probes: &[&str] = if lang == "python" {
+        &["/hello/file", "/hello/socket"]
+    } else {
+        &["/hello/fetch"]
+    };
+    for probe in probes {
+        let r = fetch(addr, ca, false, get("localhost", probe)).await;
+        assert_eq!(r.status, 200, "{probe}: {}", r.text());
+        assert!(r.text().starts_with("error: "), "{probe}: {}", r.text());
+    }
+
+    // An exception fails the call (500 on this fail-closed route), logged with its message.
+    let r = fetch(addr, ca, false, get("localhost", "/hello/boom")).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let failure = log_line(&mut log, |v| {
+        v["fields"]["message"] == "plugin call failed; instance discarded"
+    })
+    .await;
+    let message = format!("boom: the {language} plugin failed on purpose");
+    let stderr = failure["fields"]["stderr"].as_str().unwrap();
+    assert!(stderr.contains(&message), "{failure}");
+    // The plugin serves on with a fresh instance.
+    let r = fetch(addr, ca, false, get("localhost", "/hello")).await;
+    assert_eq!(r.header("x-hello-count"), Some("4"));
+
+    // Metrics: the plugin's own counter, and the hooks' fuel.
+    let metrics = admin_get(admin, "/metrics").await.text();
+    assert_eq!(
+        sample(
+            &metrics,
+            "gateway_plugin_hello_served_total{plugin=\"hello\"}"
+        ),
+        4.0,
+        "{metrics}"
+    );
+    for hook in ["on_request", "on_response"] {
+        let labels = format!("{{hook=\"{hook}\",plugin=\"hello\"}}");
+        let sum = sample(
+            &metrics,
+            &format!("gateway_plugin_fuel_per_call_sum{labels}"),
+        );
+        let count = sample(
+            &metrics,
+            &format!("gateway_plugin_fuel_per_call_count{labels}"),
+        );
+        assert!(count > 0.0, "{hook}: {metrics}");
+        eprintln!("{language} {hook}: {} fuel per call", (sum / count).round());
+    }
+}
+
+#[tokio::test]
+async fn python_plugin_works_end_to_end() {
+    hello_works_end_to_end("python", "python").await;
+}
+
+#[tokio::test]
+async fn javascript_plugin_works_end_to_end() {
+    hello_works_end_to_end("js", "javascript").await;
+}
