@@ -7,6 +7,12 @@ use std::time::Duration;
 
 use crate::support::*;
 
+/// The compile cache the tests of one build share (under cargo's target directory), so an
+/// interpreter plugin is compiled once per content, not once per gateway.
+fn compile_cache() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-compile-cache")
+}
+
 /// The gateway settings plugins/README.md gives for interpreted plugins.
 const INTERPRETED: &str = "memory_limit_bytes = 67108864\ninstances = 2";
 
@@ -31,8 +37,9 @@ async fn gateway_with(
     .unwrap();
     let wasm = lang_plugin(lang, "hello");
     let extra = format!(
-        "plugins = [\"hello\"]\n[[plugins]]\nname = \"hello\"\npath = \"{}\"\nconfig = \"howdy\"\n{INTERPRETED}\n\n[scoring]\nbackend = \"cpu\"\n\n[[models]]\nname = \"recs\"\npath = \"recs.safetensors\"\n",
-        wasm.display()
+        "plugins = [\"hello\"]\n[[plugins]]\nname = \"hello\"\npath = \"{}\"\nconfig = \"howdy\"\n{INTERPRETED}\n\n[scoring]\nbackend = \"cpu\"\n\n[[models]]\nname = \"recs\"\npath = \"recs.safetensors\"\n\n[plugin_runtime]\ncompile_cache_dir = \"{}\"\n",
+        wasm.display(),
+        compile_cache().display()
     );
     let toml = basic_config(pki, &[up.addr], "", &extra).replace(
         "access_log = false",
@@ -172,4 +179,56 @@ async fn python_plugin_works_end_to_end() {
 #[tokio::test]
 async fn javascript_plugin_works_end_to_end() {
     hello_works_end_to_end("js", "javascript").await;
+}
+
+/// Compiled once per content: a second engine (what a restart builds) maps in the code the
+/// first one wrote to the compile cache, and the 18 MB Python plugin loads in well under a
+/// second (compiling it takes tens of seconds).
+#[tokio::test]
+async fn a_restart_loads_a_python_plugin_from_the_compile_cache_in_under_a_second() {
+    use gateway::plugin::PluginRuntime;
+    let settings = gateway::config::PluginRuntimeSettings {
+        compile_cache: Some(compile_cache()),
+        ..Default::default()
+    };
+    let mut spec = gateway::config::PluginSpec::with_defaults(
+        "py",
+        lang_plugin("python", "hello"),
+        "howdy".into(),
+    );
+    spec.instances = 1;
+    let compiles = |registry: &prometheus::Registry, source: &str| {
+        metric_value(
+            registry,
+            "gateway_plugin_compiles_total",
+            &[("plugin", "py"), ("source", source)],
+        )
+    };
+    // The first load compiles, unless another test of this run already did.
+    let registry = prometheus::Registry::new();
+    let first = PluginRuntime::new(&settings, &registry).unwrap();
+    first.load(&spec).await.unwrap();
+    assert_eq!(
+        compiles(&registry, "compiled") + compiles(&registry, "disk"),
+        1.0
+    );
+    let sha = gateway::store::sha256_hex(&std::fs::read(&spec.path).unwrap());
+    let cached = std::fs::read_dir(compile_cache())
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(&sha));
+    assert!(cached, "a compiled file for {sha}");
+    drop(first);
+
+    let registry = prometheus::Registry::new();
+    let second = PluginRuntime::new(&settings, &registry).unwrap();
+    let started = std::time::Instant::now();
+    let plugin = second.load(&spec).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(compiles(&registry, "disk"), 1.0);
+    assert_eq!(compiles(&registry, "compiled"), 0.0);
+    eprintln!("python-hello loaded from the compile cache in {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let trial = plugin.trial("/hello").await;
+    assert_eq!(trial.local_status, Some(200), "{trial:?}");
 }

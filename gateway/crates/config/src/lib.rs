@@ -189,6 +189,9 @@ pub struct PluginRuntimeSettings {
     /// Fuel metering on: hook calls are bounded by the work they do (`fuel_per_call`), not
     /// only by wall-clock time.
     pub fuel: bool,
+    /// Where compiled plugins are kept across loads and restarts; `None`: compiled on every
+    /// start.
+    pub compile_cache: Option<PathBuf>,
 }
 
 /// The `[plugin_runtime]` defaults, used by validation for every field left out.
@@ -198,6 +201,7 @@ impl Default for PluginRuntimeSettings {
             max_instances: 256,
             epoch_tick: Duration::from_millis(1),
             fuel: true,
+            compile_cache: None,
         }
     }
 }

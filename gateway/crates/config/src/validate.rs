@@ -642,6 +642,12 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         max_instances: pr.max_instances.unwrap_or(defaults.max_instances),
         epoch_tick: ms(epoch_tick_ms),
         fuel: pr.fuel.unwrap_or(defaults.fuel),
+        // Next to the content store unless the config says where.
+        compile_cache: match (&pr.compile_cache_dir, &raw.store.dir) {
+            (Some(d), _) => Some(resolve(base_dir, d)),
+            (None, Some(store)) => Some(resolve(base_dir, store).join("compiled")),
+            (None, None) => None,
+        },
     };
     if !(1..=100_000).contains(&plugin_runtime.max_instances) {
         c.fail(

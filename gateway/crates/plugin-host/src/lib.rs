@@ -20,6 +20,7 @@ use gateway_proxy as proxy;
 use gateway_store as store;
 
 mod bindings;
+mod cache;
 pub mod chain;
 mod host;
 mod sizing;
@@ -199,6 +200,7 @@ struct HookSeries {
     duration: HistogramVec,
     fuel: HistogramVec,
     created: IntCounterVec,
+    compiles: IntCounterVec,
 }
 
 /// The engine shared by all plugins, with its deadline ticker.
@@ -215,6 +217,8 @@ pub struct PluginRuntime {
     compiled: Mutex<Vec<(String, Compiled)>>,
     /// The pooling allocator's sizes.
     pool: Pool,
+    /// Compiled components on disk, when configured.
+    disk: Option<cache::DiskCache>,
 }
 
 /// A compiled, checked component: what instances are made from, and what each takes.
@@ -311,13 +315,22 @@ impl PluginRuntime {
                 ),
                 &["plugin", "when"],
             )?,
+            compiles: IntCounterVec::new(
+                Opts::new(
+                    "gateway_plugin_compiles_total",
+                    "Plugin versions made ready to instantiate, by where the code came from: \
+                     `compiled` (compiled now, off the serving threads), `disk` (the compile \
+                     cache, compile_cache_dir) or `memory` (compiled earlier by this process).",
+                ),
+                &["plugin", "source"],
+            )?,
         };
         registry.register(Box::new(series.invocations.clone()))?;
         registry.register(Box::new(series.duration.clone()))?;
         registry.register(Box::new(series.fuel.clone()))?;
         registry.register(Box::new(series.created.clone()))?;
+        registry.register(Box::new(series.compiles.clone()))?;
         Ok(Arc::new(PluginRuntime {
-            engine,
             linker,
             settings: settings.clone(),
             series,
@@ -325,6 +338,11 @@ impl PluginRuntime {
             kv: Mutex::new(HashMap::new()),
             compiled: Mutex::new(Vec::new()),
             pool,
+            disk: settings
+                .compile_cache
+                .as_deref()
+                .map(|dir| cache::DiskCache::new(dir, &engine)),
+            engine,
         }))
     }
 
@@ -340,6 +358,29 @@ impl PluginRuntime {
                 reason: error_chain(&e),
             })?;
         self.link(name, component, bytes)
+    }
+
+    /// Compiles `bytes` (content `sha256`), or maps in the code an earlier run compiled
+    /// (the disk cache), and checks it; returns where the code came from.
+    fn compile_cached(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Compiled, &'static str), PluginError> {
+        if let Some(disk) = &self.disk {
+            if let Some(component) = disk.load(&self.engine, sha256) {
+                let (_, compiled) = self.link(name, component, bytes)?;
+                return Ok((compiled, "disk"));
+            }
+        }
+        let (component, compiled) = self.compile(name, bytes)?;
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.save(&component, sha256) {
+                tracing::warn!(plugin = %name, error = %e, "could not keep the compiled plugin in the compile cache");
+            }
+        }
+        Ok((compiled, "compiled"))
     }
 
     /// Checks a compiled component against the plugin world.
@@ -403,13 +444,28 @@ impl PluginRuntime {
             .find(|(v, _)| *v == version)
             .map(|(_, p)| p.clone());
         let compiled = match cached {
-            Some(c) => c,
+            Some(c) => {
+                self.series
+                    .compiles
+                    .with_label_values(&[spec.name.as_str(), "memory"])
+                    .inc();
+                c
+            }
             None => {
-                // Compiling takes milliseconds to seconds: keep it off the async workers.
-                let (_component, compiled) =
-                    tokio::task::spawn_blocking(move || this.compile(&name, &bytes))
-                        .await
-                        .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
+                // Compiling takes milliseconds to tens of seconds (an interpreter), and
+                // reading the disk cache is I/O: keep both off the async workers.
+                let sha256 = crate::store::sha256_hex(&bytes);
+                let started = Instant::now();
+                let (compiled, source) = tokio::task::spawn_blocking(move || {
+                    this.compile_cached(&name, &bytes, &sha256)
+                })
+                .await
+                .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
+                self.series
+                    .compiles
+                    .with_label_values(&[spec.name.as_str(), source])
+                    .inc();
+                tracing::info!(plugin = %spec.name, version = %version, source, ms = started.elapsed().as_millis() as u64, "plugin code ready");
                 let mut cache = self.compiled.lock().expect("compile cache lock");
                 cache.insert(0, (version.clone(), compiled.clone()));
                 cache.truncate(COMPILED_CACHE);
