@@ -24,6 +24,11 @@ dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installe
   packages+=(chromium)
 dpkg-query -W -f='${Status}' chromium-driver 2>/dev/null | grep -q "install ok installed" ||
   packages+=(chromium-driver)
+# The Python and JavaScript example plugins (plugins/python, plugins/js) are built by the test
+# suite with componentize-py (PyPI, in a virtual environment) and componentize-js (npm).
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
+command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 if [ "${#packages[@]}" -gt 0 ]; then
   apt_prefix=()
   [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)
@@ -37,3 +42,6 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 cargo fetch --locked
 # The first-party plugins (the demo runs them; the tests build them too if missing).
 "$(dirname "$0")/../plugins/build.sh" >/dev/null
+# The pinned Python and JavaScript plugin toolchains (plugins/python/requirements.txt,
+# plugins/js/package-lock.json); the tests build those plugins with them.
+"$(dirname "$0")/../plugins/build.sh" --tools

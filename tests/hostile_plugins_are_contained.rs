@@ -263,3 +263,207 @@ async fn a_panicking_plugin_leaves_its_message_in_the_log() {
         "{message}"
     );
 }
+
+/// Starts the real binary with one hostile route in `mode` and returns it, its address and
+/// its log (JSON lines).
+async fn binary_with_hostile(
+    pki: &Pki,
+    up: &Upstream,
+    mode: &str,
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let toml = basic_config(pki, &[up.addr], "", &hostile_route(mode)).replace(
+        "access_log = false",
+        "access_log = false\nformat = \"json\"\nlevel = \"info\"",
+    );
+    let path = pki.path().join(format!("{mode}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let (child, addr, _admin, log) = spawn_gateway_binary_with_admin(&path).await;
+    (child, addr, log)
+}
+
+/// The next log line (JSON) that `pred` accepts, within 20 s.
+async fn log_line(
+    log: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), log.recv())
+            .await
+            .expect("a log line within 20 s")
+            .expect("the gateway is still running");
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+/// WASI is linked without capabilities: clocks and random work, files, directories,
+/// sockets and the environment are errors (not traps, not data), stdout and stderr are the
+/// gateway's log under the plugin's name.
+#[tokio::test]
+async fn wasi_lends_clocks_and_random_and_nothing_outside() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let (_child, addr, mut log) = binary_with_hostile(&pki, &up, "wasi").await;
+    let r = fetch(addr, &pki.ca_der, false, get("localhost", "/wasi")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    for expected in [
+        "file: error",
+        "dir: error",
+        "env: 0 variables, 0 arguments",
+        "tcp: error",
+        "wall clock: ok",
+        "monotonic clock: ok",
+        "random: ok",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+    assert!(!text.contains("data"), "{text}");
+    for (stream, level, line) in [
+        ("stdout", "INFO", "hostile: hello on stdout"),
+        ("stderr", "WARN", "hostile: hello on stderr"),
+    ] {
+        let v = log_line(&mut log, |v| v["fields"]["message"] == line).await;
+        assert_eq!(v["target"], "plugin", "{v}");
+        assert_eq!(v["level"], level, "{v}");
+        assert_eq!(v["fields"]["plugin"], "wasi", "{v}");
+        assert_eq!(v["fields"]["stream"], stream, "{v}");
+    }
+}
+
+/// A failed call is logged with the trap's reason, the guest's backtrace (with function
+/// names) and what it wrote to stderr before it failed.
+#[tokio::test]
+async fn a_failure_is_logged_with_its_reason_backtrace_and_stderr() {
+    let pki = Pki::new();
+    let up = Upstream::named("a").await;
+    let (_child, addr, mut log) = binary_with_hostile(&pki, &up, "stderr-trap").await;
+    let r = fetch(addr, &pki.ca_der, false, get("localhost", "/stderr-trap")).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let v = log_line(&mut log, |v| {
+        v["fields"]["message"] == "plugin call failed; instance discarded"
+    })
+    .await;
+    let fields = &v["fields"];
+    assert_eq!(fields["outcome"], "trap", "{v}");
+    let error = fields["error"].as_str().unwrap();
+    assert!(error.contains("unreachable"), "{error}");
+    let backtrace = fields["backtrace"].as_str().unwrap();
+    // Frames are named from the component's name section: here the export everything was
+    // inlined into (a release build with LTO).
+    assert!(
+        backtrace.contains("0: hostile.wasm!") && backtrace.contains("on-request"),
+        "{backtrace}"
+    );
+    let stderr = fields["stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("hostile: about to trap") && stderr.contains("the reason is a test"),
+        "{stderr}"
+    );
+}
+
+/// A load error says why in full: reason, backtrace, stderr; `plugin check` prints the same.
+#[tokio::test]
+async fn a_trapping_init_is_a_load_error_with_its_backtrace_and_stderr() {
+    let err = start_error(&format!(
+        "plugins = [\"p\"]\n{}",
+        plugin_table("p", "hostile", "init-trap", "")
+    ))
+    .await;
+    for expected in [
+        "init failed",
+        "unreachable",
+        "wasm backtrace",
+        "init",
+        "hostile: init cannot go on",
+    ] {
+        assert!(err.contains(expected), "{expected:?} in:\n{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "check", "--config", "init-trap"])
+        .arg(plugin_wasm("hostile"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unreachable")
+            && stderr.contains("wasm backtrace")
+            && stderr.contains("hostile: init cannot go on"),
+        "{stderr}"
+    );
+}
+
+/// A plugin is sized at load: its memory must start under its cap, its ready instances
+/// must fit the engine's pool; the refusal names the setting to change.
+#[tokio::test]
+async fn a_plugin_that_does_not_fit_its_limits_is_refused_at_load() {
+    let err = start_error(&format!(
+        "plugins = [\"p\"]\n{}",
+        plugin_table("p", "noop", "", "memory_limit_bytes = 65536")
+    ))
+    .await;
+    assert!(
+        err.contains("does not fit its limits")
+            && err.contains("its memory starts at")
+            && err.contains("set memory_limit_bytes to at least"),
+        "{err}"
+    );
+    let err = start_error(&format!(
+        "plugins = [\"p\"]\n{}\n[plugin_runtime]\nmax_instances = 4\n",
+        plugin_table("p", "noop", "", "instances = 8")
+    ))
+    .await;
+    assert!(
+        err.contains("its 8 ready instances need 8 instances")
+            && err.contains("raise plugin_runtime.max_instances"),
+        "{err}"
+    );
+}
+
+/// `plugin check` runs the plugin as `gateway run` would with default settings, calls each
+/// hook once and reports what one instance takes and the memory and fuel it used.
+#[test]
+fn plugin_check_reports_size_memory_and_fuel() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "check", "--config", "ok", "--path", "/x"])
+        .arg(plugin_wasm("hostile"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "core instances, 1 memories",
+        "init      memory reached",
+        "GET /x  on-request ok",
+        "on-response ok",
+        "memory    reached",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
+    }
+    // A failing test call fails the check, with the failure in full.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["plugin", "check", "--config", "stderr-trap"])
+        .arg(plugin_wasm("hostile"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the test call failed") && stderr.contains("the reason is a test"),
+        "{stderr}"
+    );
+}

@@ -23,6 +23,7 @@ mod models_are_gated_by_offline_evaluation;
 mod one_authority_per_request;
 mod overload_is_shed_fast_with_retry_after;
 mod plugin_limits_count_work_not_waiting;
+mod plugins_in_any_language;
 mod reload_keeps_what_did_not_change;
 mod reloads_and_uploads_are_linearisable;
 mod routing_by_host_and_prefix;

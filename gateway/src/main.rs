@@ -222,13 +222,25 @@ enum PluginCommand {
         target: AdminTarget,
     },
     /// Check that a .wasm file is a component for the plugin world, list what it imports and
-    /// exports, and start one instance (running `init` with `--config`).
+    /// exports and what one instance takes, start one instance (running `init` with
+    /// `--config`) under the same limits as `gateway run` gives a plugin with default
+    /// settings, call each hook once with a `GET --path` request, and report the memory and
+    /// fuel it used.
     Check {
         /// The component file.
         file: PathBuf,
         /// Configuration string handed to `init`.
         #[arg(long, default_value = "")]
         config: String,
+        /// Path of the test request.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The plugin's `memory_limit_bytes` (default: the gateway's default).
+        #[arg(long)]
+        memory_limit_bytes: Option<usize>,
+        /// The plugin's `fuel_per_call` (default: the gateway's default).
+        #[arg(long)]
+        fuel_per_call: Option<u64>,
     },
 }
 
@@ -386,8 +398,15 @@ fn main() -> ExitCode {
             })
         }
         Command::Plugin {
-            command: PluginCommand::Check { file, config },
-        } => plugin_check(&file, config),
+            command:
+                PluginCommand::Check {
+                    file,
+                    config,
+                    path,
+                    memory_limit_bytes,
+                    fuel_per_call,
+                },
+        } => plugin_check(&file, config, &path, memory_limit_bytes, fuel_per_call),
     };
     match result {
         Ok(code) => code,
@@ -519,14 +538,26 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
+fn plugin_check(
+    file: &PathBuf,
+    config: String,
+    path: &str,
+    memory_limit_bytes: Option<usize>,
+    fuel_per_call: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    // The plugin's own output (stdout, stderr, log calls) shows as it would in the gateway's log.
+    init_logging(&LoggingSettings {
+        level: "warn,plugin=info".into(),
+        format: LogFormat::Text,
+        access_log: false,
+    });
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let settings = gateway::config::PluginRuntimeSettings {
-        max_instances: 4,
-        ..Default::default()
-    };
+    // The engine `gateway run` builds with default settings: same pool, same limits.
+    let settings = gateway::config::PluginRuntimeSettings::default();
     let engine = gateway::plugin::PluginRuntime::new(&settings, &prometheus::Registry::new())?;
+    let started = std::time::Instant::now();
     let report = engine.inspect(&bytes);
+    let compiled_in = started.elapsed();
     println!("{}", file.display());
     println!("  version   {}", gateway::store::content_version(&bytes));
     for i in &report.imports {
@@ -539,35 +570,70 @@ fn plugin_check(file: &PathBuf, config: String) -> anyhow::Result<ExitCode> {
         eprintln!("  not a plugin: {e}");
         return Ok(ExitCode::FAILURE);
     }
-    let spec = gateway::config::PluginSpec {
-        sha256: None,
-        name: file
-            .file_stem()
-            .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
-        path: file.clone(),
-        config,
-        deadline: std::time::Duration::from_millis(1000),
-        memory_limit: 64 << 20,
-        fuel_per_call: Some(gateway::config::DEFAULT_FUEL_PER_CALL),
-        fuel_per_body_byte: gateway::config::DEFAULT_FUEL_PER_BODY_BYTE,
-        max_output_bytes: 256 * 1024,
-        instances: 1,
-    };
+    let name = file
+        .file_stem()
+        .map_or("plugin".into(), |s| s.to_string_lossy().into_owned());
+    let mut spec = gateway::config::PluginSpec::with_defaults(&name, file.clone(), config);
+    spec.instances = 1;
+    if let Some(m) = memory_limit_bytes {
+        spec.memory_limit = m;
+    }
+    if fuel_per_call.is_some() {
+        spec.fuel_per_call = fuel_per_call;
+    }
     let rt = runtime(1)?;
-    match rt.block_on(engine.load_bytes(&spec, bytes)) {
-        Ok(p) => {
-            println!(
-                "  world     {} (init ok, version {})",
-                gateway::plugin::WORLD,
-                p.version
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+    let started = std::time::Instant::now();
+    let plugin = match rt.block_on(engine.load_bytes(&spec, bytes)) {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("  {e}");
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    let f = plugin.footprint;
+    let mib = |b: usize| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
+    println!(
+        "  world     {} (init ok, version {}; compiled in {} ms, started in {} ms)",
+        gateway::plugin::WORLD,
+        plugin.version,
+        compiled_in.as_millis(),
+        started.elapsed().as_millis()
+    );
+    println!(
+        "  instance  {} core instances, {} memories, {} tables, memory starts at {}",
+        f.core_instances,
+        f.memories,
+        f.tables,
+        mib(f.initial_memory as usize)
+    );
+    println!(
+        "  init      memory reached {} (memory_limit_bytes {})",
+        mib(plugin.memory_after_init()),
+        spec.memory_limit
+    );
+    let trial = rt.block_on(plugin.trial(path));
+    let fuel = |f: Option<u64>| f.map_or("-".to_string(), |f| f.to_string());
+    let local = trial
+        .local_status
+        .map_or(String::new(), |s| format!(" (answered {s})"));
+    println!(
+        "  GET {path}  on-request {}{local}, fuel {}; on-response {}, fuel {}",
+        trial.on_request.label(),
+        fuel(trial.fuel[0]),
+        trial.on_response.map_or("not called", |o| o.label()),
+        fuel(trial.fuel[1]),
+    );
+    println!(
+        "  memory    reached {} in init and the test calls; fuel_per_call {}",
+        mib(plugin.memory_peak()),
+        spec.fuel_per_call
+            .map_or("off".to_string(), |f| f.to_string())
+    );
+    if let Some(failure) = trial.failure {
+        eprintln!("  the test call failed: {failure}");
+        return Ok(ExitCode::FAILURE);
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {

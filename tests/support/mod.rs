@@ -572,6 +572,33 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a Python or JavaScript plugin component, `plugins/<lang>/<name>` built by
+/// `plugins/build.sh --python` or `--js` (componentize-py, componentize-js, default options)
+/// once per language and test run; the script rebuilds only what changed since its last run.
+pub fn lang_plugin(lang: &str, name: &str) -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static JS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let (once, flag) = match lang {
+        "python" => (&PYTHON, "--python"),
+        "js" => (&JS, "--js"),
+        other => panic!("no plugins in {other}"),
+    };
+    let dist = once.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = std::process::Command::new("bash")
+            .arg(root.join("plugins/build.sh"))
+            .arg(flag)
+            .current_dir(&root)
+            .status()
+            .expect("running plugins/build.sh");
+        assert!(status.success(), "plugins/build.sh {flag} failed");
+        root.join("plugins/dist")
+    });
+    let path = dist.join(format!("{lang}-{name}.wasm"));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
 /// A `[[plugins]]` table for a built plugin.
 pub fn plugin_table(name: &str, wasm: &str, config: &str, extra: &str) -> String {
     format!(
@@ -670,11 +697,23 @@ pub async fn spawn_gateway_binary_with_admin(
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut https, mut admin) = (None, None);
     while https.is_none() || admin.is_none() {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        // Generous: an interpreter plugin compiles for tens of seconds on a busy debug build.
+        let line = tokio::time::timeout(Duration::from_secs(240), lines.next_line())
             .await
             .unwrap()
             .unwrap()
             .expect("gateway log line");
+        // Text lines (`listener=https addr=...`) or JSON ones (`format = "json"`).
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            let f = &v["fields"];
+            let addr = f["addr"].as_str().and_then(|a| a.parse().ok());
+            if f["message"] == "listening" && f["listener"] == "https" {
+                https = https.or(addr);
+            } else if f["message"] == "admin listening" {
+                admin = admin.or(addr);
+            }
+            continue;
+        }
         let addr_after = |marker: &str| -> Option<SocketAddr> {
             let rest = line.split(marker).nth(1)?;
             rest.split_whitespace().next()?.parse().ok()

@@ -189,6 +189,9 @@ pub struct PluginRuntimeSettings {
     /// Fuel metering on: hook calls are bounded by the work they do (`fuel_per_call`), not
     /// only by wall-clock time.
     pub fuel: bool,
+    /// Where compiled plugins are kept across loads and restarts; `None`: compiled on every
+    /// start.
+    pub compile_cache: Option<PathBuf>,
 }
 
 /// The `[plugin_runtime]` defaults, used by validation for every field left out.
@@ -198,6 +201,7 @@ impl Default for PluginRuntimeSettings {
             max_instances: 256,
             epoch_tick: Duration::from_millis(1),
             fuel: true,
+            compile_cache: None,
         }
     }
 }
@@ -217,6 +221,15 @@ pub const INIT_FUEL_FACTOR: u64 = 20;
 
 /// Wall-clock backstop of one hook call unless `deadline_ms` says otherwise, milliseconds.
 pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 500;
+
+/// Linear memory one plugin instance may grow to unless `memory_limit_bytes` says otherwise.
+pub const DEFAULT_PLUGIN_MEMORY_LIMIT: usize = 16 << 20;
+
+/// Bytes one hook call may add unless `max_output_bytes` says otherwise.
+pub const DEFAULT_PLUGIN_MAX_OUTPUT_BYTES: usize = 256 * 1024;
+
+/// Ready instances kept per plugin unless `instances` says otherwise.
+pub const DEFAULT_PLUGIN_INSTANCES: u32 = 4;
 
 /// `[[plugins]]`, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -244,6 +257,27 @@ pub struct PluginSpec {
     pub max_output_bytes: usize,
     /// Ready instances kept.
     pub instances: u32,
+}
+
+impl PluginSpec {
+    /// A plugin with every setting at its default, as a `[[plugins]]` table that names only
+    /// `name`, `path` and `config` gets it (`gateway plugin check` checks with these).
+    pub fn with_defaults(name: &str, path: PathBuf, config: String) -> PluginSpec {
+        PluginSpec {
+            name: name.to_string(),
+            sha256: None,
+            path,
+            config,
+            deadline: Duration::from_millis(DEFAULT_PLUGIN_DEADLINE_MS),
+            memory_limit: DEFAULT_PLUGIN_MEMORY_LIMIT,
+            fuel_per_call: PluginRuntimeSettings::default()
+                .fuel
+                .then_some(DEFAULT_FUEL_PER_CALL),
+            fuel_per_body_byte: DEFAULT_FUEL_PER_BODY_BYTE,
+            max_output_bytes: DEFAULT_PLUGIN_MAX_OUTPUT_BYTES,
+            instances: DEFAULT_PLUGIN_INSTANCES,
+        }
+    }
 }
 
 /// What a request gets when a plugin fails.

@@ -646,6 +646,12 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         max_instances: pr.max_instances.unwrap_or(defaults.max_instances),
         epoch_tick: ms(epoch_tick_ms),
         fuel: pr.fuel.unwrap_or(defaults.fuel),
+        // Next to the content store unless the config says where.
+        compile_cache: match (&pr.compile_cache_dir, &raw.store.dir) {
+            (Some(d), _) => Some(resolve(base_dir, d)),
+            (None, Some(store)) => Some(resolve(base_dir, store).join("compiled")),
+            (None, None) => None,
+        },
     };
     if !(1..=100_000).contains(&plugin_runtime.max_instances) {
         c.fail(
@@ -687,7 +693,9 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 "must be between 1 and 60000 milliseconds",
             );
         }
-        let memory_limit = rp.memory_limit_bytes.unwrap_or(16 << 20);
+        let memory_limit = rp
+            .memory_limit_bytes
+            .unwrap_or(crate::DEFAULT_PLUGIN_MEMORY_LIMIT as u64);
         if !((1 << 16)..=(4u64 << 30)).contains(&memory_limit) {
             c.fail(
                 at("memory_limit_bytes"),
@@ -712,7 +720,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         let fuel_per_call = plugin_runtime
             .fuel
             .then(|| rp.fuel_per_call.unwrap_or(crate::DEFAULT_FUEL_PER_CALL));
-        let instances = rp.instances.unwrap_or(4);
+        let instances = rp.instances.unwrap_or(crate::DEFAULT_PLUGIN_INSTANCES);
         if !(1..=1024).contains(&instances) {
             c.fail(at("instances"), "must be between 1 and 1024");
         }
@@ -728,7 +736,10 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             fuel_per_body_byte: rp
                 .fuel_per_body_byte
                 .unwrap_or(crate::DEFAULT_FUEL_PER_BODY_BYTE),
-            max_output_bytes: rp.max_output_bytes.unwrap_or(256 * 1024) as usize,
+            max_output_bytes: rp
+                .max_output_bytes
+                .unwrap_or(crate::DEFAULT_PLUGIN_MAX_OUTPUT_BYTES as u64)
+                as usize,
             instances,
         });
     }

@@ -40,16 +40,32 @@ pub(crate) struct StoreState {
     pub output_exceeded: bool,
     /// The models the current call may rank with.
     pub ranker: Option<Arc<dyn Ranker>>,
+    /// WASI, capability-less (`wasi.rs`).
+    pub wasi: wasmtime_wasi::WasiCtx,
+    /// `wasi:http`, whose outgoing requests are all refused.
+    pub http: wasmtime_wasi_http::WasiHttpCtx,
+    pub http_hooks: crate::wasi::NoOutgoingHttp,
+    /// The instance's stdout and stderr, logged line by line.
+    pub output: Arc<crate::wasi::GuestOutput>,
+    /// The end of what the last call (or `init`) wrote to stderr.
+    pub last_stderr: String,
 }
 
 impl StoreState {
     /// A fresh state for an instance of `plugin`.
     pub fn new(plugin: Arc<PluginCtx>, memory_limit: usize) -> StoreState {
+        let output = crate::wasi::GuestOutput::new(&plugin.name, &plugin.version);
         StoreState {
+            wasi: crate::wasi::context(&output),
+            http: crate::wasi::http_context(),
+            http_hooks: crate::wasi::NoOutgoingHttp,
+            output,
+            last_stderr: String::new(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 max: memory_limit,
                 exceeded: false,
+                peak: 0,
             },
             plugin,
             output_left: 0,
@@ -73,6 +89,8 @@ pub(crate) struct MemoryLimiter {
     max: usize,
     /// A growth was refused.
     pub exceeded: bool,
+    /// The largest size a memory of this instance was allowed to grow to, bytes.
+    pub peak: usize,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -89,6 +107,7 @@ impl ResourceLimiter for MemoryLimiter {
                 self.max
             );
         }
+        self.peak = self.peak.max(desired);
         Ok(true)
     }
 
@@ -98,7 +117,7 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= crate::sizing::MAX_TABLE_ELEMENTS)
     }
 }
 

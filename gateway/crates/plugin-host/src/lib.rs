@@ -20,12 +20,17 @@ use gateway_proxy as proxy;
 use gateway_store as store;
 
 mod bindings;
+mod cache;
 pub mod chain;
 mod host;
+mod sizing;
+mod wasi;
+
+pub use sizing::{Footprint, Pool};
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -33,7 +38,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceType};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{Engine, InstanceAllocationStrategy, Store, Trap};
 
 use crate::config::{PluginRuntimeSettings, PluginSpec};
 use bindings::storefront::gateway::http::RequestAction;
@@ -108,6 +113,14 @@ pub enum PluginError {
     PoolFull {
         /// Plugin name.
         name: String,
+    },
+    /// The component does not fit the engine's pool or its own limits.
+    #[error("plugin {name:?} does not fit its limits: {reason}")]
+    Sizing {
+        /// Plugin name.
+        name: String,
+        /// What does not fit, and the setting to change.
+        reason: String,
     },
     /// The engine could not be configured.
     #[error("plugin engine: {0}")]
@@ -197,6 +210,7 @@ struct HookSeries {
     fuel: HistogramVec,
     created: IntCounterVec,
     waits: IntCounterVec,
+    compiles: IntCounterVec,
 }
 
 /// The engine shared by all plugins, with its deadline ticker.
@@ -210,10 +224,21 @@ pub struct PluginRuntime {
     kv: Mutex<HashMap<String, Arc<KvStore>>>,
     /// Compiled components by content version, so a reload that brings back a version seen
     /// recently (a rollback, a flip between two files) does not compile it again.
-    compiled: Mutex<Vec<(String, PluginPre<StoreState>)>>,
+    compiled: Mutex<Vec<(String, Compiled)>>,
+    /// The pooling allocator's sizes.
+    pool: Pool,
+    /// Compiled components on disk, when configured.
+    disk: Option<cache::DiskCache>,
     /// Signalled whenever an instance goes back to a pool or is dropped, freeing room for a
     /// call that found every slot in use.
     freed: Arc<tokio::sync::Notify>,
+}
+
+/// A compiled, checked component: what instances are made from, and what each takes.
+#[derive(Clone)]
+struct Compiled {
+    pre: PluginPre<StoreState>,
+    footprint: Footprint,
 }
 
 /// Compiled components kept for reuse.
@@ -227,25 +252,21 @@ impl PluginRuntime {
         registry: &Registry,
     ) -> Result<Arc<PluginRuntime>, PluginError> {
         let engine_err = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
-        let n = settings.max_instances;
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(4))
-            .total_memories(n)
-            .total_tables(n.saturating_mul(4))
-            .total_stacks(n)
-            // Slots are address space; each plugin's own cap is enforced by its limiter.
-            .max_memory_size(4 << 30);
+        // Sized per instance for interpreters too (sizing.rs); every plugin is checked
+        // against it at load.
+        let pool = Pool::for_settings(settings);
         let mut cfg = wasmtime::Config::new();
         cfg.wasm_component_model(true)
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)
             .max_wasm_stack(512 * 1024)
             .async_stack_size(2 << 20)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool.config()));
         let engine = Engine::new(&cfg).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
+        // WASI without capabilities, so that components from any toolchain load (wasi.rs).
+        wasi::add_to_linker(&mut linker).map_err(engine_err)?;
         // The world `use`s these types from `http`, so components also import them at the top
         // level; they are the same host types.
         let mut root = linker.root();
@@ -317,14 +338,23 @@ impl PluginRuntime {
                 ),
                 &["plugin", "outcome"],
             )?,
+            compiles: IntCounterVec::new(
+                Opts::new(
+                    "gateway_plugin_compiles_total",
+                    "Plugin versions made ready to instantiate, by where the code came from: \
+                     `compiled` (compiled now, off the serving threads), `disk` (the compile \
+                     cache, compile_cache_dir) or `memory` (compiled earlier by this process).",
+                ),
+                &["plugin", "source"],
+            )?,
         };
         registry.register(Box::new(series.invocations.clone()))?;
         registry.register(Box::new(series.duration.clone()))?;
         registry.register(Box::new(series.fuel.clone()))?;
         registry.register(Box::new(series.created.clone()))?;
         registry.register(Box::new(series.waits.clone()))?;
+        registry.register(Box::new(series.compiles.clone()))?;
         Ok(Arc::new(PluginRuntime {
-            engine,
             linker,
             settings: settings.clone(),
             series,
@@ -332,6 +362,12 @@ impl PluginRuntime {
             kv: Mutex::new(HashMap::new()),
             compiled: Mutex::new(Vec::new()),
             freed: Arc::new(tokio::sync::Notify::new()),
+            pool,
+            disk: settings
+                .compile_cache
+                .as_deref()
+                .map(|dir| cache::DiskCache::new(dir, &engine)),
+            engine,
         }))
     }
 
@@ -340,32 +376,65 @@ impl PluginRuntime {
         &self,
         name: &str,
         bytes: &[u8],
-    ) -> Result<(Component, PluginPre<StoreState>), PluginError> {
+    ) -> Result<(Component, Compiled), PluginError> {
         let component =
             Component::new(&self.engine, bytes).map_err(|e| PluginError::NotAComponent {
                 name: name.to_string(),
-                reason: first_line(&e),
+                reason: error_chain(&e),
             })?;
-        let mut linker = self.linker.clone();
-        // WASI imports that Rust's std pulls in are linked to traps: plugins get no
-        // filesystem, network, environment or clock beyond the contract.
-        linker
-            .define_unknown_imports_as_traps(&component)
-            .map_err(|e| PluginError::WrongWorld {
-                name: name.to_string(),
-                reason: first_line(&e),
-            })?;
-        let pre = linker
+        self.link(name, component, bytes)
+    }
+
+    /// Compiles `bytes` (content `sha256`), or maps in the code an earlier run compiled
+    /// (the disk cache), and checks it; returns where the code came from.
+    fn compile_cached(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Compiled, &'static str), PluginError> {
+        if let Some(disk) = &self.disk {
+            if let Some(component) = disk.load(&self.engine, sha256) {
+                let (_, compiled) = self.link(name, component, bytes)?;
+                return Ok((compiled, "disk"));
+            }
+        }
+        let (component, compiled) = self.compile(name, bytes)?;
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.save(&component, sha256) {
+                tracing::warn!(plugin = %name, error = %e, "could not keep the compiled plugin in the compile cache");
+            }
+        }
+        Ok((compiled, "compiled"))
+    }
+
+    /// Checks a compiled component against the plugin world.
+    fn link(
+        &self,
+        name: &str,
+        component: Component,
+        bytes: &[u8],
+    ) -> Result<(Component, Compiled), PluginError> {
+        // The plugin world and capability-less WASI (wasi.rs) are all that is linked: a
+        // component importing anything else is refused here, naming the import.
+        let pre = self
+            .linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::WrongWorld {
                 name: name.to_string(),
-                reason: first_line(&e),
+                reason: error_chain(&e),
             })?;
         let pre = PluginPre::new(pre).map_err(|e| PluginError::WrongWorld {
             name: name.to_string(),
-            reason: first_line(&e),
+            reason: error_chain(&e),
         })?;
-        Ok((component, pre))
+        let footprint = Footprint::of(&component, bytes);
+        Ok((component, Compiled { pre, footprint }))
+    }
+
+    /// The pooling allocator's sizes, which every plugin is checked against at load.
+    pub fn pool(&self) -> Pool {
+        self.pool
     }
 
     /// Loads one plugin version from its file: compile, check, and start its ready instances
@@ -399,20 +468,42 @@ impl PluginRuntime {
             .iter()
             .find(|(v, _)| *v == version)
             .map(|(_, p)| p.clone());
-        let pre = match cached {
-            Some(pre) => pre,
+        let compiled = match cached {
+            Some(c) => {
+                self.series
+                    .compiles
+                    .with_label_values(&[spec.name.as_str(), "memory"])
+                    .inc();
+                c
+            }
             None => {
-                // Compiling takes milliseconds to seconds: keep it off the async workers.
-                let (_component, pre) =
-                    tokio::task::spawn_blocking(move || this.compile(&name, &bytes))
-                        .await
-                        .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
+                // Compiling takes milliseconds to tens of seconds (an interpreter), and
+                // reading the disk cache is I/O: keep both off the async workers.
+                let sha256 = crate::store::sha256_hex(&bytes);
+                let started = Instant::now();
+                let (compiled, source) = tokio::task::spawn_blocking(move || {
+                    this.compile_cached(&name, &bytes, &sha256)
+                })
+                .await
+                .map_err(|e| PluginError::Engine(format!("compile task: {e}")))??;
+                self.series
+                    .compiles
+                    .with_label_values(&[spec.name.as_str(), source])
+                    .inc();
+                tracing::info!(plugin = %spec.name, version = %version, source, ms = started.elapsed().as_millis() as u64, "plugin code ready");
                 let mut cache = self.compiled.lock().expect("compile cache lock");
-                cache.insert(0, (version.clone(), pre.clone()));
+                cache.insert(0, (version.clone(), compiled.clone()));
                 cache.truncate(COMPILED_CACHE);
-                pre
+                compiled
             }
         };
+        let Compiled { pre, footprint } = compiled;
+        footprint
+            .check(spec, &self.pool)
+            .map_err(|reason| PluginError::Sizing {
+                name: spec.name.clone(),
+                reason,
+            })?;
         let kv = self
             .kv
             .lock()
@@ -447,6 +538,9 @@ impl PluginRuntime {
             spec: spec.clone(),
             engine: self.engine.clone(),
             pre,
+            footprint,
+            init_memory: AtomicUsize::new(0),
+            memory_peak: AtomicUsize::new(0),
             ctx,
             idle: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
@@ -477,6 +571,7 @@ impl PluginRuntime {
                     .with_label_values(&[spec.name.as_str(), o])
             }),
             freed: self.freed.clone(),
+            last_failure: Mutex::new(None),
         });
         for _ in 0..spec.instances {
             let instance = plugin.new_instance().await?;
@@ -508,10 +603,16 @@ impl PluginRuntime {
             .exports(&self.engine)
             .map(|(n, _)| n.to_string())
             .collect();
-        let verdict = self
-            .compile("inspected", bytes)
-            .map(|_| ())
-            .map_err(|e| e.to_string());
+        // Kept compiled, so that loading it next (`gateway plugin check`) compiles nothing.
+        let verdict = match self.link("inspected", component, bytes) {
+            Ok((_, compiled)) => {
+                let mut cache = self.compiled.lock().expect("compile cache lock");
+                cache.insert(0, (content_version(bytes), compiled));
+                cache.truncate(COMPILED_CACHE);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
         Inspection {
             imports,
             exports,
@@ -537,6 +638,79 @@ fn first_line(e: &wasmtime::Error) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// Frames of a guest backtrace shown; deeper ones are counted.
+const BACKTRACE_FRAMES: usize = 32;
+
+/// What an error from wasmtime says, on one line: each cause in its chain, outermost first,
+/// without the backtrace wasmtime attaches as context (see [`guest_backtrace`]).
+fn error_chain(e: &wasmtime::Error) -> String {
+    let backtrace = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|bt| bt.to_string());
+    let causes: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string())
+        .filter(|c| Some(c) != backtrace.as_ref())
+        .map(|c| c.trim().replace('\n', " "))
+        .filter(|c| !c.is_empty())
+        .collect();
+    if causes.is_empty() {
+        first_line(e)
+    } else {
+        causes.join(": ")
+    }
+}
+
+/// The guest's call stack when a call failed, innermost first, with function names where
+/// the component has a name section (`0: hostile.wasm!hostile::trap`); empty when there is
+/// none (a host-side failure).
+fn guest_backtrace(e: &wasmtime::Error) -> String {
+    let Some(bt) = e.downcast_ref::<wasmtime::WasmBacktrace>() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for (i, f) in bt.frames().iter().take(BACKTRACE_FRAMES).enumerate() {
+        let module = f.module().name().unwrap_or("<module>");
+        let func = match f.func_name() {
+            Some(name) => name.to_string(),
+            None => format!("<wasm function {}>", f.func_index()),
+        };
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("{i:>3}: {module}!{func}"));
+    }
+    if bt.frames().len() > BACKTRACE_FRAMES {
+        out.push_str(&format!(
+            "\n     ... {} more frames",
+            bt.frames().len() - BACKTRACE_FRAMES
+        ));
+    }
+    out
+}
+
+/// A failure in full, for messages that are read by a person (load errors, `plugin check`):
+/// the reason, then the guest backtrace and the end of the guest's stderr when there are.
+fn full_description(reason: &str, backtrace: &str, stderr: &str) -> String {
+    let mut out = reason.to_string();
+    if !backtrace.is_empty() {
+        out.push_str("\n  wasm backtrace:\n");
+        out.push_str(&indent(backtrace, "  "));
+    }
+    if !stderr.is_empty() {
+        out.push_str("\n  the plugin's stderr before it failed:\n");
+        out.push_str(&indent(stderr, "    "));
+    }
+    out
+}
+
+fn indent(text: &str, by: &str) -> String {
+    text.lines()
+        .map(|l| format!("{by}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Refuses content that is not what the spec pins ([`crate::store::check_pin`]).
@@ -577,6 +751,12 @@ pub struct LoadedPlugin {
     pub spec: PluginSpec,
     engine: Engine,
     pre: PluginPre<StoreState>,
+    /// What one instance takes from the engine's pool.
+    pub footprint: Footprint,
+    /// The largest linear memory an instance reached by the end of `init`, bytes.
+    init_memory: AtomicUsize,
+    /// The largest linear memory an instance reached in any call so far, bytes.
+    memory_peak: AtomicUsize,
     ctx: Arc<PluginCtx>,
     idle: Mutex<Vec<Instance>>,
     refilling: AtomicBool,
@@ -589,6 +769,23 @@ pub struct LoadedPlugin {
     created_on_demand: IntCounter,
     waits: [IntCounter; 2],
     freed: Arc<tokio::sync::Notify>,
+    /// The full description of the last failed call (`trial` reports it).
+    last_failure: Mutex<Option<String>>,
+}
+
+/// What a test call of each hook did (`gateway plugin check`).
+#[derive(Debug)]
+pub struct Trial {
+    /// How `on-request` ended.
+    pub on_request: Outcome,
+    /// The status of the plugin's own answer, when it gave one.
+    pub local_status: Option<u16>,
+    /// How `on-response` ended; `None` when `on-request` failed.
+    pub on_response: Option<Outcome>,
+    /// Fuel each hook burned (`None` when fuel is off or the hook did not complete).
+    pub fuel: [Option<u64>; 2],
+    /// The first failure in full (reason, backtrace, stderr).
+    pub failure: Option<String>,
 }
 
 impl LoadedPlugin {
@@ -615,7 +812,10 @@ impl LoadedPlugin {
             store.set_fuel(u64::MAX).map_err(|e| fail(first_line(&e)))?;
         }
         store.data_mut().output_left = self.spec.max_output_bytes;
+        store.data().output.start_call();
         let plugin = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            let stderr = store.data().output.finish_call();
+            store.data_mut().last_stderr = stderr;
             if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
                 .is_some()
             {
@@ -623,10 +823,16 @@ impl LoadedPlugin {
                     name: self.name.clone(),
                 }
             } else {
-                fail(self.describe_failure(store.data(), &e))
+                fail(self.describe_failure_in_full(store.data(), &e))
             }
         })?;
-        match plugin.call_init(&mut store, &self.spec.config).await {
+        let init = plugin.call_init(&mut store, &self.spec.config).await;
+        let stderr = store.data().output.finish_call();
+        store.data_mut().last_stderr = stderr;
+        let reached = store.data().limiter.peak;
+        self.init_memory.fetch_max(reached, Ordering::Relaxed);
+        self.memory_peak.fetch_max(reached, Ordering::Relaxed);
+        match init {
             Ok(Ok(())) => Ok(Instance {
                 store,
                 plugin,
@@ -639,7 +845,7 @@ impl LoadedPlugin {
             }),
             Err(e) => Err(fail(format!(
                 "init failed: {}",
-                self.describe_failure(store.data(), &e)
+                self.describe_failure_in_full(store.data(), &e)
             ))),
         }
     }
@@ -679,6 +885,8 @@ impl LoadedPlugin {
     }
 
     fn put_back(&self, instance: Instance) {
+        self.memory_peak
+            .fetch_max(instance.store.data().limiter.peak, Ordering::Relaxed);
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < self.spec.instances as usize {
             idle.push(instance);
@@ -734,6 +942,7 @@ impl LoadedPlugin {
 
     fn prepare_call(&self, instance: &mut Instance, body_bytes: usize) {
         let data = instance.store.data_mut();
+        data.output.start_call();
         data.output_left = self.spec.max_output_bytes;
         data.output_exceeded = false;
         data.limiter.exceeded = false;
@@ -770,8 +979,17 @@ impl LoadedPlugin {
                 self.spec.fuel_per_call.unwrap_or_default(),
                 self.spec.fuel_per_body_byte
             ),
-            _ => first_line(err),
+            _ => error_chain(err),
         }
+    }
+
+    /// [`Self::describe_failure`] with the guest backtrace and the end of its stderr.
+    fn describe_failure_in_full(&self, state: &StoreState, err: &wasmtime::Error) -> String {
+        full_description(
+            &self.describe_failure(state, err),
+            &guest_backtrace(err),
+            &state.last_stderr,
+        )
     }
 
     /// Prepares `instance` for a call on `state` (limits reset, ranking service lent) and
@@ -797,6 +1015,7 @@ impl LoadedPlugin {
     fn take_back<S: 'static>(&self, instance: &mut Instance, handle: Resource<S>) -> S {
         let data = instance.store.data_mut();
         data.ranker = None;
+        data.last_stderr = data.output.finish_call();
         data.table
             .delete(handle)
             .expect("the lent handle is still in the table")
@@ -810,13 +1029,18 @@ impl LoadedPlugin {
         err: &wasmtime::Error,
         started: Instant,
     ) -> Outcome {
-        let outcome = classify(instance.store.data(), err);
+        let state = instance.store.data();
+        let outcome = classify(state, err);
+        *self.last_failure.lock().expect("failure lock") =
+            Some(self.describe_failure_in_full(state, err));
         tracing::warn!(
             plugin = %self.name,
             version = %self.version,
             hook = hook.label(),
             outcome = outcome.label(),
-            error = %self.describe_failure(instance.store.data(), err),
+            error = %self.describe_failure(state, err),
+            backtrace = %guest_backtrace(err),
+            stderr = %state.last_stderr,
             "plugin call failed; instance discarded"
         );
         self.record(hook, outcome, started);
@@ -928,6 +1152,91 @@ impl LoadedPlugin {
         self.put_back(instance);
         self.record(Hook::Response, Outcome::Ok, started);
         (state, Ok(()))
+    }
+
+    /// The largest linear memory an instance had reached when its `init` returned, bytes.
+    pub fn memory_after_init(&self) -> usize {
+        self.init_memory.load(Ordering::Relaxed)
+    }
+
+    /// The largest linear memory an instance reached in `init` or any call that completed,
+    /// bytes: what `memory_limit_bytes` must allow.
+    pub fn memory_peak(&self) -> usize {
+        self.memory_peak.load(Ordering::Relaxed)
+    }
+
+    /// Calls `on-request` with a `GET path` request (and `on-response` with a 200, or the
+    /// plugin's own answer) as a route with no body access would: what `gateway plugin check`
+    /// reports.
+    pub async fn trial(self: &Arc<Self>, path: &str) -> Trial {
+        let fuel_spent = |h: Hook| self.fuel_used[h as usize].get_sample_sum();
+        let fuel_before = [fuel_spent(Hook::Request), fuel_spent(Hook::Response)];
+        let route: Arc<str> = Arc::from("plugin-check");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("localhost"),
+        );
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("gateway-plugin-check"),
+        );
+        let req = RequestState {
+            method: http::Method::GET,
+            path: path.to_string(),
+            query: None,
+            headers,
+            client: std::net::IpAddr::from([127, 0, 0, 1]),
+            route: route.clone(),
+            variant: None,
+            variants: Arc::from(Vec::<String>::new()),
+            experiment: None,
+            body: None,
+            target_changed: false,
+            ranker: None,
+        };
+        let (_req, result) = self.on_request(req).await;
+        let (on_request, local_status) = match &result {
+            Ok(RequestAction::Continue) => (Outcome::Ok, None),
+            Ok(RequestAction::Respond(local)) => (Outcome::LocalResponse, Some(local.status)),
+            Err(o) => (*o, None),
+        };
+        let on_response = if on_request.is_failure() {
+            None
+        } else {
+            let resp = ResponseState {
+                status: http::StatusCode::from_u16(local_status.unwrap_or(200))
+                    .unwrap_or(http::StatusCode::OK),
+                headers: http::HeaderMap::new(),
+                request_method: http::Method::GET,
+                request_path: path.to_string(),
+                request_query: None,
+                route,
+                variant: None,
+                body: None,
+                body_access: false,
+                body_limit: 0,
+                body_changed: false,
+                ranker: None,
+            };
+            let (_resp, result) = self.on_response(resp).await;
+            Some(result.err().unwrap_or(Outcome::Ok))
+        };
+        let completed = [
+            !on_request.is_failure(),
+            on_response.is_some_and(|o| !o.is_failure()),
+        ];
+        let fuel = [Hook::Request, Hook::Response].map(|h| {
+            (self.spec.fuel_per_call.is_some() && completed[h as usize])
+                .then(|| (fuel_spent(h) - fuel_before[h as usize]) as u64)
+        });
+        Trial {
+            on_request,
+            local_status,
+            on_response,
+            fuel,
+            failure: self.last_failure.lock().expect("failure lock").take(),
+        }
     }
 
     /// Ready instances now pooled.

@@ -14,7 +14,13 @@
 //! | `huge-body`   | `on-response` calls `set-body` with 64 MiB                       |
 //! | `wait`        | `on-request` asks model `recs` to rank items 1–3 (parked in a    |
 //! |               | host call for as long as the model's batch takes), continues     |
+//! | `wasi`        | `on-request` tries what WASI offers: reads a file, the           |
+//! |               | environment, connects a TCP socket, reads both clocks and random |
+//! |               | bytes, prints to stdout and stderr; answers 200 with what each   |
+//! |               | attempt got, one line each (`file: error ...`)                   |
+//! | `stderr-trap` | `on-request` writes two lines to stderr, then traps              |
 //! | `init-fail`   | `init` returns `Err("hostile plugin refuses to start")`          |
+//! | `init-trap`   | `init` writes a line to stderr, then traps                       |
 //! | `ok`          | behaves: continues (telling the upstream the size of the request |
 //! |               | body it was shown, in `x-body-bytes`), leaves responses alone    |
 //!
@@ -32,6 +38,8 @@ enum Mode {
     HugeHeader,
     HugeBody,
     Wait,
+    Wasi,
+    StderrTrap,
     Ok,
 }
 
@@ -54,7 +62,13 @@ impl Plugin for Hostile {
             "huge-body" => Mode::HugeBody,
             "ok" => Mode::Ok,
             "wait" => Mode::Wait,
+            "wasi" => Mode::Wasi,
+            "stderr-trap" => Mode::StderrTrap,
             "init-fail" => return Err("hostile plugin refuses to start".into()),
+            "init-trap" => {
+                eprintln!("hostile: init cannot go on");
+                trap()
+            }
             other => return Err(format!("hostile: unknown mode {other:?}")),
         };
         Ok(Hostile {
@@ -95,6 +109,12 @@ impl Plugin for Hostile {
                 }
                 Action::Continue
             }
+            Mode::Wasi => LocalResponse::new(200).text(try_wasi()).into(),
+            Mode::StderrTrap => {
+                eprintln!("hostile: about to trap");
+                eprintln!("hostile: the reason is a test");
+                trap()
+            }
             Mode::HugeBody => Action::Continue,
         }
     }
@@ -106,6 +126,61 @@ impl Plugin for Hostile {
             }
         }
     }
+}
+
+/// Tries each thing WASI could give a plugin and says what it got, one line each.
+fn try_wasi() -> String {
+    use std::io::Read;
+    let mut out = String::new();
+    let file = match std::fs::File::open("/etc/passwd") {
+        Ok(mut f) => {
+            let mut s = String::new();
+            match f.read_to_string(&mut s) {
+                Ok(_) => format!("data {:?}", s.lines().next().unwrap_or("")),
+                Err(e) => format!("error {e}"),
+            }
+        }
+        Err(e) => format!("error {e}"),
+    };
+    out.push_str(&format!("file: {file}\n"));
+    let dir = match std::fs::read_dir(".") {
+        Ok(d) => format!("data {} entries", d.count()),
+        Err(e) => format!("error {e}"),
+    };
+    out.push_str(&format!("dir: {dir}\n"));
+    out.push_str(&format!(
+        "env: {} variables, {} arguments\n",
+        std::env::vars().count(),
+        std::env::args().count()
+    ));
+    let tcp = match std::net::TcpStream::connect("127.0.0.1:80") {
+        Ok(_) => "data connected".to_string(),
+        Err(e) => format!("error {e}"),
+    };
+    out.push_str(&format!("tcp: {tcp}\n"));
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    out.push_str(&format!(
+        "wall clock: {}\n",
+        if wall > 1_600_000_000 { "ok" } else { "wrong" }
+    ));
+    let t0 = std::time::Instant::now();
+    out.push_str(&format!(
+        "monotonic clock: {}\n",
+        if t0.elapsed().as_secs() < 5 {
+            "ok"
+        } else {
+            "wrong"
+        }
+    ));
+    let mut map = std::collections::HashMap::<u8, u8>::new();
+    map.insert(1, 1);
+    out.push_str("random: ok\n");
+    println!("hostile: hello on stdout");
+    eprintln!("hostile: hello on stderr");
+    out
 }
 
 /// The wasm `unreachable` instruction (elsewhere, for native unit builds, an abort).
