@@ -435,7 +435,9 @@ async fn a_plugin_that_does_not_fit_its_limits_is_refused_at_load() {
 #[test]
 fn plugin_check_reports_size_memory_and_fuel() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["plugin", "check", "--config", "ok", "--path", "/x"])
+        .args([
+            "plugin", "check", "--config", "ok", "--path", "/x", "--calls", "3",
+        ])
         .arg(plugin_wasm("hostile"))
         .output()
         .unwrap();
@@ -451,6 +453,7 @@ fn plugin_check_reports_size_memory_and_fuel() {
         "GET /x  on-request ok",
         "on-response ok",
         "memory    reached",
+        "3 calls  on-request ",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }

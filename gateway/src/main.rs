@@ -241,6 +241,11 @@ enum PluginCommand {
         /// The plugin's `fuel_per_call` (default: the gateway's default).
         #[arg(long)]
         fuel_per_call: Option<u64>,
+        /// After the test call, repeat it this many times and report the mean time of one
+        /// hook call (the gateway's own histogram, instance checkout included): the per-call
+        /// cost of the plugin on this machine (bench/plugin_languages.sh).
+        #[arg(long, default_value_t = 0)]
+        calls: u32,
     },
 }
 
@@ -405,8 +410,16 @@ fn main() -> ExitCode {
                     path,
                     memory_limit_bytes,
                     fuel_per_call,
+                    calls,
                 },
-        } => plugin_check(&file, config, &path, memory_limit_bytes, fuel_per_call),
+        } => plugin_check(
+            &file,
+            config,
+            &path,
+            memory_limit_bytes,
+            fuel_per_call,
+            calls,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -544,6 +557,7 @@ fn plugin_check(
     path: &str,
     memory_limit_bytes: Option<usize>,
     fuel_per_call: Option<u64>,
+    calls: u32,
 ) -> anyhow::Result<ExitCode> {
     // The plugin's own output (stdout, stderr, log calls) shows as it would in the gateway's log.
     init_logging(&LoggingSettings {
@@ -554,7 +568,8 @@ fn plugin_check(
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     // The engine `gateway run` builds with default settings: same pool, same limits.
     let settings = gateway::config::PluginRuntimeSettings::default();
-    let engine = gateway::plugin::PluginRuntime::new(&settings, &prometheus::Registry::new())?;
+    let registry = prometheus::Registry::new();
+    let engine = gateway::plugin::PluginRuntime::new(&settings, &registry)?;
     let started = std::time::Instant::now();
     let report = engine.inspect(&bytes);
     let compiled_in = started.elapsed();
@@ -632,6 +647,52 @@ fn plugin_check(
     if let Some(failure) = trial.failure {
         eprintln!("  the test call failed: {failure}");
         return Ok(ExitCode::FAILURE);
+    }
+    if calls > 0 {
+        let hook_time = |hook: &str| {
+            let families = registry.gather();
+            let h = families
+                .iter()
+                .find(|f| f.name() == "gateway_plugin_hook_duration_seconds")
+                .and_then(|f| {
+                    f.get_metric()
+                        .iter()
+                        .find(|m| m.get_label().iter().any(|l| l.value() == hook))
+                })
+                .map(|m| m.get_histogram().clone());
+            h.map_or((0.0, 0), |h| (h.get_sample_sum(), h.get_sample_count()))
+        };
+        let before = [hook_time("on_request"), hook_time("on_response")];
+        let started = std::time::Instant::now();
+        let mut fuel = [0u64; 2];
+        for _ in 0..calls {
+            let t = rt.block_on(plugin.trial(path));
+            if let Some(failure) = t.failure {
+                eprintln!("  a repeated call failed: {failure}");
+                return Ok(ExitCode::FAILURE);
+            }
+            for (i, f) in t.fuel.iter().enumerate() {
+                fuel[i] += f.unwrap_or(0);
+            }
+        }
+        let wall = started.elapsed();
+        let after = [hook_time("on_request"), hook_time("on_response")];
+        let mean_us = |i: usize| {
+            let (sum, n) = (after[i].0 - before[i].0, after[i].1 - before[i].1);
+            if n == 0 {
+                0.0
+            } else {
+                sum / n as f64 * 1e6
+            }
+        };
+        println!(
+            "  {calls} calls  on-request {:.1} us, fuel {}; on-response {:.1} us, fuel {} (means; {:.1} us per request in all)",
+            mean_us(0),
+            fuel[0] / u64::from(calls),
+            mean_us(1),
+            fuel[1] / u64::from(calls),
+            wall.as_secs_f64() * 1e6 / f64::from(calls)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
