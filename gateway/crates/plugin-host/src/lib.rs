@@ -231,7 +231,7 @@ pub struct PluginRuntime {
     disk: Option<cache::DiskCache>,
     /// Signalled whenever an instance goes back to a pool or is dropped, freeing room for a
     /// call that found every slot in use.
-    freed: Arc<tokio::sync::Notify>,
+    freed: Arc<SlotFreed>,
 }
 
 /// A compiled, checked component: what instances are made from, and what each takes.
@@ -240,6 +240,33 @@ struct Compiled {
     pre: PluginPre<StoreState>,
     footprint: Footprint,
 }
+
+/// Tells calls waiting for an instance slot that one may be free. Signalling costs an atomic
+/// load unless someone waits, so returning an instance stays cheap on the request path.
+#[derive(Default)]
+pub(crate) struct SlotFreed {
+    notify: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl SlotFreed {
+    fn signal(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Waits for a signal or `until`, whichever comes first.
+    async fn wait_until(&self, until: tokio::time::Instant) {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _ = tokio::time::timeout_at(until, self.notify.notified()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Longest a call waiting for a slot goes without looking again (a slot freed just before it
+/// began to wait sends no signal it can see).
+const SLOT_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Compiled components kept for reuse.
 const COMPILED_CACHE: usize = 16;
@@ -361,7 +388,7 @@ impl PluginRuntime {
             families: PluginMetricFamilies::new(registry.clone()),
             kv: Mutex::new(HashMap::new()),
             compiled: Mutex::new(Vec::new()),
-            freed: Arc::new(tokio::sync::Notify::new()),
+            freed: Arc::new(SlotFreed::default()),
             pool,
             disk: settings
                 .compile_cache
@@ -732,12 +759,12 @@ struct Instance {
     /// The fuel the current call was given.
     budget: u64,
     /// Told when this instance is dropped: its slot is free.
-    freed: Arc<tokio::sync::Notify>,
+    freed: Arc<SlotFreed>,
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        self.freed.notify_waiters();
+        self.freed.signal();
     }
 }
 
@@ -768,7 +795,7 @@ pub struct LoadedPlugin {
     created_ahead: IntCounter,
     created_on_demand: IntCounter,
     waits: [IntCounter; 2],
-    freed: Arc<tokio::sync::Notify>,
+    freed: Arc<SlotFreed>,
     /// The full description of the last failed call (`trial` reports it).
     last_failure: Mutex<Option<String>>,
 }
@@ -890,7 +917,7 @@ impl LoadedPlugin {
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < self.spec.instances as usize {
             idle.push(instance);
-            self.freed.notify_waiters();
+            self.freed.signal();
         }
         // Otherwise it is dropped here, which frees its slot and says so.
     }
@@ -902,10 +929,6 @@ impl LoadedPlugin {
         let give_up = tokio::time::Instant::now() + self.spec.deadline;
         let mut waited = false;
         loop {
-            // Registered before looking, so a slot freed meanwhile is not missed.
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
             if let Some(i) = self.take() {
                 if waited {
                     self.waits[0].inc();
@@ -922,7 +945,10 @@ impl LoadedPlugin {
                 }
                 Err(PluginError::PoolFull { .. }) => {
                     waited = true;
-                    if tokio::time::timeout_at(give_up, freed).await.is_err() {
+                    // A slot freed between the attempt and this wait is caught by the next
+                    // look, at most SLOT_RECHECK later.
+                    let now = tokio::time::Instant::now();
+                    if now >= give_up {
                         self.waits[1].inc();
                         tracing::warn!(
                             plugin = %self.name,
@@ -931,6 +957,7 @@ impl LoadedPlugin {
                         );
                         return None;
                     }
+                    self.freed.wait_until(give_up.min(now + SLOT_RECHECK)).await;
                 }
                 Err(e) => {
                     tracing::warn!(plugin = %self.name, error = %e, "no plugin instance available");
