@@ -31,25 +31,10 @@ GATEWAY=${GATEWAY:-$ROOT/target/release/gateway}
 die() { echo "soak.sh: $*" >&2; exit 1; }
 for v in DURATION EVERY; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
 
-missing=()
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v wrk >/dev/null || missing+=(wrk)
-command -v h2load >/dev/null || missing+=(nghttp2-client)
-command -v curl >/dev/null || missing+=(curl)
-if ((${#missing[@]})); then
-  [[ $(id -u) == 0 ]] || die "missing packages ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 300 apt-get update -qq
-  timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-if [[ $SKIP_BUILD != 1 ]]; then
-  timeout 1800 cargo build --release --locked -p gateway
-  timeout 1800 plugins/build.sh >/dev/null
-fi
-[[ -x $GATEWAY ]] || die "$GATEWAY not found"
-for p in hygiene noop; do
-  [[ -f plugins/dist/$p.wasm ]] || die "plugins/dist/$p.wasm not found: run plugins/build.sh"
-done
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need nginx nginx-light wrk wrk h2load nghttp2-client curl curl
+build_gateway_and_plugins hygiene noop
 
 WORK=$(mktemp -d /tmp/bench-soak.XXXXXX)
 PIDS=()

@@ -1,0 +1,31 @@
+# Shared by the release-build benchmarks (bench/overload.sh, bench/soak.sh); sourced, not run.
+# The caller sets GATEWAY and SKIP_BUILD and defines die().
+
+# Installs the Debian packages whose commands are missing: pairs of "command package".
+need() {
+  local missing=() cmd pkg
+  while (($#)); do
+    cmd=$1 pkg=$2
+    shift 2
+    command -v "$cmd" >/dev/null || missing+=("$pkg")
+  done
+  ((${#missing[@]})) || return 0
+  [[ $(id -u) == 0 ]] || die "missing packages ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 300 apt-get update -qq
+  timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Builds the release gateway and the plugins unless SKIP_BUILD=1, then checks that GATEWAY
+# and the named plugins exist.
+build_gateway_and_plugins() {
+  if [[ $SKIP_BUILD != 1 ]]; then
+    timeout 1800 cargo build --release --locked -p gateway
+    timeout 1800 plugins/build.sh >/dev/null
+  fi
+  [[ -x $GATEWAY ]] || die "$GATEWAY not found"
+  local p
+  for p in "$@"; do
+    [[ -f plugins/dist/$p.wasm ]] || die "plugins/dist/$p.wasm not found: run plugins/build.sh"
+  done
+}
