@@ -595,6 +595,10 @@ pub struct UpstreamSpec {
     pub eject_after_failures: u32,
     /// Ejection length.
     pub ejection: Duration,
+    /// Most backends ejected at once, as a share of the pool.
+    pub max_ejected_share: f64,
+    /// What a timeout counts towards ejection while the node itself is saturated (0 to 1).
+    pub local_overload_weight: f64,
 }
 
 /// `[[routes]]`, validated.

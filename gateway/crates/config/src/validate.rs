@@ -617,6 +617,21 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 "must be greater than 0 milliseconds",
             );
         }
+        let passive_at = |f: &'static str| vec![Key("upstreams"), Index(i), Key("passive"), Key(f)];
+        let max_ejected_share = ru.passive.max_ejected_share.unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&max_ejected_share) {
+            c.fail(
+                passive_at("max_ejected_share"),
+                "must be between 0.0 and 1.0",
+            );
+        }
+        let local_overload_weight = ru.passive.local_overload_weight.unwrap_or(0.25);
+        if !(0.0..=1.0).contains(&local_overload_weight) {
+            c.fail(
+                passive_at("local_overload_weight"),
+                "must be between 0.0 and 1.0",
+            );
+        }
         upstreams.push(UpstreamSpec {
             name: ru.name,
             backends,
@@ -633,6 +648,8 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             health_check,
             eject_after_failures: ru.passive.consecutive_failures.unwrap_or(5),
             ejection: ms(ejection_ms),
+            max_ejected_share,
+            local_overload_weight,
         });
     }
 

@@ -26,6 +26,8 @@ pub struct Backend {
     /// Keep-alive connections to it.
     pub(crate) conns: Arc<conn::Conns>,
     in_flight: AtomicUsize,
+    /// Failures in a row, in hundredths: a failure the backend is blamed for adds
+    /// [`FULL_BLAME`], one the node's own overload may explain adds less.
     consecutive_failures: AtomicU32,
     /// Milliseconds since the pool's start until which the backend is ejected; 0 when not.
     ejected_until_ms: AtomicU64,
@@ -40,6 +42,20 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 }
+
+/// How much of a failed exchange is held against the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blame {
+    /// The backend refused, reset, timed out or answered 502/503/504.
+    Backend,
+    /// A timeout while the node itself was saturated: counts `local_overload_weight`.
+    LocalOverload,
+    /// The node's own resources ran out (file descriptors, ports): not the backend's fault.
+    Local,
+}
+
+/// What one failure the backend is blamed for adds to its count (hundredths).
+const FULL_BLAME: u32 = 100;
 
 /// Counts a request in flight to a backend until dropped.
 pub struct InFlight(Arc<Backend>);
@@ -62,6 +78,10 @@ pub struct Pool {
     pub(crate) attempt_duration: Histogram,
     /// `gateway_upstream_panic_total` for this pool.
     panics: prometheus::IntCounter,
+    /// `gateway_upstream_ejections_total` for this pool: `[ejected, over_max_share]`.
+    ejections: [prometheus::IntCounter; 2],
+    /// Held while deciding an ejection, so two at once cannot both pass `max_ejected_share`.
+    ejecting: std::sync::Mutex<()>,
     next: AtomicUsize,
     start: Instant,
 }
@@ -102,12 +122,19 @@ impl Pool {
         let panics = metrics
             .upstream_panics
             .with_label_values(&[spec.name.as_str()]);
+        let ejections = ["ejected", "over_max_share"].map(|outcome| {
+            metrics
+                .upstream_ejections
+                .with_label_values(&[spec.name.as_str(), outcome])
+        });
         let pool = Arc::new(Pool {
             spec,
             backends,
             budget,
             attempt_duration,
             panics,
+            ejections,
+            ejecting: std::sync::Mutex::new(()),
             next: AtomicUsize::new(0),
             start: Instant::now(),
         });
@@ -240,29 +267,65 @@ impl Pool {
             .store(0, Ordering::Relaxed);
     }
 
-    /// Records a failed exchange; ejects the backend after too many in a row.
-    pub(crate) fn record_failure(&self, index: usize) {
+    /// Records a failed exchange; ejects the backend after too many in a row, weighted by
+    /// `blame`, unless `max_ejected_share` of the pool is already ejected.
+    pub(crate) fn record_failure(&self, index: usize, blame: Blame) {
         let threshold = self.spec.eject_after_failures;
-        if threshold == 0 {
+        let weight = match blame {
+            Blame::Backend => FULL_BLAME,
+            Blame::LocalOverload => {
+                (self.spec.local_overload_weight * f64::from(FULL_BLAME)).round() as u32
+            }
+            Blame::Local => 0,
+        };
+        if threshold == 0 || weight == 0 {
             return;
         }
         let backend = &self.backends[index];
-        let failures = backend.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= threshold {
-            backend.consecutive_failures.store(0, Ordering::Relaxed);
-            let until = self.now_ms() + self.spec.ejection.as_millis() as u64;
-            backend
-                .ejected_until_ms
-                .store(until.max(1), Ordering::Relaxed);
-            backend.healthy_gauge.set(0);
+        let count = backend
+            .consecutive_failures
+            .fetch_add(weight, Ordering::Relaxed)
+            + weight;
+        if count < threshold * FULL_BLAME {
+            return;
+        }
+        let _deciding = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+        backend.consecutive_failures.store(0, Ordering::Relaxed);
+        let now = self.now_ms();
+        if backend.ejected_until_ms.load(Ordering::Relaxed) > now {
+            return;
+        }
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|b| b.ejected_until_ms.load(Ordering::Relaxed) > now)
+            .count();
+        let allowed = (self.spec.max_ejected_share * self.backends.len() as f64 + 1e-9).floor();
+        if (ejected + 1) as f64 > allowed {
+            self.ejections[1].inc();
             tracing::warn!(
                 upstream = %self.spec.name,
                 backend = %backend.authority,
-                failures,
-                ejection_ms = self.spec.ejection.as_millis() as u64,
-                "backend ejected after consecutive failures"
+                ejected,
+                backends = self.backends.len(),
+                max_ejected_share = self.spec.max_ejected_share,
+                "backend failing but not ejected: max_ejected_share of the pool is already out"
             );
+            return;
         }
+        let until = now + self.spec.ejection.as_millis() as u64;
+        backend
+            .ejected_until_ms
+            .store(until.max(1), Ordering::Relaxed);
+        backend.healthy_gauge.set(0);
+        self.ejections[0].inc();
+        tracing::warn!(
+            upstream = %self.spec.name,
+            backend = %backend.authority,
+            failures = count / FULL_BLAME,
+            ejection_ms = self.spec.ejection.as_millis() as u64,
+            "backend ejected after consecutive failures"
+        );
     }
 }
 
@@ -401,6 +464,87 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pool(backends: usize, max_ejected_share: f64, failures: u32) -> Arc<Pool> {
+        let spec = UpstreamSpec {
+            name: "app".into(),
+            backends: (0..backends)
+                .map(|i| format!("127.0.0.1:{}", 1000 + i).parse().unwrap())
+                .collect(),
+            balance: Balance::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_backend: 1,
+            max_retries: 0,
+            retry_budget_ratio: 0.0,
+            retry_budget_min_per_sec: 0,
+            panic_threshold: 0.0,
+            health_check: None,
+            eject_after_failures: failures,
+            ejection: Duration::from_secs(60),
+            max_ejected_share,
+            local_overload_weight: 0.25,
+        };
+        Pool::new(spec, &Metrics::new(&prometheus::Registry::new()).unwrap())
+    }
+
+    fn ejected(pool: &Pool) -> Vec<bool> {
+        pool.backends
+            .iter()
+            .map(|b| !pool.is_available(b))
+            .collect()
+    }
+
+    #[test]
+    fn ejection_stops_at_the_max_share_and_counts_what_it_skipped() {
+        let p = pool(4, 0.5, 1);
+        for i in 0..3 {
+            p.record_failure(i, Blame::Backend);
+        }
+        assert_eq!(ejected(&p), [true, true, false, false]);
+        assert_eq!(p.ejections[0].get(), 2);
+        assert_eq!(p.ejections[1].get(), 1);
+        // A failing backend left in is failed again later: still not ejected.
+        p.record_failure(2, Blame::Backend);
+        assert_eq!(ejected(&p), [true, true, false, false]);
+    }
+
+    #[test]
+    fn a_pool_of_one_is_never_emptied_unless_the_share_allows_it() {
+        let p = pool(1, 0.5, 1);
+        p.record_failure(0, Blame::Backend);
+        assert_eq!(ejected(&p), [false]);
+        let p = pool(1, 1.0, 1);
+        p.record_failure(0, Blame::Backend);
+        assert_eq!(ejected(&p), [true]);
+    }
+
+    #[test]
+    fn local_overload_weighs_less_and_local_errors_not_at_all() {
+        let p = pool(2, 1.0, 2);
+        for _ in 0..100 {
+            p.record_failure(0, Blame::Local);
+        }
+        assert_eq!(ejected(&p), [false, false]);
+        // Two full failures eject; at a weight of 0.25 it takes eight.
+        for _ in 0..7 {
+            p.record_failure(0, Blame::LocalOverload);
+        }
+        assert_eq!(ejected(&p), [false, false]);
+        p.record_failure(0, Blame::LocalOverload);
+        assert_eq!(ejected(&p), [true, false]);
+        p.record_failure(1, Blame::Backend);
+        p.record_failure(1, Blame::Backend);
+        assert_eq!(ejected(&p), [true, true]);
+        // A success in between starts the count again.
+        let p = pool(1, 1.0, 2);
+        p.record_failure(0, Blame::Backend);
+        p.record_success(0);
+        p.record_failure(0, Blame::Backend);
+        assert_eq!(ejected(&p), [false]);
+    }
 
     #[test]
     fn budget_allows_the_ratio_and_no_more() {
