@@ -577,6 +577,8 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     /// Deadline for the response head.
     pub request_timeout: Duration,
+    /// Longest wait for the next part of a response body.
+    pub body_timeout: Duration,
     /// Idle pooled connection lifetime.
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections per backend.

@@ -466,6 +466,11 @@ pub struct RawUpstream {
     /// Time from sending a request to receiving the response head, in milliseconds; 504 after.
     /// Default 15000.
     pub request_timeout_ms: Option<u64>,
+    /// Longest wait for the next part of a response body once its head has arrived, in
+    /// milliseconds; after it the response is cut off (HTTP/1.1: the connection closes; h2:
+    /// the stream is reset), the upstream connection closed, and it is counted
+    /// (`gateway_upstream_errors_total{kind="body_timeout"}`). Default 60000.
+    pub body_timeout_ms: Option<u64>,
     /// How long an idle pooled connection is kept, in milliseconds. Default 90000.
     pub pool_idle_timeout_ms: Option<u64>,
     /// Idle pooled connections kept per backend. Default 128.

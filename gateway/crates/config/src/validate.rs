@@ -560,6 +560,11 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             "request_timeout_ms",
             ru.request_timeout_ms.unwrap_or(15_000),
         );
+        let body_timeout = positive(
+            &mut c,
+            "body_timeout_ms",
+            ru.body_timeout_ms.unwrap_or(60_000),
+        );
         let pool_idle_timeout = positive(
             &mut c,
             "pool_idle_timeout_ms",
@@ -639,6 +644,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             protocol,
             connect_timeout,
             request_timeout,
+            body_timeout,
             pool_idle_timeout,
             pool_max_idle_per_backend: ru.pool_max_idle_per_backend.unwrap_or(128),
             max_retries,

@@ -592,50 +592,6 @@ fn first_due(
     deadline.map_or(stall, |(at, _)| at.min(stall))
 }
 
-pin_project_lite::pin_project! {
-    /// A body that keeps `guard` alive until the body is finished or dropped.
-    pub struct GuardedBody<B, G> {
-        #[pin]
-        inner: B,
-        guard: Option<G>,
-    }
-}
-
-impl<B, G> GuardedBody<B, G> {
-    /// Wraps `inner`.
-    pub fn new(inner: B, guard: G) -> Self {
-        GuardedBody {
-            inner,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl<B: Body, G> Body for GuardedBody<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let res = this.inner.poll_frame(cx);
-        if matches!(res, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard.take();
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// A JSON answer the gateway gives itself (scoring endpoint, admin API, demo storefront).
 pub fn json_response(
     status: http::StatusCode,

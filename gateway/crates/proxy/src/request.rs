@@ -16,7 +16,7 @@ use crate::config::{Config, ExperimentSpec, HostPattern, RouteSpec};
 use crate::deadline::TimerPool;
 use crate::experiment::{Assignment, Experiment};
 use crate::http_util::{
-    self, BodyLimitError, BodyProgress, BodyState, GuardedBody, LimitedBody, RequestAuthority,
+    self, BodyLimitError, BodyProgress, BodyState, LimitedBody, RequestAuthority,
 };
 use crate::metrics::Metrics;
 use gateway_rollout::{Attribution, Keyring};
@@ -26,7 +26,7 @@ use crate::hooks::{BoundHooks, Ranker, RequestOutcome, RequestState, ResponseSta
 use crate::retry::{Failure, RetryPolicy};
 use crate::scoring::serving::ModelSlot;
 use crate::upstream::conn::SendError;
-use crate::upstream::{empty_body, full_body, Blame, Pool, ProxyBody};
+use crate::upstream::{empty_body, full_body, Blame, Pool, ProxyBody, UpstreamBody};
 
 /// A variant's own chain (`None`: an empty one) with its `x-plugin-versions`.
 type VariantChain = (Option<Arc<dyn RouteHooks>>, Option<HeaderValue>);
@@ -800,7 +800,8 @@ async fn forward(
                 }
                 let (mut parts, body) = resp.into_parts();
                 http_util::strip_hop_by_hop(&mut parts.headers);
-                let body = GuardedBody::new(body, in_flight).boxed_unsync();
+                let body =
+                    UpstreamBody::new(body, in_flight, pool.spec.body_timeout).boxed_unsync();
                 return (Response::from_parts(parts, body), Some(index));
             }
             Ok(Err(err)) => {

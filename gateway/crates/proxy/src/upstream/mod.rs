@@ -3,8 +3,11 @@
 
 pub(crate) mod conn;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -34,6 +37,8 @@ pub struct Backend {
     /// Result of active health checks (true when none are configured).
     check_healthy: AtomicBool,
     healthy_gauge: IntGauge,
+    /// `gateway_upstream_errors_total{kind="body_timeout"}` for the pool.
+    body_timeouts: prometheus::IntCounter,
 }
 
 impl Backend {
@@ -63,6 +68,99 @@ pub struct InFlight(Arc<Backend>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from a backend: counts the request in flight until the body ends or
+    /// is dropped, and fails it when the next part does not come within the pool's
+    /// `body_timeout`. The timer is made only when a read has to wait, so a body that is
+    /// already buffered costs none.
+    pub struct UpstreamBody<B> {
+        #[pin]
+        inner: B,
+        in_flight: Option<InFlight>,
+        timeout: Duration,
+        // Armed at the first read that waits; re-armed at a wait after progress.
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        progressed: bool,
+    }
+}
+
+impl<B> UpstreamBody<B> {
+    /// Wraps `inner`, the body of a response from the backend `in_flight` counts.
+    pub(crate) fn new(inner: B, in_flight: InFlight, timeout: Duration) -> Self {
+        UpstreamBody {
+            inner,
+            in_flight: Some(in_flight),
+            timeout,
+            stall: None,
+            progressed: false,
+        }
+    }
+}
+
+/// The next part of a response body did not come within the pool's `body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no more of the response body for {0:?}")]
+pub struct BodyStalled(Duration);
+
+impl<B> http_body::Body for UpstreamBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.progressed = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(end) => {
+                this.in_flight.take();
+                Poll::Ready(end.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let due = tokio::time::Instant::now() + *this.timeout;
+                let stall = match this.stall {
+                    Some(s) => {
+                        if std::mem::take(this.progressed) {
+                            s.as_mut().reset(due);
+                        }
+                        s
+                    }
+                    None => {
+                        *this.progressed = false;
+                        this.stall.insert(Box::pin(tokio::time::sleep_until(due)))
+                    }
+                };
+                match stall.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        if let Some(f) = this.in_flight.take() {
+                            f.0.body_timeouts.inc();
+                            tracing::debug!(backend = %f.0.authority, "upstream response body stalled");
+                        }
+                        Poll::Ready(Some(Err(BodyStalled(*this.timeout).into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -98,6 +196,9 @@ impl Pool {
                     .backend_healthy
                     .with_label_values(&[spec.name.as_str(), a.as_str()]);
                 gauge.set(1);
+                let body_timeouts = metrics
+                    .upstream_errors
+                    .with_label_values(&[spec.name.as_str(), "body_timeout"]);
                 Arc::new(Backend {
                     authority: a.clone(),
                     conns: conn::Conns::new(
@@ -112,6 +213,7 @@ impl Pool {
                     ejected_until_ms: AtomicU64::new(0),
                     check_healthy: AtomicBool::new(true),
                     healthy_gauge: gauge,
+                    body_timeouts,
                 })
             })
             .collect();
@@ -475,6 +577,7 @@ mod tests {
             protocol: UpstreamProtocol::Http1,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle_per_backend: 1,
             max_retries: 0,
