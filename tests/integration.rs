@@ -18,6 +18,7 @@ mod experiments_split_attribute_and_roll_out;
 mod graceful_drain_loses_no_request;
 mod hop_by_hop_and_forwarding_headers;
 mod hostile_plugins_are_contained;
+mod large_uploads_stream_to_disk;
 mod management_actions_are_audited;
 mod models_are_gated_by_offline_evaluation;
 mod one_authority_per_request;

@@ -189,6 +189,8 @@ async fn load_models(
     for spec in &config.models {
         let s = spec.clone();
         let (bytes, version) = blocking(move || {
+            refuse_by_head(&s.path, Artifact::Model)
+                .map_err(|e| fail(&s.name, format!("{}: {e}", s.path.display())))?;
             let bytes = std::fs::read(&s.path)
                 .map_err(|e| fail(&s.name, format!("cannot read {}: {e}", s.path.display())))?;
             crate::store::check_pin(&bytes, s.sha256.as_deref())
@@ -430,6 +432,12 @@ async fn load_plugins(
     for spec in &config.plugins {
         let s = spec.clone();
         let (bytes, version) = blocking(move || {
+            refuse_by_head(&s.path, Artifact::Plugin).map_err(|reason| {
+                PluginError::NotAComponent {
+                    name: s.name.clone(),
+                    reason,
+                }
+            })?;
             let bytes = std::fs::read(&s.path).map_err(|source| PluginError::Read {
                 name: s.name.clone(),
                 path: s.path.display().to_string(),
@@ -496,4 +504,43 @@ pub(crate) async fn with_record(mut config: Config) -> Result<Config, StoreError
         apply_record(&mut config, &store, &record);
     }
     Ok(config)
+}
+
+/// Which kind of file [`refuse_by_head`] looks at.
+#[derive(Clone, Copy)]
+enum Artifact {
+    Plugin,
+    Model,
+}
+
+/// Refuses a file whose first bytes already show it is not a plugin or model, before the
+/// whole of it (an upload may be hundreds of megabytes) is read into memory. What passes is
+/// validated in full afterwards; an unreadable file is left to that step to report.
+fn refuse_by_head(path: &std::path::Path, kind: Artifact) -> Result<(), String> {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut head = [0u8; 9];
+    let n = f.read(&mut head).unwrap_or(0);
+    match kind {
+        // Magic "\0asm", then the component layer's version (a core module has 1 0 0 0).
+        Artifact::Plugin if n < 8 || head[..4] != *b"\0asm" => {
+            Err("the file does not start with the WebAssembly magic bytes".into())
+        }
+        Artifact::Plugin if head[4..8] == [1, 0, 0, 0] => Err(
+            "a core WebAssembly module; plugins are components (build for wasm32-wasip2)".into(),
+        ),
+        Artifact::Plugin => Ok(()),
+        Artifact::Model => {
+            // safetensors: a little-endian u64 header length, then the JSON header.
+            let header = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            if n < 9 || header < 2 || header > size.saturating_sub(8) || head[8] != b'{' {
+                Err("not a safetensors model file (no valid header at its start)".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
 }

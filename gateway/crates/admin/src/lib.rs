@@ -588,30 +588,74 @@ async fn upload(
     if let Err(r) = upload_allowed(ctx.recent_uploads(), config.admin.max_uploads_per_minute) {
         return r;
     }
-    let signature = req
-        .headers()
-        .get("x-signature")
-        .map(|v| v.as_bytes().to_vec());
-    let limit = config.admin.max_upload_bytes as usize;
-    let bytes =
-        match http_util::read_to_limit(req.into_body().map_err(Into::into).boxed_unsync(), limit)
-            .await
-        {
-            Ok(b) => b,
-            Err(http_util::ReadError::TooLarge) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("uploads are limited to {limit} bytes"),
-                )
+    // The signature's form is checked before a byte of the body is read.
+    let signature = match parse_signature(&config, req.headers().get("x-signature")) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let limit = config.admin.max_upload_bytes;
+    // Streamed to the store while it is hashed and its signature checked, so an upload of
+    // any size costs a few buffers of memory.
+    let verifiers: Vec<_> = match &signature {
+        Some(sig) => config
+            .trusted_keys
+            .iter()
+            .filter_map(|k| k.verify_stream(sig).ok())
+            .collect(),
+        None => Vec::new(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let writer = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut staged = store.stage(kind)?;
+            let mut verifiers = verifiers;
+            while let Some(chunk) = rx.blocking_recv() {
+                staged.write(&chunk)?;
+                for v in &mut verifiers {
+                    v.update(&chunk);
+                }
             }
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "the upload was cut off before its end",
-                )
-            }
+            Ok::<_, store::StoreError>((staged, verifiers))
+        })
+    };
+    let mut body = req.into_body();
+    let mut received = 0u64;
+    let read = loop {
+        let Some(frame) = body.frame().await else {
+            break Ok(());
         };
-    if bytes.is_empty() {
+        let Ok(data) = frame.map(|f| f.into_data()) else {
+            break Err(error(
+                StatusCode::BAD_REQUEST,
+                "the upload was cut off before its end",
+            ));
+        };
+        let Ok(data) = data else { continue };
+        received += data.len() as u64;
+        if received > limit {
+            break Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("uploads are limited to {limit} bytes"),
+            ));
+        }
+        // A closed channel means the writer failed: its error is the answer.
+        if tx.send(data).await.is_err() {
+            break Ok(());
+        }
+    };
+    drop(tx);
+    // An early answer drops the staged file with the writer.
+    let written = writer.await;
+    if let Err(r) = read {
+        return r;
+    }
+    let (staged, verifiers) = match written {
+        Ok(Ok(w)) => w,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    if staged.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
             "the body must be the file to upload",
@@ -631,24 +675,29 @@ async fn upload(
             .find(|m| m.name == name)
             .and_then(|m| m.sha256.clone()),
     };
-    if let Err(m) = crate::store::check_pin(&bytes, pin.as_deref()) {
+    let found = staged.sha256();
+    if let Some(expected) = pin.filter(|p| *p != found) {
         return error(
             StatusCode::CONFLICT,
-            format!(
-                "{name:?} is pinned to SHA-256 {}; this upload is {}",
-                m.expected, m.found
-            ),
+            format!("{name:?} is pinned to SHA-256 {expected}; this upload is {found}"),
         );
     }
-    if let Err(r) = check_signature(&config, signature.as_deref(), &bytes) {
+    if signature.is_some()
+        && !verifiers
+            .into_iter()
+            .any(|v| v.finalize_and_verify().is_ok())
+    {
         tracing::warn!(target: "admin", token = %who, name, "upload refused: signature");
-        return r;
+        return error(
+            StatusCode::FORBIDDEN,
+            "x-signature does not verify with any trusted key",
+        );
     }
     let _one_at_a_time = UPLOADS.lock().await;
-    let size = bytes.len();
+    let size = staged.len();
     let put = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.put(kind, &bytes)).await
+        tokio::task::spawn_blocking(move || store.commit(staged)).await
     };
     let (sha, created) = match put {
         Ok(Ok(s)) => s,
@@ -737,12 +786,14 @@ fn upload_allowed(
     Ok(())
 }
 
-/// Verifies `x-signature` (hex Ed25519 over the body) against the trusted keys.
-fn check_signature(
+/// Reads `x-signature` (hex Ed25519 over the body): `None` when absent and not required.
+/// Verification happens as the body streams in.
+// A refusal is rare and answered at once: not worth boxing.
+#[allow(clippy::result_large_err)]
+fn parse_signature(
     config: &crate::config::Config,
-    signature: Option<&[u8]>,
-    body: &[u8],
-) -> Result<(), Response<ProxyBody>> {
+    signature: Option<&HeaderValue>,
+) -> Result<Option<ed25519_dalek::Signature>, Response<ProxyBody>> {
     let Some(sig) = signature else {
         if config.require_signatures {
             return Err(error(
@@ -750,31 +801,19 @@ fn check_signature(
                 "uploads must carry x-signature: an Ed25519 signature of the body, in hex",
             ));
         }
-        return Ok(());
+        return Ok(None);
     };
-    let parsed = std::str::from_utf8(sig)
+    std::str::from_utf8(sig.as_bytes())
         .ok()
         .and_then(crate::config::decode_hex)
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
-        .map(|b| ed25519_dalek::Signature::from_bytes(&b));
-    let Some(sig) = parsed else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "x-signature must be 128 hex digits",
-        ));
-    };
-    if config
-        .trusted_keys
-        .iter()
-        .any(|k| k.verify_strict(body, &sig).is_ok())
-    {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::FORBIDDEN,
-            "x-signature does not verify with any trusted key",
-        ))
-    }
+        .map(|b| Some(ed25519_dalek::Signature::from_bytes(&b)))
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "x-signature must be 128 hex digits",
+            )
+        })
 }
 
 #[cfg(test)]

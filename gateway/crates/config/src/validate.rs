@@ -1037,6 +1037,12 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
         {
+            // A small-order key would verify signatures nobody made; uploads are verified
+            // as they stream in, which leaves this check of verify_strict to the config.
+            Some(key) if key.is_weak() => c.fail(
+                vec![Key("store"), Key("trusted_keys"), Index(i)],
+                "a weak (small-order) Ed25519 key: it cannot authenticate anything",
+            ),
             Some(key) => trusted_keys.push(key),
             None => c.fail(
                 vec![Key("store"), Key("trusted_keys"), Index(i)],

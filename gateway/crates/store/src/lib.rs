@@ -155,6 +155,57 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// An upload being written into a [`Store`] by [`Store::stage`].
+pub struct Staged {
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    path: PathBuf,
+    kind: Kind,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl Staged {
+    /// Appends `chunk` to the upload.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        let file = self
+            .file
+            .as_mut()
+            .expect("a Staged holds its file until commit");
+        file.write_all(chunk).map_err(io(&self.path))?;
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Hex SHA-256 of what was written so far.
+    pub fn sha256(&self) -> String {
+        self.hasher
+            .clone()
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// The manifest of a store in `dir`: the record of the versions each name has and which is
 /// active.
 pub fn manifest_path(dir: &Path) -> PathBuf {
@@ -291,6 +342,55 @@ impl Store {
         Ok((sha, true))
     }
 
+    /// Starts writing an upload of `kind` into the store, hashed as it is written, so that a
+    /// large one never has to be held in memory. Nothing can see it until [`Store::commit`];
+    /// a [`Staged`] dropped before that removes its file.
+    pub fn stage(&self, kind: Kind) -> Result<Staged, StoreError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(kind.dir()).join(format!(
+            ".upload-{}-{n}.{}.part",
+            std::process::id(),
+            kind.extension()
+        ));
+        let file = std::fs::File::create(&path).map_err(io(&path))?;
+        Ok(Staged {
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            path,
+            kind,
+            hasher: Sha256::new(),
+            len: 0,
+        })
+    }
+
+    /// Makes a staged upload a blob of the store (durably: synced, renamed, directory synced)
+    /// and returns its SHA-256 and whether this call wrote it (false when the store already
+    /// had that content); the manifest is untouched, so nothing uses it yet.
+    pub fn commit(&self, mut staged: Staged) -> Result<(String, bool), StoreError> {
+        let sha = staged.sha256();
+        let path = self.blob_path(staged.kind, &sha);
+        let file = staged
+            .file
+            .take()
+            .expect("a Staged holds its file until commit");
+        if path.is_file() {
+            drop(file);
+            let _ = std::fs::remove_file(&staged.path);
+            return Ok((sha, false));
+        }
+        let file = file
+            .into_inner()
+            .map_err(|e| io(&staged.path)(e.into_error()))?;
+        file.sync_all().map_err(io(&staged.path))?;
+        drop(file);
+        std::fs::rename(&staged.path, &path).map_err(io(&path))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+        Ok((sha, true))
+    }
+
     /// Makes `sha` the active version of `name` and records it, keeping the last [`KEEP`].
     pub fn activate(&self, kind: Kind, name: &str, sha: &str) -> Result<Manifest, StoreError> {
         let mut manifest = self.manifest()?;
@@ -330,6 +430,38 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staged_upload_is_hashed_as_written_and_leaves_nothing_unless_committed() {
+        let dir = tempfile_dir();
+        let store = Store::open(&dir).unwrap();
+        let parts = |s: &Store| {
+            std::fs::read_dir(s.dir.join(Kind::Model.dir()))
+                .unwrap()
+                .count()
+        };
+        let mut staged = store.stage(Kind::Model).unwrap();
+        staged.write(b"version ").unwrap();
+        staged.write(b"a").unwrap();
+        assert_eq!(staged.len(), 9);
+        assert_eq!(staged.sha256(), sha256_hex(b"version a"));
+        drop(staged);
+        assert_eq!(parts(&store), 0, "an abandoned upload leaves no file");
+
+        let mut staged = store.stage(Kind::Model).unwrap();
+        staged.write(b"version a").unwrap();
+        let (sha, created) = store.commit(staged).unwrap();
+        assert!(created);
+        assert_eq!(sha, sha256_hex(b"version a"));
+        assert_eq!(
+            std::fs::read(store.blob_path(Kind::Model, &sha)).unwrap(),
+            b"version a"
+        );
+        let mut again = store.stage(Kind::Model).unwrap();
+        again.write(b"version a").unwrap();
+        assert_eq!(store.commit(again).unwrap(), (sha, false));
+        assert_eq!(parts(&store), 1, "the same content is stored once");
+    }
 
     #[test]
     fn put_activate_and_reopen() {
