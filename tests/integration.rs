@@ -33,6 +33,7 @@ mod scoring_kernels_match_the_cpu_path;
 mod scoring_rejects_bad_models;
 mod scoring_serves_and_swaps_without_mixing;
 mod shipped_plugins_work_end_to_end;
+mod shopper_identifiers_are_pseudonymised;
 mod slow_and_stuck_clients_are_bounded;
 mod status_page_renders_in_a_browser;
 mod swaps_under_load_lose_no_request;

@@ -529,6 +529,17 @@ impl<F: Future> Future for OnWake<F> {
     }
 }
 
+/// A client's address as logs show it: its pseudonym unless `[privacy]` keeps addresses.
+/// Computed only when the log line is written.
+struct Shown<'a>(&'a Shared, SocketAddr);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.0.state.load();
+        f.write_str(&state.privacy.client(self.1.ip().to_canonical()))
+    }
+}
+
 impl Connection {
     async fn serve(self, stream: TcpStream, peer: SocketAddr, kind: ListenerKind) {
         match kind {
@@ -543,19 +554,19 @@ impl Connection {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             self.handshake_failures.inc();
-                            tracing::debug!(listener = %self.listener, %peer, error = %e, "TLS handshake failed");
+                            tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), error = %e, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
                             self.handshake_failures.inc();
-                            tracing::debug!(listener = %self.listener, %peer, "TLS handshake timed out");
+                            tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), "TLS handshake timed out");
                             return;
                         }
                     },
                     _ = self.ctx.shutdown.cancelled() => return,
                     () = self.registered.activity.evicted() => {
                         self.closed("evicted").inc();
-                        tracing::debug!(listener = %self.listener, %peer, "closing a connection still in its TLS handshake to make room");
+                        tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), "closing a connection still in its TLS handshake to make room");
                         return;
                     }
                 };
@@ -680,14 +691,14 @@ impl Connection {
                         biased;
                         res = conn.as_mut() => {
                             if let Err(e) = res {
-                                tracing::debug!(listener = %self.listener, %peer, error = %e, "connection ended with an error");
+                                tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), error = %e, "connection ended with an error");
                             }
                             break;
                         }
                         why = &mut watchdog => match why {
                             Expiry::SendTimeout => {
                                 let cut = activity.in_flight();
-                                tracing::debug!(listener = %self.listener, %peer, responses = cut, "closing a connection whose client took nothing for the send timeout");
+                                tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), responses = cut, "closing a connection whose client took nothing for the send timeout");
                                 self.closed("send_timeout").inc();
                                 send_timeouts.inc_by(cut as u64);
                                 break;
@@ -697,12 +708,12 @@ impl Connection {
                             // an incomplete head; hyper's graceful shutdown would leave a first
                             // request's partial head waiting, so close it outright.
                             Expiry::Idle if speaks == Speaks::Http1 => {
-                                tracing::debug!(listener = %self.listener, %peer, "closing an idle HTTP/1.1 connection or one with a slow request head");
+                                tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), "closing an idle HTTP/1.1 connection or one with a slow request head");
                                 break;
                             }
                             Expiry::Evicted => {
                                 self.closed("evicted").inc();
-                                tracing::debug!(listener = %self.listener, %peer, "closing an idle connection to make room");
+                                tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), "closing an idle connection to make room");
                                 if speaks == Speaks::Http1
                                     && !activity.served_any()
                                     && activity.in_flight() == 0

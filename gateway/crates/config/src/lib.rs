@@ -71,6 +71,8 @@ pub struct Config {
     pub require_signatures: bool,
     /// Outcome events and the keys of attribution tokens.
     pub feedback: FeedbackSettings,
+    /// Pseudonymisation of shopper identifiers.
+    pub privacy: PrivacySettings,
     /// A/B splits and canaries of routes.
     pub experiments: Vec<ExperimentSpec>,
     /// The file and text this configuration was parsed from; `None` when it was built in
@@ -1008,5 +1010,46 @@ path = "p.wasm"
         let p = problems("eval_k = 5\n");
         assert_eq!(p[0].0, "models[0].eval_k");
         assert!(p[0].1.contains("without `eval_data`"), "{p:?}");
+    }
+}
+
+/// `[privacy]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivacySettings {
+    /// The pseudonyms' key; `None`: a random one per process.
+    pub key: Option<PseudonymKey>,
+    /// Client addresses become pseudonyms in the access log and for plugins.
+    pub pseudonymize_client_addresses: bool,
+}
+
+/// The secret key of the pseudonyms; its id (the first two bytes of its SHA-256, hex) is what
+/// logs show, never the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PseudonymKey {
+    /// Four hex digits naming the key.
+    pub id: String,
+    secret: Arc<[u8]>,
+}
+
+impl PseudonymKey {
+    /// Wraps a secret.
+    pub fn new(secret: &[u8]) -> PseudonymKey {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(secret);
+        PseudonymKey {
+            id: format!("{:02x}{:02x}", digest[0], digest[1]),
+            secret: secret.into(),
+        }
+    }
+
+    /// The secret bytes.
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+}
+
+impl std::fmt::Debug for PseudonymKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PseudonymKey {{ id: {}, secret: <redacted> }}", self.id)
     }
 }

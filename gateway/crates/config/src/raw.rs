@@ -54,6 +54,9 @@ pub struct RawConfig {
     /// Outcome events (impressions, clicks, purchases) sent back by the storefront.
     #[serde(default)]
     pub feedback: RawFeedback,
+    /// How shopper identifiers are kept out of logs and plugin state.
+    #[serde(default)]
+    pub privacy: RawPrivacy,
     /// A/B splits and canaries of routes, judged by shoppers' outcomes.
     #[serde(default)]
     pub experiments: Vec<RawExperiment>,
@@ -77,6 +80,21 @@ pub struct RawFeedback {
     pub token_max_age_s: Option<u64>,
     /// Events accepted in one request; more get 413. Default 1000.
     pub max_events_per_request: Option<usize>,
+}
+
+/// `[privacy]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrivacy {
+    /// File holding the secret key of the pseudonyms (at least 16 bytes; surrounding
+    /// whitespace is ignored), relative to the config file. Nodes with the same key give a
+    /// shopper the same pseudonym; a new key, applied by a reload, gives everyone new ones
+    /// (rotate it to make old logs unlinkable to new ones). Default: a random key per process,
+    /// so pseudonyms change at every restart and differ between nodes.
+    pub key_file: Option<String>,
+    /// Whether client addresses are replaced by their pseudonym in the logs and for plugins
+    /// (`client-addr`, which the rate limiter keys its counters by). Default true.
+    pub pseudonymize_client_addresses: Option<bool>,
 }
 
 /// `[[experiments]]`

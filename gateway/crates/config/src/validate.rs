@@ -125,6 +125,8 @@ enum Read {
         path: PathBuf,
         shown: String,
     },
+    /// `[privacy] key_file`: a secret; `shown` as written.
+    PrivacyKey { path: PathBuf, shown: String },
     /// `[feedback] key_file` or one of `old_key_files`: a secret; `shown` as written.
     FeedbackKey {
         field: Vec<Seg>,
@@ -1015,6 +1017,13 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         });
     }
 
+    // [privacy]
+    if let Some(file) = &raw.privacy.key_file {
+        c.read(Read::PrivacyKey {
+            path: resolve(base_dir, file),
+            shown: file.clone(),
+        });
+    }
     // [feedback] and [[experiments]]
     let feedback =
         experiments::feedback(&mut c, raw.feedback, base_dir, !raw.experiments.is_empty());
@@ -1080,6 +1089,13 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             trusted_keys,
             require_signatures,
             feedback,
+            privacy: PrivacySettings {
+                key: None,
+                pseudonymize_client_addresses: raw
+                    .privacy
+                    .pseudonymize_client_addresses
+                    .unwrap_or(true),
+            },
             experiments,
             source: None,
         },
@@ -1181,6 +1197,22 @@ impl Checked {
                         Err(e) => fail(at, format!("cannot read {shown}: {e}")),
                     }
                 }
+                Read::PrivacyKey { path, shown } => match files.read_to_string(&path) {
+                    Ok(t) if t.trim().len() >= 16 => {
+                        config.privacy.key = Some(PseudonymKey::new(t.trim().as_bytes()))
+                    }
+                    Ok(t) => fail(
+                        vec![Key("privacy"), Key("key_file")],
+                        format!(
+                            "{shown} holds {} bytes; a key needs at least 16 (e.g. `openssl rand -hex 32`)",
+                            t.trim().len()
+                        ),
+                    ),
+                    Err(e) => fail(
+                        vec![Key("privacy"), Key("key_file")],
+                        format!("cannot read {shown}: {e}"),
+                    ),
+                },
                 Read::FeedbackKey { field, path, shown } => match files.read_to_string(&path) {
                     Ok(t) if t.trim().len() >= 16 => {
                         let key = FeedbackKey::new(t.trim().as_bytes());

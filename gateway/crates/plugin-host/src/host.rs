@@ -373,7 +373,7 @@ impl wit_http::HostRequest for StoreState {
         Ok(all_headers(&self.table.get(&r)?.headers))
     }
     fn client_addr(&mut self, r: Resource<RequestState>) -> Result<String> {
-        Ok(self.table.get(&r)?.client.to_string())
+        Ok(self.table.get(&r)?.client.clone())
     }
     fn route(&mut self, r: Resource<RequestState>) -> Result<String> {
         Ok(self.table.get(&r)?.route.to_string())
@@ -569,8 +569,14 @@ impl wit_http::HostResponse for StoreState {
 
 /// A plugin's key-value store: bounded, with per-key expiry checked on access.
 pub(crate) struct KvStore {
-    entries: Mutex<HashMap<String, KvEntry>>,
+    /// By the keyed hash of each key ([`KvStore::slot`]), never the key itself.
+    entries: Mutex<HashMap<u128, KvEntry>>,
     max_entries: usize,
+    /// Two independently keyed SipHash functions (random keys per process) make a key's
+    /// 128-bit slot: the store holds what plugins key by (client pseudonyms, API keys,
+    /// user ids) only as keyed hashes, which a memory dump cannot reverse or match against
+    /// guesses without the keys.
+    hashers: [std::collections::hash_map::RandomState; 2],
 }
 
 struct KvEntry {
@@ -593,20 +599,29 @@ impl KvStore {
         KvStore {
             entries: Mutex::new(HashMap::new()),
             max_entries,
+            hashers: Default::default(),
         }
+    }
+
+    /// Where `key` is kept.
+    fn slot(&self, key: &str) -> u128 {
+        use std::hash::BuildHasher;
+        let [a, b] = &self.hashers;
+        (u128::from(a.hash_one(key)) << 64) | u128::from(b.hash_one(key))
     }
 
     /// The live value of `key`.
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let slot = self.slot(key);
         let entries = self.entries.lock().expect("kv lock");
         entries
-            .get(key)
+            .get(&slot)
             .filter(|e| e.live(Instant::now()))
             .map(|e| e.value.clone())
     }
 
-    fn make_room(&self, entries: &mut HashMap<String, KvEntry>, key: &str) -> Result<(), String> {
-        if entries.contains_key(key) || entries.len() < self.max_entries {
+    fn make_room(&self, entries: &mut HashMap<u128, KvEntry>, slot: u128) -> Result<(), String> {
+        if entries.contains_key(&slot) || entries.len() < self.max_entries {
             return Ok(());
         }
         let now = Instant::now();
@@ -634,10 +649,11 @@ impl KvStore {
                 value.len()
             ));
         }
+        let slot = self.slot(&key);
         let mut entries = self.entries.lock().expect("kv lock");
-        self.make_room(&mut entries, &key)?;
+        self.make_room(&mut entries, slot)?;
         entries.insert(
-            key,
+            slot,
             KvEntry {
                 value,
                 expires: ttl.map(|t| Instant::now() + t),
@@ -648,7 +664,8 @@ impl KvStore {
 
     /// Removes `key`.
     pub fn delete(&self, key: &str) {
-        self.entries.lock().expect("kv lock").remove(key);
+        let slot = self.slot(key);
+        self.entries.lock().expect("kv lock").remove(&slot);
     }
 
     /// Adds `delta` to the decimal counter at `key` (absent or expired is 0).
@@ -660,19 +677,20 @@ impl KvStore {
             ));
         }
         let now = Instant::now();
+        let slot = self.slot(&key);
         let mut entries = self.entries.lock().expect("kv lock");
-        if let Some(e) = entries.get_mut(&key).filter(|e| e.live(now)) {
+        if let Some(e) = entries.get_mut(&slot).filter(|e| e.live(now)) {
             let current: i64 = std::str::from_utf8(&e.value)
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("value at {key:?} is not a decimal counter"))?;
+                .ok_or("the value at this key is not a decimal counter")?;
             let next = current.checked_add(delta).ok_or("counter overflow")?;
             e.value = next.to_string().into_bytes();
             return Ok(next);
         }
-        self.make_room(&mut entries, &key)?;
+        self.make_room(&mut entries, slot)?;
         entries.insert(
-            key,
+            slot,
             KvEntry {
                 value: delta.to_string().into_bytes(),
                 expires: ttl.map(|t| now + t),

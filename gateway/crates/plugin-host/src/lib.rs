@@ -1213,7 +1213,7 @@ impl LoadedPlugin {
             path: path.to_string(),
             query: None,
             headers,
-            client: std::net::IpAddr::from([127, 0, 0, 1]),
+            client: "127.0.0.1".into(),
             route: route.clone(),
             variant: None,
             variants: Arc::from(Vec::<String>::new()),

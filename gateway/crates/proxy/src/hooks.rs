@@ -4,7 +4,6 @@
 //! of plugins.
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -105,8 +104,8 @@ pub struct RequestState {
     pub query: Option<String>,
     /// Headers.
     pub headers: HeaderMap,
-    /// Client address.
-    pub client: IpAddr,
+    /// Client address, or its pseudonym (`[privacy] pseudonymize_client_addresses`).
+    pub client: String,
     /// Matched route.
     pub route: Arc<str>,
     /// Chosen variant.

@@ -23,6 +23,7 @@ pub mod feedback;
 pub mod hooks;
 pub mod http_util;
 pub mod metrics;
+pub mod privacy;
 pub mod scoring_endpoint;
 pub mod tls;
 pub mod upstream;

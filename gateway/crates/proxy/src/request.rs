@@ -206,6 +206,8 @@ pub struct Snapshot {
     pub keyring: Option<Arc<Keyring>>,
     /// `gateway_feedback_refused_total`, for the feedback endpoint.
     pub(crate) metrics_for_feedback: prometheus::IntCounterVec,
+    /// Pseudonyms of client addresses (`[privacy]`).
+    pub privacy: crate::privacy::Pseudonymizer,
 }
 
 impl Snapshot {
@@ -284,6 +286,7 @@ impl Snapshot {
             );
             Arc::new(ring)
         });
+        let privacy = crate::privacy::Pseudonymizer::new(&config.privacy);
         Snapshot {
             config,
             router,
@@ -294,6 +297,7 @@ impl Snapshot {
             experiments,
             keyring,
             metrics_for_feedback: metrics.feedback_refused.clone(),
+            privacy,
         }
     }
 }
@@ -647,7 +651,7 @@ async fn handle_admitted(
     if config.logging.access_log {
         tracing::info!(
             target: "access",
-            client = %conn.peer.ip(),
+            client = %snapshot.privacy.client(conn.peer.ip().to_canonical()),
             method = %method,
             host = host.unwrap_or("-"),
             path = path.as_deref().unwrap_or("-"),
@@ -1036,7 +1040,7 @@ async fn with_plugins(
         path: original_path.clone(),
         query: parts.uri.query().map(str::to_string),
         headers: std::mem::take(&mut parts.headers),
-        client: conn.peer.ip().to_canonical(),
+        client: snapshot.privacy.client(conn.peer.ip().to_canonical()),
         route: route.name.clone(),
         variant: default_variant,
         variants: chain.variants(),
