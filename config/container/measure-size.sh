@@ -33,7 +33,8 @@ trap cleanup EXIT
 # The base: what debuerreotype's --slim does to a minbase bookworm.
 root="$work/root"
 debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/dev/null
-rm -rf "$root"/usr/share/{doc,man,info}/* "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+rm -rf "$root"/usr/share/{doc,man,info}/* "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin \
+    "$root"/var/cache/apt/archives/*.deb
 find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
 cat >"$root/etc/dpkg/dpkg.cfg.d/docker" <<'CFG'
 path-exclude /usr/share/doc/*
@@ -65,7 +66,8 @@ buildah rm "$ctr" >/dev/null
 # repository.
 ctx="$work/ctx"
 mkdir -p "$ctx/prebuilt/plugins" "$ctx/config/models"
-cp "$bin" "$ctx/prebuilt/gateway"
+# As the builder stage does (KEEP_DEBUG_INFO=false).
+objcopy --strip-debug "$bin" "$ctx/prebuilt/gateway"
 for p in hygiene ratelimit canary storefront; do cp "plugins/dist/$p.wasm" "$ctx/prebuilt/plugins/"; done
 cp config/models/recs.safetensors "$ctx/config/models/"
 {
@@ -79,7 +81,7 @@ cp config/models/recs.safetensors "$ctx/config/models/"
 
 size() { buildah images --format '{{.Size}}' "$1"; }
 echo "base (bookworm-slim equivalent): $(size "$base")"
-echo "gateway binary: $(du -h --apparent-size "$bin" | cut -f1)"
+echo "gateway binary: $(du -h --apparent-size "$bin" | cut -f1), $(du -h --apparent-size "$ctx/prebuilt/gateway" | cut -f1) without debug info"
 for v in "${variants[@]}"; do
     img="localhost/gateway-measure:$v"
     images+=("$img")
