@@ -147,11 +147,14 @@ async fn a_backend_that_times_out_after_the_whole_body_is_still_ejected() {
     let slow =
         Upstream::with(|_| Reply::Delay(Duration::from_secs(3), Bytes::from_static(b"late"))).await;
     let gw = TestGateway::start(
-        // Without the panic threshold, so the ejected only backend takes no traffic.
+        // Without the panic threshold, so the ejected only backend takes no traffic; allowed
+        // to eject a pool's only backend, and each timeout counted in full even when the
+        // machine running the suite is saturated.
         &basic_config(
             &pki,
             &[slow.addr],
-            "request_timeout_ms = 300\npanic_threshold = 0",
+            "request_timeout_ms = 300\npanic_threshold = 0\n[upstreams.passive]\n\
+             max_ejected_share = 1.0\nlocal_overload_weight = 1.0",
             "",
         ),
         pki.path(),

@@ -229,10 +229,24 @@ async fn ejection_never_empties_a_pool_below_its_panic_threshold() {
         .await
     };
     let passive = "[upstreams.passive]\nconsecutive_failures = 5\nejection_ms = 60000";
-    for (threshold, expected) in [("", 200), ("panic_threshold = 0\n", 502)] {
+    // (upstream settings, passive settings, ejected, answer after the failures, panics)
+    let cases = [
+        // The default max_ejected_share (0.5) never ejects a pool's only backend.
+        ("", "", false, 200, 0.0),
+        // Allowed to eject it, the panic threshold still balances onto it.
+        ("", "\nmax_ejected_share = 1.0", true, 200, 1.0),
+        (
+            "panic_threshold = 0\n",
+            "\nmax_ejected_share = 1.0",
+            true,
+            502,
+            0.0,
+        ),
+    ];
+    for (upstream, more, is_ejected, expected, expected_panics) in cases {
         calls.store(0, std::sync::atomic::Ordering::Relaxed);
         let gw = TestGateway::start(
-            &basic_config(&pki, &[up.addr], &format!("{threshold}{passive}"), ""),
+            &basic_config(&pki, &[up.addr], &format!("{upstream}{passive}{more}"), ""),
             pki.path(),
         )
         .await;
@@ -244,14 +258,82 @@ async fn ejection_never_empties_a_pool_below_its_panic_threshold() {
         let backend = up.addr.to_string();
         assert_eq!(
             gw.metric("gateway_backend_healthy", &[("backend", &backend)]),
-            0.0,
-            "ejected"
+            if is_ejected { 0.0 } else { 1.0 },
+            "{upstream}{more}: ejected?"
+        );
+        assert_eq!(
+            gw.metric(
+                "gateway_upstream_ejections_total",
+                &[("outcome", "over_max_share")]
+            ),
+            if is_ejected { 0.0 } else { 1.0 },
         );
         // Below the panic threshold (0 of 1 healthy < 0.5) the pool uses every backend:
         // the recovered backend serves instead of the pool answering 502 for a minute.
         let r = fetch(addr, &pki.ca_der, false, get("localhost", "/")).await;
-        assert_eq!(r.status, expected, "threshold {threshold:?}: {}", r.text());
+        assert_eq!(r.status, expected, "{upstream}{more}: {}", r.text());
         let panics = gw.metric("gateway_upstream_panic_total", &[("upstream", "app")]);
-        assert_eq!(panics, if expected == 200 { 1.0 } else { 0.0 });
+        assert_eq!(panics, expected_panics, "{upstream}{more}");
     }
+}
+
+#[tokio::test]
+async fn ejection_stops_at_the_max_share_of_the_pool() {
+    // Three of four backends fail every request; half the pool at most is ejected, and the
+    // healthy one keeps serving whatever the failing ones do.
+    let pki = Pki::new();
+    let mut ups = Vec::new();
+    for i in 0..4 {
+        let status = if i < 3 {
+            http::StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            http::StatusCode::OK
+        };
+        ups.push(
+            Upstream::with(move |_| {
+                Reply::Respond(status, vec![], bytes::Bytes::from_static(b"answer"))
+            })
+            .await,
+        );
+    }
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let gw = TestGateway::start(
+        &basic_config(
+            &pki,
+            &addrs,
+            "[upstreams.passive]\nconsecutive_failures = 2\nejection_ms = 60000",
+            "",
+        ),
+        pki.path(),
+    )
+    .await;
+    let addr = gw.addr("https");
+    for _ in 0..40 {
+        fetch(addr, &pki.ca_der, false, get("localhost", "/")).await;
+    }
+    let ejected = gw.metric(
+        "gateway_upstream_ejections_total",
+        &[("outcome", "ejected")],
+    );
+    let skipped = gw.metric(
+        "gateway_upstream_ejections_total",
+        &[("outcome", "over_max_share")],
+    );
+    assert_eq!(ejected, 2.0, "half of four backends");
+    assert!(
+        skipped >= 1.0,
+        "the third failing backend was kept: {skipped}"
+    );
+    let out: f64 = addrs
+        .iter()
+        .map(|a| 1.0 - gw.metric("gateway_backend_healthy", &[("backend", &a.to_string())]))
+        .sum();
+    assert_eq!(out, 2.0);
+    assert_eq!(
+        gw.metric(
+            "gateway_backend_healthy",
+            &[("backend", &addrs[3].to_string())]
+        ),
+        1.0
+    );
 }

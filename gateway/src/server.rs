@@ -164,6 +164,8 @@ impl Gateway {
         let admission = Arc::new(
             gateway_proxy::admission::Admission::new(&registry).map_err(MetricsError::from)?,
         );
+        crate::process_metrics::register(&registry, tokio::runtime::Handle::current())
+            .map_err(MetricsError::from)?;
         let observed = crate::monitor::Observed::new(&built.snapshot);
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(built.snapshot),

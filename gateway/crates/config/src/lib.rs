@@ -577,6 +577,8 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     /// Deadline for the response head.
     pub request_timeout: Duration,
+    /// Longest wait for the next part of a response body.
+    pub body_timeout: Duration,
     /// Idle pooled connection lifetime.
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections per backend.
@@ -595,6 +597,10 @@ pub struct UpstreamSpec {
     pub eject_after_failures: u32,
     /// Ejection length.
     pub ejection: Duration,
+    /// Most backends ejected at once, as a share of the pool.
+    pub max_ejected_share: f64,
+    /// What a timeout counts towards ejection while the node itself is saturated (0 to 1).
+    pub local_overload_weight: f64,
 }
 
 /// `[[routes]]`, validated.

@@ -466,6 +466,11 @@ pub struct RawUpstream {
     /// Time from sending a request to receiving the response head, in milliseconds; 504 after.
     /// Default 15000.
     pub request_timeout_ms: Option<u64>,
+    /// Longest wait for the next part of a response body once its head has arrived, in
+    /// milliseconds; after it the response is cut off (HTTP/1.1: the connection closes; h2:
+    /// the stream is reset), the upstream connection closed, and it is counted
+    /// (`gateway_upstream_errors_total{kind="body_timeout"}`). Default 60000.
+    pub body_timeout_ms: Option<u64>,
     /// How long an idle pooled connection is kept, in milliseconds. Default 90000.
     pub pool_idle_timeout_ms: Option<u64>,
     /// Idle pooled connections kept per backend. Default 128.
@@ -513,6 +518,17 @@ pub struct RawPassive {
     pub consecutive_failures: Option<u32>,
     /// How long an ejected backend gets no traffic, in milliseconds. Default 10000.
     pub ejection_ms: Option<u64>,
+    /// Most of the pool's backends that may be ejected at once, as a share: an ejection that
+    /// would pass it is skipped and counted (`gateway_upstream_ejections_total{outcome=
+    /// "over_max_share"}`), so ejection never empties a pool; with the default a pool of one
+    /// backend is never ejected. 0 to 1; 1 lets every backend be ejected. Default 0.5.
+    pub max_ejected_share: Option<f64>,
+    /// What a timeout (connect or response) counts towards `consecutive_failures` when the
+    /// gateway's own worker threads had a standing queue while the request waited: the node
+    /// was saturated, so the backend may not be to blame. 0 to 1; 1 counts it in full.
+    /// Errors of the node's own resources (out of file descriptors or local ports) never
+    /// count. Default 0.25.
+    pub local_overload_weight: Option<f64>,
 }
 
 /// `[[routes]]`

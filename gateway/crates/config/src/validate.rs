@@ -560,6 +560,11 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             "request_timeout_ms",
             ru.request_timeout_ms.unwrap_or(15_000),
         );
+        let body_timeout = positive(
+            &mut c,
+            "body_timeout_ms",
+            ru.body_timeout_ms.unwrap_or(60_000),
+        );
         let pool_idle_timeout = positive(
             &mut c,
             "pool_idle_timeout_ms",
@@ -617,6 +622,21 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
                 "must be greater than 0 milliseconds",
             );
         }
+        let passive_at = |f: &'static str| vec![Key("upstreams"), Index(i), Key("passive"), Key(f)];
+        let max_ejected_share = ru.passive.max_ejected_share.unwrap_or(0.5);
+        if !(0.0..=1.0).contains(&max_ejected_share) {
+            c.fail(
+                passive_at("max_ejected_share"),
+                "must be between 0.0 and 1.0",
+            );
+        }
+        let local_overload_weight = ru.passive.local_overload_weight.unwrap_or(0.25);
+        if !(0.0..=1.0).contains(&local_overload_weight) {
+            c.fail(
+                passive_at("local_overload_weight"),
+                "must be between 0.0 and 1.0",
+            );
+        }
         upstreams.push(UpstreamSpec {
             name: ru.name,
             backends,
@@ -624,6 +644,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             protocol,
             connect_timeout,
             request_timeout,
+            body_timeout,
             pool_idle_timeout,
             pool_max_idle_per_backend: ru.pool_max_idle_per_backend.unwrap_or(128),
             max_retries,
@@ -633,6 +654,8 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             health_check,
             eject_after_failures: ru.passive.consecutive_failures.unwrap_or(5),
             ejection: ms(ejection_ms),
+            max_ejected_share,
+            local_overload_weight,
         });
     }
 

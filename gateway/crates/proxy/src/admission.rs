@@ -8,8 +8,12 @@
 //!   that just arrived) waits for a worker. One late wake-up is a blip (a long poll, a page
 //!   fault); [`STANDING`] late ones in a row are a standing queue, as CoDel defines it, and new
 //!   requests are shed until a sample is back under the limit.
+//!
+//! The same samples tell the upstream pools whether the node itself was saturated while a
+//! request waited ([`Admission::saturation_mark`]), whatever the shedding limit: a timeout
+//! then weighs less towards ejecting the backend (`[upstreams.passive] local_overload_weight`).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +26,10 @@ pub const TICK: Duration = Duration::from_millis(10);
 
 /// Late samples in a row that make a standing queue.
 pub const STANDING: usize = 3;
+
+/// A scheduling delay this long, [`STANDING`] samples in a row, counts as a saturated node for
+/// passive ejection (a full sampling tick of waiting for a CPU).
+pub const SATURATED_DELAY: Duration = TICK;
 
 /// Why a request was shed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +54,8 @@ impl Shed {
 pub struct Admission {
     inflight: AtomicUsize,
     saturated: AtomicBool,
+    /// Samples taken while the node had a standing queue of at least [`SATURATED_DELAY`].
+    saturated_samples: AtomicU64,
     inflight_gauge: IntGauge,
     delay_gauge: Gauge,
     shed: [IntCounter; 2],
@@ -88,6 +98,7 @@ impl Admission {
         Ok(Admission {
             inflight: AtomicUsize::new(0),
             saturated: AtomicBool::new(false),
+            saturated_samples: AtomicU64::new(0),
             inflight_gauge,
             delay_gauge,
             shed: [Shed::Concurrency, Shed::QueueTime]
@@ -117,9 +128,24 @@ impl Admission {
         self.inflight.load(Ordering::Acquire)
     }
 
+    /// A mark that moves on while the node is saturated: two marks differ when the node had a
+    /// standing queue of at least [`SATURATED_DELAY`] between them. One atomic load.
+    pub fn saturation_mark(&self) -> u64 {
+        self.saturated_samples.load(Ordering::Relaxed)
+    }
+
     /// Takes one sample of the scheduling delay; `limit` is the live `max_queue_time`.
-    fn observe(&self, late: &mut usize, delay: Duration, limit: Duration) {
+    fn observe(&self, streaks: &mut Streaks, delay: Duration, limit: Duration) {
         self.delay_gauge.set(delay.as_secs_f64());
+        if delay < SATURATED_DELAY {
+            streaks.saturated = 0;
+        } else {
+            streaks.saturated += 1;
+            if streaks.saturated >= STANDING {
+                self.saturated_samples.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let late = &mut streaks.late;
         if limit.is_zero() || delay < limit {
             *late = 0;
             self.saturated.store(false, Ordering::Release);
@@ -132,6 +158,13 @@ impl Admission {
     }
 }
 
+/// Late samples in a row: over the shedding limit, and over [`SATURATED_DELAY`].
+#[derive(Default)]
+struct Streaks {
+    late: usize,
+    saturated: usize,
+}
+
 /// Samples the scheduling delay every [`TICK`] until `shutdown` completes; `limit` reads the
 /// live `max_queue_time`. Runs as a task on the runtime whose delay it measures.
 pub async fn sample(
@@ -139,7 +172,7 @@ pub async fn sample(
     limit: impl Fn() -> Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let mut late = 0;
+    let mut streaks = Streaks::default();
     tokio::pin!(shutdown);
     loop {
         let asked = Instant::now();
@@ -151,7 +184,7 @@ pub async fn sample(
         let delay = asked
             .elapsed()
             .saturating_sub(TICK + Duration::from_millis(1));
-        admission.observe(&mut late, delay, limit());
+        admission.observe(&mut streaks, delay, limit());
     }
 }
 
@@ -192,7 +225,7 @@ mod tests {
     fn only_a_standing_queue_sheds_and_one_quick_sample_ends_it() {
         let a = Admission::new(&Registry::new()).unwrap();
         let l = limits(100, 50);
-        let mut late = 0;
+        let mut late = Streaks::default();
         let slow = Duration::from_millis(80);
         // A blip, then a quick sample: never saturated.
         for d in [slow, slow, Duration::ZERO, slow, slow, Duration::ZERO] {
@@ -208,5 +241,25 @@ mod tests {
         assert!(a.admit(&limits(100, 0)).is_ok());
         a.observe(&mut late, Duration::from_millis(1), l.max_queue_time);
         assert!(a.admit(&l).is_ok());
+    }
+
+    #[test]
+    fn the_saturation_mark_moves_only_on_a_standing_queue_whatever_the_limit() {
+        let a = Admission::new(&Registry::new()).unwrap();
+        let mut streaks = Streaks::default();
+        let slow = SATURATED_DELAY * 2;
+        let mark = a.saturation_mark();
+        for d in [slow, slow, Duration::ZERO, slow, Duration::from_millis(1)] {
+            a.observe(&mut streaks, d, Duration::ZERO);
+        }
+        assert_eq!(a.saturation_mark(), mark, "blips are not saturation");
+        for _ in 0..STANDING {
+            a.observe(&mut streaks, slow, Duration::ZERO);
+        }
+        assert_eq!(
+            a.saturation_mark(),
+            mark + 1,
+            "shedding off, saturation still seen"
+        );
     }
 }

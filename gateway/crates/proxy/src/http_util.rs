@@ -370,6 +370,19 @@ pub(crate) fn connection_broke(err: &(dyn std::error::Error + 'static)) -> bool 
     false
 }
 
+/// Whether a connect error says the node itself ran out of something (file descriptors, local
+/// ports, buffer memory) rather than anything about the backend.
+pub(crate) fn is_local_resource_error(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    // Linux errno values with no stable ErrorKind: ENFILE, EMFILE, ENOBUFS.
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const ENOBUFS: i32 = 105;
+    matches!(err.kind(), AddrNotAvailable | OutOfMemory)
+        || (cfg!(target_os = "linux")
+            && matches!(err.raw_os_error(), Some(ENFILE | EMFILE | ENOBUFS)))
+}
+
 /// Finds a [`BodyLimitError`] in an error's source chain.
 pub(crate) fn find_body_limit_error(
     err: &(dyn std::error::Error + 'static),
@@ -579,50 +592,6 @@ fn first_due(
     deadline.map_or(stall, |(at, _)| at.min(stall))
 }
 
-pin_project_lite::pin_project! {
-    /// A body that keeps `guard` alive until the body is finished or dropped.
-    pub struct GuardedBody<B, G> {
-        #[pin]
-        inner: B,
-        guard: Option<G>,
-    }
-}
-
-impl<B, G> GuardedBody<B, G> {
-    /// Wraps `inner`.
-    pub fn new(inner: B, guard: G) -> Self {
-        GuardedBody {
-            inner,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl<B: Body, G> Body for GuardedBody<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let res = this.inner.poll_frame(cx);
-        if matches!(res, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard.take();
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// A JSON answer the gateway gives itself (scoring endpoint, admin API, demo storefront).
 pub fn json_response(
     status: http::StatusCode,
@@ -782,6 +751,25 @@ impl Body for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nodes_own_resources_are_told_from_the_backends_refusal() {
+        use std::io::{Error, ErrorKind};
+        assert!(
+            is_local_resource_error(&Error::from_raw_os_error(24)),
+            "EMFILE"
+        );
+        assert!(is_local_resource_error(&Error::from(
+            ErrorKind::AddrNotAvailable
+        )));
+        assert!(!is_local_resource_error(&Error::from(
+            ErrorKind::ConnectionRefused
+        )));
+        assert!(
+            !is_local_resource_error(&Error::from_raw_os_error(111)),
+            "ECONNREFUSED"
+        );
+    }
 
     /// A body fed through a channel, for timing tests.
     struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);

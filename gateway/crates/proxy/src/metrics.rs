@@ -14,12 +14,17 @@ pub struct Metrics {
     /// `gateway_upstream_request_duration_seconds{upstream}`: one upstream attempt, to its head.
     pub upstream_duration: HistogramVec,
     /// `gateway_upstream_errors_total{upstream,kind}`: failed upstream attempts by kind
-    /// (`connect`, `reset`, `timeout`, `no_backend`, `other`; `client_body` for those the
-    /// client's body caused, which are not held against the backend).
+    /// (`connect` (refused or timed out), `reset`, `timeout`, `no_backend`, `other`;
+    /// `client_body` for those the client's body caused and `local` for the node's own
+    /// resources running out, neither held against the backend).
     pub upstream_errors: IntCounterVec,
     /// `gateway_upstream_panic_total{upstream}`: requests balanced across every backend
     /// because fewer than the pool's panic threshold were healthy.
     pub upstream_panics: IntCounterVec,
+    /// `gateway_upstream_ejections_total{upstream,outcome}`: passive ejections made
+    /// (`ejected`) or skipped because the pool's `max_ejected_share` was reached
+    /// (`over_max_share`).
+    pub upstream_ejections: IntCounterVec,
     /// `gateway_upstream_retries_total{upstream,outcome}`: retries made (`outcome=attempted`)
     /// or refused by the budget (`outcome=budget_exhausted`).
     pub retries: IntCounterVec,
@@ -154,6 +159,13 @@ impl Metrics {
                 ),
                 &["upstream"],
             )?,
+            upstream_ejections: IntCounterVec::new(
+                Opts::new(
+                    "gateway_upstream_ejections_total",
+                    "Passive ejections of a backend after consecutive failures: made (ejected) or skipped because max_ejected_share of the pool was already ejected (over_max_share).",
+                ),
+                &["upstream", "outcome"],
+            )?,
             experiment_requests: IntCounterVec::new(
                 Opts::new(
                     "gateway_experiment_requests_total",
@@ -217,6 +229,7 @@ impl Metrics {
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.connections_closed.clone()))?;
         registry.register(Box::new(m.upstream_panics.clone()))?;
+        registry.register(Box::new(m.upstream_ejections.clone()))?;
         registry.register(Box::new(m.experiment_requests.clone()))?;
         registry.register(Box::new(m.experiment_duration.clone()))?;
         registry.register(Box::new(m.experiment_events.clone()))?;

@@ -16,7 +16,7 @@ use crate::config::{Config, ExperimentSpec, HostPattern, RouteSpec};
 use crate::deadline::TimerPool;
 use crate::experiment::{Assignment, Experiment};
 use crate::http_util::{
-    self, BodyLimitError, BodyProgress, BodyState, GuardedBody, LimitedBody, RequestAuthority,
+    self, BodyLimitError, BodyProgress, BodyState, LimitedBody, RequestAuthority,
 };
 use crate::metrics::Metrics;
 use gateway_rollout::{Attribution, Keyring};
@@ -26,7 +26,7 @@ use crate::hooks::{BoundHooks, Ranker, RequestOutcome, RequestState, ResponseSta
 use crate::retry::{Failure, RetryPolicy};
 use crate::scoring::serving::ModelSlot;
 use crate::upstream::conn::SendError;
-use crate::upstream::{empty_body, full_body, Pool, ProxyBody};
+use crate::upstream::{empty_body, full_body, Blame, Pool, ProxyBody, UpstreamBody};
 
 /// A variant's own chain (`None`: an empty one) with its `x-plugin-versions`.
 type VariantChain = (Option<Arc<dyn RouteHooks>>, Option<HeaderValue>);
@@ -665,7 +665,14 @@ async fn handle_admitted(
 
 fn classify(err: &SendError) -> Failure {
     let hyper_err = match err {
-        SendError::Connect { .. } | SendError::ConnectTimeout { .. } => return Failure::Connect,
+        SendError::Connect { source, .. } => {
+            return if http_util::is_local_resource_error(source) {
+                Failure::Local
+            } else {
+                Failure::Connect
+            }
+        }
+        SendError::ConnectTimeout { .. } => return Failure::ConnectTimeout,
         SendError::Http(e) => e,
     };
     if let Some(b) = http_util::find_body_limit_error(hyper_err) {
@@ -769,6 +776,7 @@ async fn forward(
         );
 
         let attempt = Instant::now();
+        let saturation = shared.admission.saturation_mark();
         let outcome = conn
             .timers
             .timeout_at(
@@ -786,13 +794,14 @@ async fn forward(
                         | StatusCode::SERVICE_UNAVAILABLE
                         | StatusCode::GATEWAY_TIMEOUT
                 ) {
-                    pool.record_failure(index);
+                    pool.record_failure(index, Blame::Backend);
                 } else {
                     pool.record_success(index);
                 }
                 let (mut parts, body) = resp.into_parts();
                 http_util::strip_hop_by_hop(&mut parts.headers);
-                let body = GuardedBody::new(body, in_flight).boxed_unsync();
+                let body =
+                    UpstreamBody::new(body, in_flight, pool.spec.body_timeout).boxed_unsync();
                 return (Response::from_parts(parts, body), Some(index));
             }
             Ok(Err(err)) => {
@@ -816,11 +825,21 @@ async fn forward(
             .upstream_errors
             .with_label_values(&[upstream, failure.label()])
             .inc();
+        // A timeout while the node's own threads had a standing queue may be the node's fault.
+        let blame = match failure {
+            Failure::Local => Blame::Local,
+            Failure::Timeout | Failure::ConnectTimeout
+                if shared.admission.saturation_mark() != saturation =>
+            {
+                Blame::LocalOverload
+            }
+            _ => Blame::Backend,
+        };
         match failure {
             // The client's fault: never held against the backend.
             Failure::Body(b) => return (body_fault_response(metrics, Some(b)), None),
             Failure::Timeout => {
-                pool.record_failure(index);
+                pool.record_failure(index, blame);
                 return (
                     error_response(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -829,7 +848,7 @@ async fn forward(
                     None,
                 );
             }
-            _ => pool.record_failure(index),
+            _ => pool.record_failure(index, blame),
         }
         last_failure = Some(failure);
         if policy.retries(attempts, failure) {

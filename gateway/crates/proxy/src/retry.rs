@@ -12,8 +12,12 @@ use crate::http_util::BodyLimitError;
 /// Why an upstream attempt failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {
-    /// No connection could be made.
+    /// No connection could be made: refused or unreachable.
     Connect,
+    /// No connection was made within the connect timeout.
+    ConnectTimeout,
+    /// The node's own resources ran out while connecting (file descriptors, local ports).
+    Local,
     /// The connection was reset or closed mid-exchange.
     Reset,
     /// No answer within the request timeout.
@@ -28,7 +32,8 @@ impl Failure {
     /// Metric label (`gateway_upstream_errors_total{kind}`).
     pub(crate) fn label(self) -> &'static str {
         match self {
-            Failure::Connect => "connect",
+            Failure::Connect | Failure::ConnectTimeout => "connect",
+            Failure::Local => "local",
             Failure::Reset => "reset",
             Failure::Timeout => "timeout",
             Failure::Body(_) => "client_body",
@@ -77,7 +82,11 @@ impl RetryPolicy {
 
     /// Whether attempt number `attempt`, failed with `failure`, is retried (budget permitting).
     pub(crate) fn retries(self, attempt: usize, failure: Failure) -> bool {
-        self.may_retry(attempt) && matches!(failure, Failure::Connect | Failure::Reset)
+        self.may_retry(attempt)
+            && matches!(
+                failure,
+                Failure::Connect | Failure::ConnectTimeout | Failure::Reset
+            )
     }
 }
 

@@ -3,8 +3,11 @@
 
 pub(crate) mod conn;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,12 +29,16 @@ pub struct Backend {
     /// Keep-alive connections to it.
     pub(crate) conns: Arc<conn::Conns>,
     in_flight: AtomicUsize,
+    /// Failures in a row, in hundredths: a failure the backend is blamed for adds
+    /// [`FULL_BLAME`], one the node's own overload may explain adds less.
     consecutive_failures: AtomicU32,
     /// Milliseconds since the pool's start until which the backend is ejected; 0 when not.
     ejected_until_ms: AtomicU64,
     /// Result of active health checks (true when none are configured).
     check_healthy: AtomicBool,
     healthy_gauge: IntGauge,
+    /// `gateway_upstream_errors_total{kind="body_timeout"}` for the pool.
+    body_timeouts: prometheus::IntCounter,
 }
 
 impl Backend {
@@ -41,12 +48,119 @@ impl Backend {
     }
 }
 
+/// How much of a failed exchange is held against the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blame {
+    /// The backend refused, reset, timed out or answered 502/503/504.
+    Backend,
+    /// A timeout while the node itself was saturated: counts `local_overload_weight`.
+    LocalOverload,
+    /// The node's own resources ran out (file descriptors, ports): not the backend's fault.
+    Local,
+}
+
+/// What one failure the backend is blamed for adds to its count (hundredths).
+const FULL_BLAME: u32 = 100;
+
 /// Counts a request in flight to a backend until dropped.
 pub struct InFlight(Arc<Backend>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from a backend: counts the request in flight until the body ends or
+    /// is dropped, and fails it when the next part does not come within the pool's
+    /// `body_timeout`. The timer is made only when a read has to wait, so a body that is
+    /// already buffered costs none.
+    pub struct UpstreamBody<B> {
+        #[pin]
+        inner: B,
+        in_flight: Option<InFlight>,
+        timeout: Duration,
+        // Armed at the first read that waits; re-armed at a wait after progress.
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        progressed: bool,
+    }
+}
+
+impl<B> UpstreamBody<B> {
+    /// Wraps `inner`, the body of a response from the backend `in_flight` counts.
+    pub(crate) fn new(inner: B, in_flight: InFlight, timeout: Duration) -> Self {
+        UpstreamBody {
+            inner,
+            in_flight: Some(in_flight),
+            timeout,
+            stall: None,
+            progressed: false,
+        }
+    }
+}
+
+/// The next part of a response body did not come within the pool's `body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no more of the response body for {0:?}")]
+pub struct BodyStalled(Duration);
+
+impl<B> http_body::Body for UpstreamBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.progressed = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(end) => {
+                this.in_flight.take();
+                Poll::Ready(end.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let due = tokio::time::Instant::now() + *this.timeout;
+                let stall = match this.stall {
+                    Some(s) => {
+                        if std::mem::take(this.progressed) {
+                            s.as_mut().reset(due);
+                        }
+                        s
+                    }
+                    None => {
+                        *this.progressed = false;
+                        this.stall.insert(Box::pin(tokio::time::sleep_until(due)))
+                    }
+                };
+                match stall.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        if let Some(f) = this.in_flight.take() {
+                            f.0.body_timeouts.inc();
+                            tracing::debug!(backend = %f.0.authority, "upstream response body stalled");
+                        }
+                        Poll::Ready(Some(Err(BodyStalled(*this.timeout).into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -62,6 +176,10 @@ pub struct Pool {
     pub(crate) attempt_duration: Histogram,
     /// `gateway_upstream_panic_total` for this pool.
     panics: prometheus::IntCounter,
+    /// `gateway_upstream_ejections_total` for this pool: `[ejected, over_max_share]`.
+    ejections: [prometheus::IntCounter; 2],
+    /// Held while deciding an ejection, so two at once cannot both pass `max_ejected_share`.
+    ejecting: std::sync::Mutex<()>,
     next: AtomicUsize,
     start: Instant,
 }
@@ -78,6 +196,9 @@ impl Pool {
                     .backend_healthy
                     .with_label_values(&[spec.name.as_str(), a.as_str()]);
                 gauge.set(1);
+                let body_timeouts = metrics
+                    .upstream_errors
+                    .with_label_values(&[spec.name.as_str(), "body_timeout"]);
                 Arc::new(Backend {
                     authority: a.clone(),
                     conns: conn::Conns::new(
@@ -92,6 +213,7 @@ impl Pool {
                     ejected_until_ms: AtomicU64::new(0),
                     check_healthy: AtomicBool::new(true),
                     healthy_gauge: gauge,
+                    body_timeouts,
                 })
             })
             .collect();
@@ -102,12 +224,19 @@ impl Pool {
         let panics = metrics
             .upstream_panics
             .with_label_values(&[spec.name.as_str()]);
+        let ejections = ["ejected", "over_max_share"].map(|outcome| {
+            metrics
+                .upstream_ejections
+                .with_label_values(&[spec.name.as_str(), outcome])
+        });
         let pool = Arc::new(Pool {
             spec,
             backends,
             budget,
             attempt_duration,
             panics,
+            ejections,
+            ejecting: std::sync::Mutex::new(()),
             next: AtomicUsize::new(0),
             start: Instant::now(),
         });
@@ -240,29 +369,65 @@ impl Pool {
             .store(0, Ordering::Relaxed);
     }
 
-    /// Records a failed exchange; ejects the backend after too many in a row.
-    pub(crate) fn record_failure(&self, index: usize) {
+    /// Records a failed exchange; ejects the backend after too many in a row, weighted by
+    /// `blame`, unless `max_ejected_share` of the pool is already ejected.
+    pub(crate) fn record_failure(&self, index: usize, blame: Blame) {
         let threshold = self.spec.eject_after_failures;
-        if threshold == 0 {
+        let weight = match blame {
+            Blame::Backend => FULL_BLAME,
+            Blame::LocalOverload => {
+                (self.spec.local_overload_weight * f64::from(FULL_BLAME)).round() as u32
+            }
+            Blame::Local => 0,
+        };
+        if threshold == 0 || weight == 0 {
             return;
         }
         let backend = &self.backends[index];
-        let failures = backend.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= threshold {
-            backend.consecutive_failures.store(0, Ordering::Relaxed);
-            let until = self.now_ms() + self.spec.ejection.as_millis() as u64;
-            backend
-                .ejected_until_ms
-                .store(until.max(1), Ordering::Relaxed);
-            backend.healthy_gauge.set(0);
+        let count = backend
+            .consecutive_failures
+            .fetch_add(weight, Ordering::Relaxed)
+            + weight;
+        if count < threshold * FULL_BLAME {
+            return;
+        }
+        let _deciding = self.ejecting.lock().unwrap_or_else(|e| e.into_inner());
+        backend.consecutive_failures.store(0, Ordering::Relaxed);
+        let now = self.now_ms();
+        if backend.ejected_until_ms.load(Ordering::Relaxed) > now {
+            return;
+        }
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|b| b.ejected_until_ms.load(Ordering::Relaxed) > now)
+            .count();
+        let allowed = (self.spec.max_ejected_share * self.backends.len() as f64 + 1e-9).floor();
+        if (ejected + 1) as f64 > allowed {
+            self.ejections[1].inc();
             tracing::warn!(
                 upstream = %self.spec.name,
                 backend = %backend.authority,
-                failures,
-                ejection_ms = self.spec.ejection.as_millis() as u64,
-                "backend ejected after consecutive failures"
+                ejected,
+                backends = self.backends.len(),
+                max_ejected_share = self.spec.max_ejected_share,
+                "backend failing but not ejected: max_ejected_share of the pool is already out"
             );
+            return;
         }
+        let until = now + self.spec.ejection.as_millis() as u64;
+        backend
+            .ejected_until_ms
+            .store(until.max(1), Ordering::Relaxed);
+        backend.healthy_gauge.set(0);
+        self.ejections[0].inc();
+        tracing::warn!(
+            upstream = %self.spec.name,
+            backend = %backend.authority,
+            failures = count / FULL_BLAME,
+            ejection_ms = self.spec.ejection.as_millis() as u64,
+            "backend ejected after consecutive failures"
+        );
     }
 }
 
@@ -401,6 +566,88 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pool(backends: usize, max_ejected_share: f64, failures: u32) -> Arc<Pool> {
+        let spec = UpstreamSpec {
+            name: "app".into(),
+            backends: (0..backends)
+                .map(|i| format!("127.0.0.1:{}", 1000 + i).parse().unwrap())
+                .collect(),
+            balance: Balance::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_backend: 1,
+            max_retries: 0,
+            retry_budget_ratio: 0.0,
+            retry_budget_min_per_sec: 0,
+            panic_threshold: 0.0,
+            health_check: None,
+            eject_after_failures: failures,
+            ejection: Duration::from_secs(60),
+            max_ejected_share,
+            local_overload_weight: 0.25,
+        };
+        Pool::new(spec, &Metrics::new(&prometheus::Registry::new()).unwrap())
+    }
+
+    fn ejected(pool: &Pool) -> Vec<bool> {
+        pool.backends
+            .iter()
+            .map(|b| !pool.is_available(b))
+            .collect()
+    }
+
+    #[test]
+    fn ejection_stops_at_the_max_share_and_counts_what_it_skipped() {
+        let p = pool(4, 0.5, 1);
+        for i in 0..3 {
+            p.record_failure(i, Blame::Backend);
+        }
+        assert_eq!(ejected(&p), [true, true, false, false]);
+        assert_eq!(p.ejections[0].get(), 2);
+        assert_eq!(p.ejections[1].get(), 1);
+        // A failing backend left in is failed again later: still not ejected.
+        p.record_failure(2, Blame::Backend);
+        assert_eq!(ejected(&p), [true, true, false, false]);
+    }
+
+    #[test]
+    fn a_pool_of_one_is_never_emptied_unless_the_share_allows_it() {
+        let p = pool(1, 0.5, 1);
+        p.record_failure(0, Blame::Backend);
+        assert_eq!(ejected(&p), [false]);
+        let p = pool(1, 1.0, 1);
+        p.record_failure(0, Blame::Backend);
+        assert_eq!(ejected(&p), [true]);
+    }
+
+    #[test]
+    fn local_overload_weighs_less_and_local_errors_not_at_all() {
+        let p = pool(2, 1.0, 2);
+        for _ in 0..100 {
+            p.record_failure(0, Blame::Local);
+        }
+        assert_eq!(ejected(&p), [false, false]);
+        // Two full failures eject; at a weight of 0.25 it takes eight.
+        for _ in 0..7 {
+            p.record_failure(0, Blame::LocalOverload);
+        }
+        assert_eq!(ejected(&p), [false, false]);
+        p.record_failure(0, Blame::LocalOverload);
+        assert_eq!(ejected(&p), [true, false]);
+        p.record_failure(1, Blame::Backend);
+        p.record_failure(1, Blame::Backend);
+        assert_eq!(ejected(&p), [true, true]);
+        // A success in between starts the count again.
+        let p = pool(1, 1.0, 2);
+        p.record_failure(0, Blame::Backend);
+        p.record_success(0);
+        p.record_failure(0, Blame::Backend);
+        assert_eq!(ejected(&p), [false]);
+    }
 
     #[test]
     fn budget_allows_the_ratio_and_no_more() {
