@@ -12,6 +12,7 @@ mod conn_guard;
 pub mod demo;
 mod loader;
 mod monitor;
+pub mod oci;
 pub mod ranker;
 mod reload;
 mod rollouts;
