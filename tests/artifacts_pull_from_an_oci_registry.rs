@@ -125,10 +125,21 @@ async fn ready(addr: std::net::SocketAddr) -> bool {
 
 /// `gateway plugin|model publish FILE REFERENCE`: the digest it prints, or its error output.
 async fn publish(kind: &str, file: &Path, reference: &str) -> Result<String, String> {
+    publish_with(kind, file, reference, &[]).await
+}
+
+/// [`publish`] with more arguments (`--sign-key KEY`).
+async fn publish_with(
+    kind: &str,
+    file: &Path,
+    reference: &str,
+    args: &[&std::ffi::OsStr],
+) -> Result<String, String> {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args([kind, "publish"])
         .arg(file)
         .arg(reference)
+        .args(args)
         .output()
         .await
         .unwrap();
@@ -176,12 +187,27 @@ async fn serving(gw: &TestGateway, name: &str) -> (Option<String>, Option<String
 }
 
 fn config(pki: &Pki, up: std::net::SocketAddr, plugin_source: &str, model_source: &str) -> String {
+    config_with(pki, up, plugin_source, Some(model_source), "")
+}
+
+/// A node whose route runs plugin `p` from `plugin_source` (its tag re-resolved every
+/// second), serving model `recs` from `model_source` when given, with `store` added to
+/// `[store]`.
+fn config_with(
+    pki: &Pki,
+    up: std::net::SocketAddr,
+    plugin_source: &str,
+    model_source: Option<&str>,
+    store: &str,
+) -> String {
+    let model = model_source.map_or(String::new(), |m| {
+        format!("[[models]]\nname = \"recs\"\nsource = \"{m}\"\n[scoring]\nbackend = \"cpu\"\n")
+    });
     let extra = format!(
         "plugins = [\"p\"]\n\
          [[plugins]]\nname = \"p\"\nsource = \"{plugin_source}\"\noci_resolve_interval_s = 1\ninstances = 1\n\
-         [[models]]\nname = \"recs\"\nsource = \"{model_source}\"\n\
-         [scoring]\nbackend = \"cpu\"\n\
-         [store]\ndir = \"store\"\n"
+         {model}\
+         [store]\ndir = \"store\"\n{store}\n"
     );
     std::fs::write(pki.path().join("admin.token"), TOKEN).unwrap();
     basic_config(pki, &[up], "", &extra).replace(
@@ -447,4 +473,88 @@ fn path_and_source_are_exclusive_and_located() {
     }
     // Each problem names its line.
     assert!(err.contains("test.toml:"), "{err}");
+}
+
+/// Starts a gateway from `toml`; its start error when it does not start.
+async fn start_error(toml: &str, dir: &Path) -> Option<String> {
+    let config = gateway::Config::from_toml(toml, "test.toml", dir).unwrap();
+    match gateway::Gateway::start(config, prometheus::Registry::new()).await {
+        Ok(gw) => {
+            gw.shutdown().await;
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_follow_the_upload_signature_rules_and_size_limit() {
+    let registry = Registry::start().await;
+    let pki = Pki::new();
+    let key = pki.path().join("key.hex");
+    let public = gateway::admin_client::generate_key(&key).unwrap();
+    let other = pki.path().join("other.hex");
+    gateway::admin_client::generate_key(&other).unwrap();
+    let noop = plugin_wasm("noop");
+    let unsigned = registry.reference("plugins/p:unsigned");
+    publish("plugin", &noop, &unsigned).await.unwrap();
+    let signed = registry.reference("plugins/p:signed");
+    publish_with(
+        "plugin",
+        &noop,
+        &signed,
+        &["--sign-key".as_ref(), key.as_os_str()],
+    )
+    .await
+    .unwrap();
+    let foreign = registry.reference("plugins/p:foreign");
+    publish_with(
+        "plugin",
+        &noop,
+        &foreign,
+        &["--sign-key".as_ref(), other.as_os_str()],
+    )
+    .await
+    .unwrap();
+    let up = Upstream::named("a").await;
+    let rules = format!("trusted_keys = [\"{public}\"]\nrequire_signatures = true");
+    let err = start_error(
+        &config_with(&pki, up.addr, &unsigned, None, &rules),
+        pki.path(),
+    )
+    .await
+    .expect("an unsigned artifact started where signatures are required");
+    assert!(
+        err.contains("plugin/p") && err.contains("signatures are required"),
+        "{err}"
+    );
+    let err = start_error(
+        &config_with(&pki, up.addr, &foreign, None, &rules),
+        pki.path(),
+    )
+    .await
+    .expect("an artifact signed by an untrusted key started");
+    assert!(
+        err.contains("does not verify with any trusted key"),
+        "{err}"
+    );
+    assert_eq!(
+        start_error(
+            &config_with(&pki, up.addr, &signed, None, &rules),
+            pki.path()
+        )
+        .await,
+        None,
+        "a signed artifact is accepted"
+    );
+    // The uploads' size limit: an artifact larger than max_upload_bytes is refused before
+    // it is downloaded.
+    let small = config_with(&pki, up.addr, &unsigned, None, "").replace(
+        "token_file = \"admin.token\"",
+        "token_file = \"admin.token\"\nmax_upload_bytes = 1000",
+    );
+    let err = start_error(&small, pki.path())
+        .await
+        .expect("an artifact over the size limit started");
+    assert!(err.contains("more than the limit of 1000 bytes"), "{err}");
 }
