@@ -342,6 +342,29 @@ async fn artifacts_are_published_pulled_converged_and_verified() {
         "only the digest that serves is reported"
     );
 
+    // An upload to a name pulled from a registry would be overridden by the next
+    // resolution: it is refused, and what serves is untouched.
+    let upload = admin_send(
+        gw.gateway.admin_addr(),
+        http::Method::PUT,
+        "/admin/plugins/p",
+        TOKEN,
+        std::fs::read(&noop).unwrap(),
+    )
+    .await;
+    assert_eq!(upload.status, 422, "{}", upload.text());
+    assert!(
+        upload
+            .text()
+            .contains("publish the new version to the registry"),
+        "{}",
+        upload.text()
+    );
+    assert_eq!(
+        serving(&gw, "p").await.0.as_deref(),
+        Some(d_hygiene.as_str())
+    );
+
     // A corrupted blob: published under another tag, its data overwritten in the registry's
     // storage (same length, other bytes), then the watched tag moved to it. The pull is
     // refused and counted; the old version keeps serving.

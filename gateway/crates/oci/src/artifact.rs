@@ -197,7 +197,7 @@ pub fn check_signature(
         }
         return Ok(());
     };
-    let parsed = decode_hex(sig)
+    let parsed = gateway_config::decode_hex(sig.trim())
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
         .map(|b| ed25519_dalek::Signature::from_bytes(&b));
     let Some(sig) = parsed else {
@@ -213,17 +213,6 @@ pub fn check_signature(
             "the signature ({SIGNATURE_ANNOTATION}) does not verify with any trusted key"
         ))
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Lower-case hex of `bytes`.
