@@ -482,7 +482,9 @@ fn path_and_source_are_exclusive_and_located() {
         "",
         "[[plugins]]\nname = \"p\"\npath = \"p.wasm\"\nsource = \"oci://127.0.0.1:5000/p:v1\"\n\
          [[models]]\nname = \"m\"\nsource = \"oci://127.0.0.1:5000/m\"\n\
-         [[models]]\nname = \"n\"\nsource = \"oci://127.0.0.1:5000/n:v1\"\n",
+         [[models]]\nname = \"n\"\nsource = \"oci://127.0.0.1:5000/n:v1\"\n\
+         [[models]]\nname = \"o\"\npath = \"o.safetensors\"\noci_resolve_interval_s = 5\n\
+         [[models]]\nname = \"q\"\n",
     );
     let err = gateway::Config::from_toml(&both, "test.toml", pki.path())
         .unwrap_err()
@@ -491,6 +493,8 @@ fn path_and_source_are_exclusive_and_located() {
         "plugins[0].source: set either `path`",
         "models[0].source: names neither a tag",
         "models[1].source: pulling from a registry needs `[store] dir`",
+        "models[2].oci_resolve_interval_s: has no effect without `source`",
+        "models[3]: needs `path` (a local file) or `source`",
     ] {
         assert!(err.contains(expected), "{expected:?} not in:\n{err}");
     }

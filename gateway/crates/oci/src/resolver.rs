@@ -87,6 +87,9 @@ pub struct Resolver {
     pending: Mutex<HashMap<String, Known>>,
     /// Serializes writes of the record on disk.
     write: Arc<Mutex<()>>,
+    /// One pull at a time: the background check and a reload can want the same digest, and
+    /// the store's temp file for a blob is named by the process, not the writer.
+    pulling: tokio::sync::Mutex<()>,
 }
 
 /// A registry source of a configuration: its kind, name and source.
@@ -119,6 +122,7 @@ impl Resolver {
             serving: Mutex::default(),
             pending: Mutex::default(),
             write: Arc::default(),
+            pulling: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -322,6 +326,7 @@ impl Resolver {
         store: &Store,
         verify: Verify<'_>,
     ) -> Result<Known, OciError> {
+        let _one = self.pulling.lock().await;
         let auth = read_credentials(entry.source.credentials_file.as_deref())?;
         let pulled = pull(entry.kind, &entry.source.reference, digest, &auth, verify).await?;
         let (kind, store2) = (entry.kind, store.clone());
