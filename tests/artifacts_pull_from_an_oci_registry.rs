@@ -319,6 +319,7 @@ async fn artifacts_are_published_pulled_converged_and_verified() {
     // The tag moves: the node converges on the new version without a config change.
     let d_hygiene = publish("plugin", &hygiene, &tag).await.unwrap();
     assert_ne!(d_hygiene, d_noop);
+    let moved = std::time::Instant::now();
     let mut converged = false;
     for _ in 0..150 {
         if serving(&gw, "p").await.0.as_deref() == Some(d_hygiene.as_str()) {
@@ -328,6 +329,16 @@ async fn artifacts_are_published_pulled_converged_and_verified() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(converged, "the node did not converge on the moved tag");
+    eprintln!(
+        "converged on the moved tag {} ms after it moved (oci_resolve_interval_s = 1)",
+        moved.elapsed().as_millis()
+    );
+    // The change is on the audit trail, by the gateway.
+    let audit = std::fs::read_to_string(pki.path().join("store/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"tag_moved\"") && audit.contains(&d_hygiene),
+        "{audit}"
+    );
     assert_eq!(
         serving(&gw, "p").await.1.as_deref(),
         Some(&sha256(&hygiene)[..12])

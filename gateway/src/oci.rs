@@ -131,17 +131,35 @@ pub(crate) async fn run(ctx: Arc<ServeCtx>) {
                 continue;
             }
             tracing::info!(target: "oci", artifact = %key, %digest, "tag moved; rebuilding with the new version");
-            match ctx.rebuild_with_sources().await {
+            let outcome = match ctx.rebuild_with_sources().await {
                 Ok(()) => {
                     refused.remove(&key);
+                    "ok".to_string()
                 }
                 Err(e) => {
                     resolver.drop_pending(kind, &name);
                     ctx.reloads.with_label_values(&["oci"]).inc();
                     tracing::error!(target: "oci", artifact = %key, %digest, error = %e, "the new version of the tag did not load; the previous one keeps serving");
-                    refused.insert(key, digest);
+                    refused.insert(key, digest.clone());
+                    format!("refused: {e}")
                 }
-            }
+            };
+            // A change of what serves that no operator asked for: on the audit trail too.
+            let dir = ctx.shared.state.load().config.store_dir.clone();
+            ctx.audit
+                .append(
+                    dir,
+                    crate::store::audit::Action {
+                        actor: "oci".into(),
+                        action: "tag_moved".into(),
+                        target: format!(
+                            "{}/{name} {reference}@{digest}",
+                            kind.collection().trim_end_matches('s')
+                        ),
+                        outcome,
+                    },
+                )
+                .await;
         }
     }
 }
