@@ -19,6 +19,10 @@ dpkg-query -W -f='${Status}' mesa-vulkan-drivers 2>/dev/null | grep -q "install 
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 # testssl.sh scans the TLS listener (tests/tls_scan_finds_nothing_the_config_controls.rs).
 command -v testssl >/dev/null 2>&1 || packages+=(testssl.sh)
+# The distribution registry (Debian package docker-registry): plugins and models pulled from
+# and published to an OCI registry are tested against a real one on loopback
+# (tests/artifacts_pull_from_an_oci_registry.rs).
+command -v docker-registry >/dev/null 2>&1 || packages+=(docker-registry)
 # Headless Chromium and its WebDriver: the status page is tested in a real browser.
 dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed" ||
   packages+=(chromium)

@@ -9,6 +9,7 @@ mod support;
 mod admin_api_reloads_and_guards_the_node;
 mod alert_rules_and_dashboard_check;
 mod anomalies_raise_an_alert_state;
+mod artifacts_pull_from_an_oci_registry;
 mod bad_config_files_give_located_errors;
 mod client_abuse_stays_handled;
 mod client_faults_never_eject_a_backend;

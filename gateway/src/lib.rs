@@ -13,6 +13,7 @@ pub mod demo;
 mod loader;
 mod monitor;
 mod process_metrics;
+pub mod oci;
 pub mod ranker;
 mod reload;
 mod rollouts;

@@ -26,6 +26,8 @@ pub(crate) struct Loader {
     registry: Registry,
     plugin_runtime: tokio::sync::Mutex<Option<Arc<PluginRuntime>>>,
     scoring: tokio::sync::Mutex<ScoringState>,
+    /// Plugins and models pulled from registries: resolved before each build.
+    pub(crate) oci: crate::oci::Sources,
 }
 
 /// A configuration built and ready to swap in.
@@ -39,9 +41,10 @@ pub(crate) struct Built {
 impl Loader {
     pub(crate) fn new(registry: Registry) -> Loader {
         Loader {
-            registry,
+            registry: registry.clone(),
             plugin_runtime: tokio::sync::Mutex::new(None),
             scoring: tokio::sync::Mutex::new(ScoringState::default()),
+            oci: crate::oci::Sources::new(registry.clone()),
         }
     }
 

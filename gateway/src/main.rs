@@ -210,6 +210,25 @@ struct AdminTarget {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Check a component as `gateway plugin check` does, then publish it to an OCI registry
+    /// (the CNCF Wasm artifact layout) and print its manifest digest, for `[[plugins]] source`.
+    Publish {
+        /// The component file.
+        file: PathBuf,
+        /// Where to publish it: `oci://REGISTRY/REPOSITORY:TAG` (a loopback registry is reached
+        /// over plain HTTP, any other over HTTPS).
+        reference: String,
+        /// File with the registry credentials: `username:password`, or a bearer token.
+        #[arg(long)]
+        credentials_file: Option<PathBuf>,
+        /// Ed25519 key (hex seed, from `gateway keys generate`) to sign it with; nodes whose
+        /// `[store] trusted_keys` hold its public key accept it where signatures are required.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        /// Configuration string handed to `init` by the check.
+        #[arg(long, default_value = "")]
+        config: String,
+    },
     /// Upload a plugin to a running node: validated, stored and activated there, or refused
     /// with the reason and nothing changed.
     Push {
@@ -251,6 +270,23 @@ enum PluginCommand {
 
 #[derive(Subcommand)]
 enum ModelCommand {
+    /// Check a model file as `gateway model inspect` does, then publish it to an OCI registry
+    /// (artifactType application/vnd.storefront.gateway.model.v1) and print its manifest
+    /// digest, for `[[models]] source`.
+    Publish {
+        /// The .safetensors file.
+        file: PathBuf,
+        /// Where to publish it: `oci://REGISTRY/REPOSITORY:TAG` (a loopback registry is reached
+        /// over plain HTTP, any other over HTTPS).
+        reference: String,
+        /// File with the registry credentials: `username:password`, or a bearer token.
+        #[arg(long)]
+        credentials_file: Option<PathBuf>,
+        /// Ed25519 key (hex seed, from `gateway keys generate`) to sign it with; nodes whose
+        /// `[store] trusted_keys` hold its public key accept it where signatures are required.
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+    },
     /// Upload a model to a running node: validated, loaded, warmed and activated there, or
     /// refused with the reason and nothing changed.
     Push {
@@ -358,6 +394,21 @@ fn main() -> ExitCode {
         Command::Plugin {
             command: PluginCommand::Push { file, name, target },
         } => push_file(&target, Kind::Plugin, &name, &file),
+        Command::Plugin {
+            command:
+                PluginCommand::Publish {
+                    file,
+                    reference,
+                    credentials_file,
+                    sign_key,
+                    config,
+                },
+        } => match plugin_check(&file, config, "/", None, None, 0) {
+            Ok(code) if code == ExitCode::SUCCESS => {
+                publish(Kind::Plugin, &file, &reference, credentials_file, sign_key)
+            }
+            checked => checked,
+        },
         Command::Model { command } => model_command(command),
         Command::Audit {
             command: AuditCommand::Verify { file },
@@ -466,7 +517,9 @@ fn sample_files(path: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     for m in &raw.models {
-        let file = base.join(&m.path);
+        // A model pulled from a registry (`source`) has no local file to write.
+        let Some(path) = &m.path else { continue };
+        let file = base.join(path);
         if file.exists() {
             println!("kept  {}", file.display());
             continue;
@@ -513,7 +566,15 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         let loaded = rt.block_on(async {
             let registry = prometheus::Registry::new();
             let engine = gateway::plugin::PluginRuntime::new(&c.plugin_runtime, &registry)?;
-            gateway::plugin::load_all(&engine, &c.plugins).await
+            // Registry sources are pulled, verified and loaded at start; a check reads no
+            // registry.
+            let local: Vec<_> = c
+                .plugins
+                .iter()
+                .filter(|p| p.oci.is_none())
+                .cloned()
+                .collect();
+            gateway::plugin::load_all(&engine, &local).await
         });
         if let Err(e) = loaded {
             eprintln!("{}: {e}", path.display());
@@ -521,7 +582,7 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     // Models are validated in full on the CPU path (no device needed to check a file).
-    for m in &c.models {
+    for m in c.models.iter().filter(|m| m.oci.is_none()) {
         let cfg = gateway::scoring::ScoringConfig::default();
         if let Err(e) = gateway::scoring::serving::load_served(
             &m.path,
@@ -701,6 +762,25 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
     use gateway::scoring::{self, ModelKind, SampleSpec, Similarity};
     match command {
         ModelCommand::Push { file, name, target } => push_file(&target, Kind::Model, &name, &file),
+        ModelCommand::Publish {
+            file,
+            reference,
+            credentials_file,
+            sign_key,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            // Refuse to publish what every node's loader would refuse.
+            if let Err(e) = scoring::Model::from_bytes(
+                &bytes,
+                &scoring::ScoringConfig::default(),
+                &scoring::ComputeDevice::Cpu,
+            ) {
+                eprintln!("{}: invalid: {e}", file.display());
+                return Ok(ExitCode::FAILURE);
+            }
+            publish(Kind::Model, &file, &reference, credentials_file, sign_key)
+        }
         ModelCommand::Inspect { file } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -827,6 +907,27 @@ where
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `gateway plugin publish` / `gateway model publish`, once the file checked: pushes it to the
+/// registry and prints the manifest digest.
+fn publish(
+    kind: Kind,
+    file: &Path,
+    reference: &str,
+    credentials_file: Option<PathBuf>,
+    sign_key: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let digest = runtime(1)?.block_on(gateway::oci::publish(
+        kind,
+        bytes,
+        reference,
+        credentials_file.as_deref(),
+        sign_key.as_deref(),
+    ))?;
+    println!("{reference}@{digest}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `gateway plugin push` / `gateway model push`.

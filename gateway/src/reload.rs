@@ -38,6 +38,7 @@ impl ReloadError {
             ReloadError::Apply(StartError::Plugin(_)) => "plugin",
             ReloadError::Apply(StartError::Model { .. }) => "model",
             ReloadError::Apply(StartError::Store(_)) => "store",
+            ReloadError::Apply(StartError::Oci(_)) => "oci",
             ReloadError::Apply(_) => "other",
         }
     }
@@ -128,7 +129,9 @@ impl ServeCtx {
     /// With the reload lock held: applies the store's record to `next` (the configuration as
     /// read), builds it and swaps it in; `base` becomes `next` once it serves.
     async fn apply_locked(&self, base: &mut Config, next: Config) -> Result<(), StartError> {
-        let config = with_record(next.clone()).await?;
+        let mut config = with_record(next.clone()).await?;
+        // A reload resolves registry tags again (start and reload are when they are read).
+        self.loader.oci.resolve(&mut config, true).await?;
         self.build_and_swap(config, None).await?;
         *base = next;
         Ok(())
@@ -137,7 +140,7 @@ impl ServeCtx {
     /// With the reload lock held: builds `config`, writes `record` to the store when given
     /// (after everything loaded, before anything changes), then swaps. On error nothing
     /// changes.
-    async fn build_and_swap(
+    pub(crate) async fn build_and_swap(
         &self,
         config: Config,
         record: Option<(Store, Manifest)>,
@@ -150,6 +153,10 @@ impl ServeCtx {
         self.shared.state.store(Arc::new(built.snapshot));
         self.tls.store(built.tls);
         self.observed.note_versions(&self.shared.state.load());
+        self.loader
+            .oci
+            .commit(&self.shared.state.load().config)
+            .await;
         Ok(())
     }
 
@@ -222,6 +229,31 @@ impl ServeCtx {
         if !configured {
             return Err(ArtifactError::NotConfigured(name.to_string()));
         }
+        let source = match kind {
+            Kind::Plugin => base
+                .plugins
+                .iter()
+                .find(|p| p.name == name)
+                .and_then(|p| p.oci.as_ref()),
+            Kind::Model => base
+                .models
+                .iter()
+                .find(|m| m.name == name)
+                .and_then(|m| m.oci.as_ref()),
+        };
+        if let Some(source) = source {
+            // Its registry source decides what it runs; an upload would be overridden by the
+            // next resolution, so it is refused rather than silently not served.
+            return Err(ArtifactError::Rejected(
+                format!(
+                    "{name:?} is pulled from {}; publish the new version to the registry \
+                     (gateway {} publish) instead of uploading it",
+                    source.reference,
+                    kind.collection().trim_end_matches('s'),
+                )
+                .into(),
+            ));
+        }
         let stored = read_record(&base).await.map_err(ArtifactError::Store)?;
         let entry = stored
             .as_ref()
@@ -256,6 +288,9 @@ impl ServeCtx {
         record.activate(kind, name, &sha);
         let mut config = base.clone();
         apply_record(&mut config, &store, &record);
+        if let Err(e) = self.loader.oci.resolve(&mut config, false).await {
+            return Err(ArtifactError::Rejected(Box::new(e)));
+        }
         match self.build_and_swap(config, Some((store, record))).await {
             Ok(()) => Ok(Activated::Stored(sha)),
             Err(StartError::Store(e)) => Err(ArtifactError::Store(e)),

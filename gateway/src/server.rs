@@ -64,6 +64,9 @@ pub enum StartError {
     /// The artifact store could not be read.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A plugin or model from a registry could not be pulled, with nothing pulled before.
+    #[error(transparent)]
+    Oci(#[from] gateway_oci::SourceError),
     /// A model could not be loaded, or no device could be had for it.
     #[error("model {name:?}: {message}")]
     Model {
@@ -131,10 +134,12 @@ impl Gateway {
     pub async fn start(config: Config, registry: Registry) -> Result<Gateway, StartError> {
         let base = config.clone();
         // Uploaded versions that were active before a restart are active again.
-        let config = with_record(config).await?;
+        let mut config = with_record(config).await?;
         let metrics = Metrics::new(&registry)?;
         let loader = Loader::new(registry.clone());
+        loader.oci.resolve(&mut config, true).await?;
         let built = loader.build(config, &metrics, None, None).await?;
+        loader.oci.commit(&built.snapshot.config).await;
         let config = built.snapshot.config.clone();
         let mut bound = Vec::new();
         for spec in &config.listeners {
@@ -216,6 +221,7 @@ impl Gateway {
             tokio::spawn(accept_loop(ctx.clone(), listener, spec));
         }
         tokio::spawn(crate::rollouts::run(ctx.clone()));
+        tokio::spawn(crate::oci::run(ctx.clone()));
         tokio::spawn({
             let shared = ctx.shared.clone();
             gateway_proxy::admission::sample(

@@ -59,6 +59,26 @@ pub struct Status {
     pub plugins: Vec<PluginStatus>,
     /// Routes, in config order.
     pub routes: Vec<RouteStatus>,
+    /// Plugins and models pulled from OCI registries (`source = "oci://..."`): the reference
+    /// each names and the digest it runs, so every node of a fleet reports its version.
+    #[serde(default)]
+    pub sources: Vec<SourceStatus>,
+}
+
+/// A plugin or model pulled from an OCI registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// The manifest digest that serves (`sha256:...`).
+    pub digest: Option<String>,
+    /// `plugin` or `model`.
+    pub kind: String,
+    /// Its name in the config.
+    pub name: String,
+    /// The reference configured (`oci://registry/repository:tag` or `@sha256:...`).
+    pub reference: String,
+    /// How often its tag is resolved again, in seconds; 0: only at start and reload (and
+    /// always 0 for a digest-pinned reference).
+    pub resolve_interval_s: u64,
 }
 
 /// `GET /admin/rollouts`: every experiment, its variants' weights and figures, and its
@@ -596,6 +616,13 @@ mod tests {
                 name: "r".into(),
                 plugins: vec!["p".into()],
                 upstream: "u".into(),
+            }],
+            sources: vec![SourceStatus {
+                digest: Some("sha256:00".into()),
+                kind: "plugin".into(),
+                name: "p".into(),
+                reference: "oci://127.0.0.1:5000/p:v1".into(),
+                resolve_interval_s: 300,
             }],
         };
         let direct = serde_json::to_string(&status).unwrap();

@@ -472,9 +472,27 @@ fn status(ctx: &impl Control, registry: &Registry) -> api::Status {
                 .collect(),
         })
         .collect();
+    let config = &snapshot.config;
+    let sources = config
+        .plugins
+        .iter()
+        .map(|p| ("plugin", &p.name, &p.oci))
+        .chain(config.models.iter().map(|m| ("model", &m.name, &m.oci)))
+        .filter_map(|(kind, name, oci)| {
+            let o = oci.as_ref()?;
+            Some(api::SourceStatus {
+                kind: kind.to_string(),
+                name: name.clone(),
+                reference: o.reference.to_string(),
+                digest: o.resolved.clone(),
+                resolve_interval_s: o.resolve_interval.as_secs(),
+            })
+        })
+        .collect();
     api::Status {
         hints: hints::hints(registry, &snapshot),
         routes,
+        sources,
         plugins,
         models,
         last_reload: last_reload(ctx),

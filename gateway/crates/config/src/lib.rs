@@ -17,6 +17,7 @@
 pub mod certs;
 mod experiment;
 pub mod files;
+pub mod oci;
 pub mod raw;
 mod validate;
 
@@ -32,6 +33,7 @@ use rustls::sign::CertifiedKey;
 pub use experiment::{
     ExperimentSpec, FeedbackKey, FeedbackSettings, RolloutSpec, ShopperKey, VariantSpec,
 };
+pub use oci::{OciReference, OciSource};
 pub use validate::{check, decode_hex, parse_host_pattern, validate, validate_with, Checked};
 
 /// A validated configuration, ready to run.
@@ -159,8 +161,11 @@ pub struct BatchSettings {
 pub struct ModelSpec {
     /// Unique name.
     pub name: String,
-    /// File.
+    /// File. For a registry `source`, the pulled blob in the store once pulled (empty
+    /// before).
     pub path: PathBuf,
+    /// The registry it is pulled from (`source = "oci://..."`); `None` for a local file.
+    pub oci: Option<OciSource>,
     /// Required SHA-256 (lower-case hex), when pinned.
     pub sha256: Option<String>,
     /// Embedding tables rounded to and held as f16 (`f16_storage`); f32 otherwise.
@@ -240,8 +245,11 @@ pub struct PluginSpec {
     pub name: String,
     /// Required SHA-256 (lower-case hex), when pinned.
     pub sha256: Option<String>,
-    /// Component file.
+    /// Component file. For a registry `source`, the pulled blob in the store once pulled
+    /// (empty before).
     pub path: PathBuf,
+    /// The registry it is pulled from (`source = "oci://..."`); `None` for a local file.
+    pub oci: Option<OciSource>,
     /// Configuration handed to `init`.
     pub config: String,
     /// Wall-clock backstop per hook call (stops a plugin blocked in a host call, or one on
@@ -269,6 +277,7 @@ impl PluginSpec {
             name: name.to_string(),
             sha256: None,
             path,
+            oci: None,
             config,
             deadline: Duration::from_millis(DEFAULT_PLUGIN_DEADLINE_MS),
             memory_limit: DEFAULT_PLUGIN_MEMORY_LIMIT,

@@ -200,8 +200,23 @@ pub struct RawScoring {
 pub struct RawModel {
     /// Unique name, used in the endpoint path and metrics.
     pub name: String,
-    /// The model file (safetensors). Relative to the config file.
-    pub path: String,
+    /// The model file (safetensors). Relative to the config file. Required unless `source`
+    /// names a registry.
+    pub path: Option<String>,
+    /// Pull the model file from an OCI registry instead of reading `path`:
+    /// `oci://REGISTRY/REPOSITORY:TAG` or `oci://REGISTRY/REPOSITORY@sha256:DIGEST`. Set
+    /// exactly one of `path` and `source`; needs `[store] dir`, where pulled artifacts are
+    /// kept by digest. A loopback registry (`127.0.0.1`, `localhost`, `[::1]`) is reached
+    /// over plain HTTP, any other over HTTPS. Default: none.
+    pub source: Option<String>,
+    /// File with the registry's credentials for `source`: `username:password` on one line,
+    /// or a bearer token alone. Relative to the config file; read at every pull. Default:
+    /// anonymous.
+    pub oci_credentials_file: Option<String>,
+    /// How often a `source` tag is resolved again, in seconds; when it names another digest
+    /// the new content is pulled, verified and loaded in an all-or-nothing reload. 0: only
+    /// at start and reload. A digest-pinned `source` is never resolved again. Default 300.
+    pub oci_resolve_interval_s: Option<u64>,
     /// Pin: the SHA-256 (hex) the file must have; a file or upload with another content is
     /// refused. Default: not pinned.
     pub sha256: Option<String>,
@@ -256,8 +271,22 @@ pub struct RawPlugin {
     /// is refused. Default: not pinned.
     pub sha256: Option<String>,
     /// The plugin component (`.wasm`, built for the `plugin` world in `wit/`). Relative to the
-    /// config file.
-    pub path: String,
+    /// config file. Required unless `source` names a registry.
+    pub path: Option<String>,
+    /// Pull the component from an OCI registry instead of reading `path`:
+    /// `oci://REGISTRY/REPOSITORY:TAG` or `oci://REGISTRY/REPOSITORY@sha256:DIGEST`. Set
+    /// exactly one of `path` and `source`; needs `[store] dir`, where pulled artifacts are
+    /// kept by digest. A loopback registry (`127.0.0.1`, `localhost`, `[::1]`) is reached
+    /// over plain HTTP, any other over HTTPS. Default: none.
+    pub source: Option<String>,
+    /// File with the registry's credentials for `source`: `username:password` on one line,
+    /// or a bearer token alone. Relative to the config file; read at every pull. Default:
+    /// anonymous.
+    pub oci_credentials_file: Option<String>,
+    /// How often a `source` tag is resolved again, in seconds; when it names another digest
+    /// the new content is pulled, verified and loaded in an all-or-nothing reload. 0: only
+    /// at start and reload. A digest-pinned `source` is never resolved again. Default 300.
+    pub oci_resolve_interval_s: Option<u64>,
     /// The plugin's own configuration: a string passed as is, or a table passed as TOML text.
     pub config: Option<toml::Value>,
     /// Wall-clock backstop of one hook call, in milliseconds: the call is aborted after it

@@ -697,11 +697,24 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
     for (i, rp) in raw.plugins.into_iter().enumerate() {
         let at = |f: &'static str| vec![Key("plugins"), Index(i), Key(f)];
         check_name(&mut c, at("name"), &rp.name, &mut plugin_names, i, "plugin");
-        let path = resolve(base_dir, &rp.path);
-        c.read(Read::PluginFile {
-            index: i,
-            path: path.clone(),
-        });
+        let (path, oci) = check_source(
+            &mut c,
+            base_dir,
+            ("plugins", i),
+            raw.store.dir.is_some(),
+            SourceFields {
+                path: rp.path,
+                source: rp.source,
+                credentials_file: rp.oci_credentials_file,
+                resolve_interval_s: rp.oci_resolve_interval_s,
+            },
+        );
+        if oci.is_none() {
+            c.read(Read::PluginFile {
+                index: i,
+                path: path.clone(),
+            });
+        }
         let config = match rp.config {
             None => String::new(),
             Some(toml::Value::String(s)) => s,
@@ -754,6 +767,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             sha256,
             name: rp.name,
             path,
+            oci,
             config,
             deadline: ms(deadline_ms),
             memory_limit: memory_limit as usize,
@@ -821,11 +835,24 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
     for (i, rm) in raw.models.into_iter().enumerate() {
         let at = |f: &'static str| vec![Key("models"), Index(i), Key(f)];
         check_name(&mut c, at("name"), &rm.name, &mut model_names, i, "model");
-        let path = resolve(base_dir, &rm.path);
-        c.read(Read::ModelFile {
-            index: i,
-            path: path.clone(),
-        });
+        let (path, oci) = check_source(
+            &mut c,
+            base_dir,
+            ("models", i),
+            raw.store.dir.is_some(),
+            SourceFields {
+                path: rm.path,
+                source: rm.source,
+                credentials_file: rm.oci_credentials_file,
+                resolve_interval_s: rm.oci_resolve_interval_s,
+            },
+        );
+        if oci.is_none() {
+            c.read(Read::ModelFile {
+                index: i,
+                path: path.clone(),
+            });
+        }
         let sha256 = check_pin(&mut c, at("sha256"), rm.sha256.as_deref());
         let k = rm.eval_k.unwrap_or(10);
         let max_regression = rm.max_regression.unwrap_or(0.01);
@@ -871,6 +898,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
         models.push(ModelSpec {
             name: rm.name,
             path,
+            oci,
             sha256,
             f16_storage: rm.f16_storage.unwrap_or(false),
             eval,
@@ -1242,6 +1270,105 @@ impl Checked {
             Ok(config)
         } else {
             Err(problems)
+        }
+    }
+}
+
+/// Where a `[[plugins]]` or `[[models]]` entry's content comes from, as written.
+struct SourceFields {
+    path: Option<String>,
+    source: Option<String>,
+    credentials_file: Option<String>,
+    resolve_interval_s: Option<u64>,
+}
+
+/// Checks an entry's `path` / `source` pair (exactly one; the `oci_*` fields only with a
+/// `source`; a `source` needs `[store] dir`) and returns the file to read, or, for a registry
+/// source, an empty path (set to the pulled blob in the store before loading) and the source.
+fn check_source(
+    c: &mut Checker,
+    base_dir: &Path,
+    (table, i): (&'static str, usize),
+    has_store: bool,
+    f: SourceFields,
+) -> (PathBuf, Option<crate::oci::OciSource>) {
+    use Seg::{Index, Key};
+    let at = |field: &'static str| vec![Key(table), Index(i), Key(field)];
+    match (f.path, f.source) {
+        (Some(path), None) => {
+            for (field, set) in [
+                ("oci_credentials_file", f.credentials_file.is_some()),
+                ("oci_resolve_interval_s", f.resolve_interval_s.is_some()),
+            ] {
+                if set {
+                    c.fail(
+                        at(field),
+                        "has no effect without `source` (an oci:// reference)",
+                    );
+                }
+            }
+            (resolve(base_dir, &path), None)
+        }
+        (None, None) => {
+            c.fail(
+                vec![Key(table), Index(i)],
+                "needs `path` (a local file) or `source` (an oci:// registry reference)",
+            );
+            (PathBuf::new(), None)
+        }
+        (Some(_), Some(_)) => {
+            c.fail(
+                at("source"),
+                "set either `path` (a local file) or `source` (an oci:// reference), not both",
+            );
+            (PathBuf::new(), None)
+        }
+        (None, Some(source)) => {
+            let reference = match crate::oci::OciReference::parse(&source) {
+                Ok(r) => r,
+                Err(e) => {
+                    c.fail(at("source"), e);
+                    return (PathBuf::new(), None);
+                }
+            };
+            if !has_store {
+                c.fail(
+                    at("source"),
+                    "pulling from a registry needs `[store] dir`: pulled artifacts are kept \
+                     there by digest, and served from there when the registry is down",
+                );
+            }
+            let interval = f
+                .resolve_interval_s
+                .unwrap_or(crate::oci::DEFAULT_OCI_RESOLVE_INTERVAL_S);
+            if interval > 7 * 24 * 3600 {
+                c.fail(
+                    at("oci_resolve_interval_s"),
+                    "must be between 0 (only at start and reload) and 604800 seconds (a week)",
+                );
+            }
+            if reference.is_pinned() && f.resolve_interval_s.is_some_and(|s| s > 0) {
+                c.fail(
+                    at("oci_resolve_interval_s"),
+                    "a digest-pinned source always means the same content and is never \
+                     resolved again; remove the interval or name a tag",
+                );
+            }
+            let credentials_file = f.credentials_file.map(|p| resolve(base_dir, &p));
+            let resolve_interval = if reference.is_pinned() {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(interval)
+            };
+            (
+                PathBuf::new(),
+                Some(crate::oci::OciSource {
+                    reference,
+                    credentials_file,
+                    resolve_interval,
+                    resolved: None,
+                }),
+            )
         }
     }
 }
