@@ -42,5 +42,6 @@ mod tls_sni_alpn_and_versions;
 mod tuning_hints_name_what_to_change;
 mod uploads_are_validated_durable_and_reversible;
 mod upstream_failover_health_and_retries;
+mod upgrade_hands_over_without_dropping;
 mod upstream_protocols_and_balancing;
 mod watcher_applies_the_store_record_of_another_node;

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# On-demand benchmark, not part of CI: the binary replaced several times under load.
+#
+#   bench/upgrade.sh                                  # 30 s, 5 upgrades
+#   DURATION=60 UPGRADES=10 bench/upgrade.sh
+#   GATEWAY=/path/to/gateway SKIP_BUILD=1 bench/upgrade.sh
+#   KEEP=/tmp/upgrade bench/upgrade.sh                # keep the logs and the load output
+#
+# One gateway (a worker per core) in front of the nginx upstream from bench/nginx, run from a
+# copy of the binary in a work directory with --pid-file. For DURATION seconds:
+#   - h2load (16 connections x 8 streams, h2 over TLS) and wrk (16 HTTP/1.1 connections over
+#     TLS), both on `/`;
+#   - UPGRADES times, evenly spaced: the binary in the work directory is replaced (a fresh
+#     copy renamed over it, as a package manager does) and `gateway upgrade --pid-file` runs;
+#     each must exit 0 naming a new pid.
+# Reported: requests, failures and non-2xx answers by client, the upgrades done and the pids.
+# Any failed request, socket error, non-2xx answer or failed upgrade makes it exit 1.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DURATION=${DURATION:-30}
+UPGRADES=${UPGRADES:-5}
+SKIP_BUILD=${SKIP_BUILD:-0}
+UP_PORT=18080
+GW_PORT=18449
+GW_ADMIN=19906
+CERT=/tmp/bench-cert.pem
+KEY=/tmp/bench-key.pem
+GATEWAY=${GATEWAY:-$ROOT/target/release/gateway}
+
+die() { echo "upgrade.sh: $*" >&2; exit 1; }
+for v in DURATION UPGRADES; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
+
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need nginx nginx-light wrk wrk h2load nghttp2-client openssl openssl curl curl
+build_gateway_and_plugins
+if [[ ! -s $CERT || ! -s $KEY ]]; then
+  timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$KEY" -out "$CERT" -days 30 -subj /CN=localhost 2>/dev/null
+fi
+
+WORK=$(mktemp -d /tmp/bench-upgrade.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The processes the upgrades started are not this script's children.
+  [[ -s $WORK/gw.pid ]] && kill "$(cat "$WORK/gw.pid")" 2>/dev/null || true
+  pkill -P $$ 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+mkdir -p "$WORK/bin"
+cp "$GATEWAY" "$WORK/bin/gateway"
+cat >"$WORK/gateway.toml" <<EOF
+[logging]
+level = "info"
+access_log = false
+[admin]
+bind = "127.0.0.1:$GW_ADMIN"
+[server]
+drain_timeout_ms = 10000
+[[tls.certificates]]
+cert = "$CERT"
+key = "$KEY"
+server_names = ["localhost"]
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:$GW_PORT"
+[[upstreams]]
+name = "store"
+backends = ["127.0.0.1:$UP_PORT"]
+pool_max_idle_per_backend = 256
+[[routes]]
+name = "all"
+upstream = "store"
+EOF
+"$WORK/bin/gateway" check --config "$WORK/gateway.toml" >/dev/null
+
+timeout -k 5 3600 nginx -e /tmp/bench-up.err -c "$ROOT/bench/nginx/nginx-upstream.conf" &
+PIDS+=($!)
+"$WORK/bin/gateway" run --config "$WORK/gateway.toml" --pid-file "$WORK/gw.pid" >"$WORK/gateway.log" 2>&1 &
+PIDS+=($!)
+url="https://127.0.0.1:$GW_PORT/"
+for _ in $(seq 100); do curl -sk -o /dev/null "$url" && break; sleep 0.1; done
+curl -skf -o /dev/null "$url" || die "gateway did not come up: $(tail -5 "$WORK/gateway.log")"
+first=$(cat "$WORK/gw.pid")
+
+timeout $((DURATION + 60)) h2load -D "$DURATION" -c 16 -m 8 -t 1 "$url" >"$WORK/h2load" 2>&1 &
+h2=$!
+timeout $((DURATION + 60)) wrk -t1 -c16 -d"${DURATION}s" "$url" >"$WORK/wrk" 2>&1 &
+wr=$!
+
+# Upgrades at DURATION * i / (UPGRADES + 1) seconds, so load runs before the first and after
+# the last.
+start=$SECONDS
+pids=("$first")
+failed_upgrades=0
+for i in $(seq "$UPGRADES"); do
+  at=$((start + DURATION * i / (UPGRADES + 1)))
+  while ((SECONDS < at)); do sleep 0.2; done
+  cp "$GATEWAY" "$WORK/bin/.gateway.new"
+  mv -f "$WORK/bin/.gateway.new" "$WORK/bin/gateway"
+  t0=$(date +%s.%N)
+  if out=$("$WORK/bin/gateway" upgrade --pid-file "$WORK/gw.pid" 2>&1); then
+    t1=$(date +%s.%N)
+    pids+=("$(cat "$WORK/gw.pid")")
+    echo "upgrade $i at $((SECONDS - start)) s: $out ($(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}') s)"
+  else
+    failed_upgrades=$((failed_upgrades + 1))
+    echo "upgrade $i at $((SECONDS - start)) s FAILED: $out"
+  fi
+done
+wait "$h2" "$wr" || true
+sleep 1
+upgrades_total=$(curl -s "http://127.0.0.1:$GW_ADMIN/metrics" | awk '/^gateway_upgrades_total\{outcome="took_over"\}/ {print $NF}')
+# Every old process must have exited after its drain.
+left=0
+for p in "${pids[@]:0:${#pids[@]}-1}"; do kill -0 "$p" 2>/dev/null && left=$((left + 1)); done
+
+if [[ -n ${KEEP:-} ]]; then mkdir -p "$KEEP" && cp "$WORK/gateway.log" "$WORK/h2load" "$WORK/wrk" "$KEEP/"; fi
+
+num() { awk -v re="$1" -v f="$2" '$0 ~ re {gsub(",", ""); print $f; exit}' "$3"; }
+h2_total=$(num '^requests:' 2 "$WORK/h2load")
+h2_ok=$(num '^requests:' 8 "$WORK/h2load")
+h2_failed=$(num '^requests:' 10 "$WORK/h2load")
+h2_errored=$(num '^requests:' 12 "$WORK/h2load")
+h2_2xx=$(num '^status codes:' 3 "$WORK/h2load")
+h2_non2xx=$(awk '/^status codes:/ {gsub(",", ""); print $5 + $7 + $9; exit}' "$WORK/h2load")
+wrk_total=$(awk '/requests in/ {print $1}' "$WORK/wrk")
+wrk_sock=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$WORK/wrk")
+wrk_non2xx=$(awk '/Non-2xx/ {print $NF}' "$WORK/wrk")
+
+echo
+echo "gateway $("$GATEWAY" --version), nproc $(nproc), $DURATION s, $UPGRADES upgrades; pids ${pids[*]}"
+echo "| client | requests | failed / errors | non-2xx |"
+echo "|---|---|---|---|"
+echo "| h2load, h2 + TLS, 16 conns x 8 streams | ${h2_total:-?} (${h2_ok:-?} succeeded, ${h2_2xx:-?} 2xx) | ${h2_failed:-?} failed, ${h2_errored:-?} errored | ${h2_non2xx:-?} |"
+echo "| wrk, HTTP/1.1 + TLS, 16 conns | ${wrk_total:-?} | ${wrk_sock:-0} socket errors | ${wrk_non2xx:-0} |"
+echo "upgrades: $((UPGRADES - failed_upgrades)) of $UPGRADES handed over; the last process counts took_over=${upgrades_total:-?}; old processes still running: $left"
+
+[[ ${h2_failed:-1} == 0 && ${h2_errored:-1} == 0 && ${h2_non2xx:-1} == 0 && ${wrk_sock:-0} == 0 && ${wrk_non2xx:-0} == 0 && $failed_upgrades == 0 && $left == 0 ]] ||
+  die "requests or upgrades failed (see above)"
