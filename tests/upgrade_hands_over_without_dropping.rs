@@ -223,6 +223,9 @@ impl Tally {
     }
 }
 
+/// What the clients ask for, in turn: the upstream answers `?slow` after a few milliseconds.
+const PATHS: [&str; 2] = ["/item", "/item?slow"];
+
 /// An HTTP/1.1 client over TLS sending one request after another until `stop`; it opens a new
 /// connection only after a response that says `connection: close`.
 async fn h1_client(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'static>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
@@ -252,8 +255,8 @@ async fn h1_client(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'stat
             conn = None;
             continue;
         }
-        tally.sent.fetch_add(1, Ordering::Relaxed);
-        let req = origin_form(get("localhost", "/item"));
+        let n = tally.sent.fetch_add(1, Ordering::Relaxed);
+        let req = origin_form(get("localhost", PATHS[n as usize % 2]));
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let close = resp
@@ -326,8 +329,8 @@ async fn h2_client(
                     if sender.ready().await.is_err() {
                         return;
                     }
-                    tally.sent.fetch_add(1, Ordering::Relaxed);
-                    match sender.try_send_request(get("localhost", "/item")).await {
+                    let n = tally.sent.fetch_add(1, Ordering::Relaxed);
+                    match sender.try_send_request(get("localhost", PATHS[n as usize % 2])).await {
                         Ok(resp) => {
                             let status = resp.status();
                             match resp.into_body().collect().await.map(|b| b.to_bytes()) {
@@ -426,12 +429,20 @@ fn config(pki: &Pki, upstream: SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_upgrades_under_h1_and_h2_load_lose_no_request() {
     let pki = Pki::new();
-    // Each answer takes a few milliseconds, so requests are in flight at every hand-over.
-    let upstream =
-        Upstream::with(|_| Reply::Delay(Duration::from_millis(5), Bytes::from_static(b"app")))
-            .await;
+    // Every other request takes a few milliseconds, so requests are in flight at every
+    // hand-over; the others are answered at once, so HTTP/1.1 connections are often between
+    // a response and the next request then, which is where closing a connection races the
+    // client.
+    let upstream = Upstream::with(|seen| {
+        if seen.uri.query() == Some("slow") {
+            Reply::Delay(Duration::from_millis(5), Bytes::from_static(b"app"))
+        } else {
+            Reply::Respond(http::StatusCode::OK, vec![], Bytes::from_static(b"app"))
+        }
+    })
+    .await;
     let mut node = Node::start(pki.path(), &config(&pki, upstream.addr), &[]).await;
-    let load = Load::start(node.https, &pki.ca_der, 4, 2);
+    let load = Load::start(node.https, &pki.ca_der, 8, 2);
     load.progress(200).await;
 
     let mut pids = vec![node.pid().unwrap()];
@@ -481,6 +492,13 @@ async fn three_upgrades_under_h1_and_h2_load_lose_no_request() {
         node.log_tail()
     );
     assert_eq!(sent, answered, "every request sent was answered");
+    // The upstream saw each answered request once, and none of those the client library
+    // reported as not sent or refused by a GOAWAY.
+    assert_eq!(
+        upstream.hits() as u64,
+        answered,
+        "every request the upstream saw was answered, and no other"
+    );
     assert!(
         tally.connections.load(Ordering::Relaxed) > 6,
         "the clients were moved to new connections by the hand-overs"
