@@ -228,7 +228,12 @@ const PATHS: [&str; 2] = ["/item", "/item?slow"];
 
 /// An HTTP/1.1 client over TLS sending one request after another until `stop`; it opens a new
 /// connection only after a response that says `connection: close`.
-async fn h1_client(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'static>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+async fn h1_client(
+    addr: SocketAddr,
+    ca: rustls::pki_types::CertificateDer<'static>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
     let mut conn: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>> =
         None;
     while !stop.load(Ordering::Relaxed) {
@@ -251,7 +256,9 @@ async fn h1_client(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'stat
             },
         };
         if sender.ready().await.is_err() {
-            tally.fail("h1: the server closed a keep-alive connection without `connection: close`".into());
+            tally.fail(
+                "h1: the server closed a keep-alive connection without `connection: close`".into(),
+            );
             conn = None;
             continue;
         }
@@ -330,7 +337,10 @@ async fn h2_client(
                         return;
                     }
                     let n = tally.sent.fetch_add(1, Ordering::Relaxed);
-                    match sender.try_send_request(get("localhost", PATHS[n as usize % 2])).await {
+                    match sender
+                        .try_send_request(get("localhost", PATHS[n as usize % 2]))
+                        .await
+                    {
                         Ok(resp) => {
                             let status = resp.status();
                             match resp.into_body().collect().await.map(|b| b.to_bytes()) {
@@ -367,7 +377,9 @@ async fn h2_client(
 fn refused_by_goaway(e: &hyper::Error) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<h2::Error>())
-        .is_some_and(|h2| h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
+        .is_some_and(|h2| {
+            h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR)
+        })
 }
 
 /// Clients of both protocols against `addr` until [`Load::stop`].
@@ -378,15 +390,31 @@ struct Load {
 }
 
 impl Load {
-    fn start(addr: SocketAddr, ca: &rustls::pki_types::CertificateDer<'static>, h1: usize, h2: usize) -> Load {
+    fn start(
+        addr: SocketAddr,
+        ca: &rustls::pki_types::CertificateDer<'static>,
+        h1: usize,
+        h2: usize,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
         let mut tasks = Vec::new();
         for _ in 0..h1 {
-            tasks.push(tokio::spawn(h1_client(addr, ca.clone(), stop.clone(), tally.clone())));
+            tasks.push(tokio::spawn(h1_client(
+                addr,
+                ca.clone(),
+                stop.clone(),
+                tally.clone(),
+            )));
         }
         for _ in 0..h2 {
-            tasks.push(tokio::spawn(h2_client(addr, ca.clone(), 4, stop.clone(), tally.clone())));
+            tasks.push(tokio::spawn(h2_client(
+                addr,
+                ca.clone(),
+                4,
+                stop.clone(),
+                tally.clone(),
+            )));
         }
         Load { stop, tally, tasks }
     }
@@ -400,7 +428,10 @@ impl Load {
         let from = self.answered();
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.answered() < from + n {
-            assert!(Instant::now() < deadline, "the clients made no progress for 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "the clients made no progress for 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -451,10 +482,17 @@ async fn three_upgrades_under_h1_and_h2_load_lose_no_request() {
         Node::point_binary_at(&node.dir, Path::new(env!("CARGO_BIN_EXE_gateway")));
         let old = *pids.last().unwrap();
         let (ok, out, err) = node.upgrade().await;
-        assert!(ok, "upgrade {round} failed: {out}{err}\n{}", node.log_tail());
+        assert!(
+            ok,
+            "upgrade {round} failed: {out}{err}\n{}",
+            node.log_tail()
+        );
         let new = node.pid().unwrap();
         node.reaper.add(new);
-        assert_ne!(new, old, "upgrade {round}: the pid file names a new process");
+        assert_ne!(
+            new, old,
+            "upgrade {round}: the pid file names a new process"
+        );
         assert!(
             out.contains(&format!("process {new} serves")),
             "upgrade {round} names the new process: {out}"
@@ -468,7 +506,8 @@ async fn three_upgrades_under_h1_and_h2_load_lose_no_request() {
         );
         // The admin socket was handed over too: the new process answers it, and it served.
         assert_eq!(
-            node.metric("gateway_upgrades_total{outcome=\"took_over\"}").await,
+            node.metric("gateway_upgrades_total{outcome=\"took_over\"}")
+                .await,
             1.0,
             "upgrade {round}: the admin listener is the new process's"
         );
@@ -477,7 +516,11 @@ async fn three_upgrades_under_h1_and_h2_load_lose_no_request() {
         pids.push(new);
     }
     let first = node.first.wait().await.unwrap();
-    assert_eq!(first.code(), Some(0), "the first process drained and exited 0");
+    assert_eq!(
+        first.code(),
+        Some(0),
+        "the first process drained and exited 0"
+    );
 
     let tally = load.stop().await;
     let (sent, answered) = (
@@ -516,7 +559,10 @@ async fn three_upgrades_under_h1_and_h2_load_lose_no_request() {
         .status()
         .unwrap();
     assert!(eventually(Duration::from_secs(15), || !alive(last)).await);
-    assert!(!node.pid_file.exists(), "the last process removed its pid file");
+    assert!(
+        !node.pid_file.exists(),
+        "the last process removed its pid file"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -533,11 +579,16 @@ async fn a_new_process_that_cannot_serve_leaves_the_old_one_serving() {
     load.progress(50).await;
 
     // A configuration the new process refuses.
-    std::fs::write(&node.config, "[[listeners]]\nname = \"https\"\nbind = \"nowhere\"\n").unwrap();
+    std::fs::write(
+        &node.config,
+        "[[listeners]]\nname = \"https\"\nbind = \"nowhere\"\n",
+    )
+    .unwrap();
     let (ok, out, err) = node.upgrade().await;
     assert!(!ok, "an upgrade to a broken config must fail: {out}");
     assert!(
-        err.contains("exited before it was ready") && err.contains(&format!("process {pid} serves on")),
+        err.contains("exited before it was ready")
+            && err.contains(&format!("process {pid} serves on")),
         "the failure names the reason: {err}"
     );
     std::fs::write(&node.config, &good_config).unwrap();
@@ -547,7 +598,10 @@ async fn a_new_process_that_cannot_serve_leaves_the_old_one_serving() {
     node.replace_binary_with_script("exits.sh", "#!/bin/sh\nexit 3\n");
     let (ok, _, err) = node.upgrade().await;
     assert!(!ok);
-    assert!(err.contains("exit status: 3"), "the failure says how it ended: {err}");
+    assert!(
+        err.contains("exit status: 3"),
+        "the failure says how it ended: {err}"
+    );
     load.progress(50).await;
 
     // A binary that never gets ready: killed after --upgrade-timeout-s.
@@ -559,10 +613,15 @@ async fn a_new_process_that_cannot_serve_leaves_the_old_one_serving() {
     assert!(started.elapsed() < Duration::from_secs(20));
     load.progress(50).await;
 
-    assert_eq!(node.pid(), Some(pid), "the pid file still names the old process");
+    assert_eq!(
+        node.pid(),
+        Some(pid),
+        "the pid file still names the old process"
+    );
     assert!(alive(pid));
     assert_eq!(
-        node.metric("gateway_upgrades_total{outcome=\"failed\"}").await,
+        node.metric("gateway_upgrades_total{outcome=\"failed\"}")
+            .await,
         3.0
     );
 

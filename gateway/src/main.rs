@@ -977,10 +977,7 @@ fn run(
         // action ends the process, and a reload sent during start-up must not kill it.
         let signals = Signals::install()?;
         let (mut inherited, upgrades) = match upgrades {
-            Some(u) => (
-                u.inherited,
-                Some((u.successor, u.pid_file)),
-            ),
+            Some(u) => (u.inherited, Some((u.successor, u.pid_file))),
             None => (Inherited::none(), None),
         };
         let gateway =
@@ -1049,10 +1046,7 @@ fn upgrade(pid_file: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
     let pid = up::read_pid_file(pid_file)
         .with_context(|| format!("reading the pid file {}", pid_file.display()))?;
     if !up::alive(pid) {
-        anyhow::bail!(
-            "process {pid} (from {}) is not running",
-            pid_file.display()
-        );
+        anyhow::bail!("process {pid} (from {}) is not running", pid_file.display());
     }
     let report = up::outcome_path(pid_file);
     match std::fs::remove_file(&report) {
@@ -1104,15 +1098,18 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
-            usr2: signal(SignalKind::user_defined2())
-                .context("installing the SIGUSR2 handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
         })
     }
 
     /// Returns on SIGTERM or SIGINT, or once a new process started on SIGUSR2 has taken over;
     /// each SIGHUP reloads the config file (a failed reload is logged and counted, and the
     /// running configuration stays). `upgrades`: what SIGUSR2 starts, and the pid file.
-    async fn wait(mut self, gateway: &Gateway, upgrades: Option<&(Successor, Option<PathBuf>)>) -> Stop {
+    async fn wait(
+        mut self,
+        gateway: &Gateway,
+        upgrades: Option<&(Successor, Option<PathBuf>)>,
+    ) -> Stop {
         let mut upgrading = None;
         loop {
             tokio::select! {

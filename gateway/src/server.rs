@@ -264,7 +264,10 @@ impl Gateway {
         ));
         if let Some(parent) = inherited.parent() {
             upgrades.with_label_values(&["took_over"]).inc();
-            tracing::info!(from_pid = parent, "upgrade: serving on the sockets of the old process");
+            tracing::info!(
+                from_pid = parent,
+                "upgrade: serving on the sockets of the old process"
+            );
         }
         Ok(Gateway {
             ctx,

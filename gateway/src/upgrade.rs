@@ -147,10 +147,12 @@ impl Inherited {
             ..Inherited::default()
         };
         if let Some(list) = listeners {
-            let list = list.into_string().map_err(|_| UpgradeError::BadEnvironment {
-                var: LISTENERS_ENV,
-                problem: "not UTF-8".into(),
-            })?;
+            let list = list
+                .into_string()
+                .map_err(|_| UpgradeError::BadEnvironment {
+                    var: LISTENERS_ENV,
+                    problem: "not UTF-8".into(),
+                })?;
             for (fd, bind, name) in parse_listeners(&list)? {
                 let fd = adopt(fd, &name)?;
                 check_listening(&fd, &name)?;
@@ -201,9 +203,9 @@ impl Inherited {
     /// once everything has started (listeners accepting, plugins and models loaded).
     pub fn ready(&mut self) -> Result<(), UpgradeError> {
         if let Some(mut channel) = self.channel.take() {
-            channel
-                .write_all(&[READY])
-                .map_err(UpgradeError::io("telling the old process this one is ready"))?;
+            channel.write_all(&[READY]).map_err(UpgradeError::io(
+                "telling the old process this one is ready",
+            ))?;
         }
         Ok(())
     }
@@ -388,8 +390,8 @@ pub(crate) async fn start_successor(
 
     ours.set_nonblocking(true)
         .map_err(UpgradeError::io("setting up the channel"))?;
-    let mut ours =
-        tokio::net::UnixStream::from_std(ours).map_err(UpgradeError::io("setting up the channel"))?;
+    let mut ours = tokio::net::UnixStream::from_std(ours)
+        .map_err(UpgradeError::io("setting up the channel"))?;
     let mut byte = [0u8; 1];
     let said = tokio::time::timeout(successor.timeout, ours.read(&mut byte)).await;
     match said {
@@ -538,7 +540,12 @@ mod tests {
             parse_listeners(&text).unwrap(),
             vec![(5, a, "https".to_string()), (6, b, ADMIN_KEY.to_string())]
         );
-        for bad in ["5,127.0.0.1:0", "x,127.0.0.1:0,a", "1,127.0.0.1:0,a", "5,nowhere,a"] {
+        for bad in [
+            "5,127.0.0.1:0",
+            "x,127.0.0.1:0,a",
+            "1,127.0.0.1:0,a",
+            "5,nowhere,a",
+        ] {
             assert!(parse_listeners(bad).is_err(), "{bad} was accepted");
         }
     }
