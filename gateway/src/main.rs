@@ -1004,9 +1004,15 @@ fn run(
         }
         // Everything serves: the old process, if any, may stop accepting now. The inherited
         // sockets no listener took are closed here.
-        inherited
-            .ready()
-            .context("telling the old process this one serves")?;
+        if let Err(e) = inherited.ready() {
+            // The old process is gone (it crashed, or was killed meanwhile): this one has the
+            // sockets and serves on, and nobody else will name it in the pid file.
+            tracing::warn!(error = %e, "the old process did not hear that this one serves; serving on");
+            if let Some(p) = &pid_file {
+                gateway::upgrade::write_pid_file(p, std::process::id())
+                    .with_context(|| format!("writing the pid file {}", p.display()))?;
+            }
+        }
         drop(inherited);
         if let Some(banner) = banner {
             banner(&gateway);
