@@ -317,15 +317,20 @@ pub struct Successor {
 impl Successor {
     /// This process's binary and arguments, with `timeout`. Call it at start, before the
     /// binary can be replaced: the path of a replaced binary reads `... (deleted)` from
-    /// `/proc/self/exe`. The path is `argv[0]` made absolute when it names a file (as nginx
-    /// does, so a symlink that is switched to a new release is followed), else the
-    /// resolved path of the running binary.
+    /// `/proc/self/exe`. The path is `argv[0]` made absolute when it names a file, or the
+    /// first file of that name in `PATH` when it is a bare name (as a shell found it), so a
+    /// symlink switched to a new release is followed, as nginx does; else the resolved path
+    /// of the running binary.
     pub fn of_this_process(timeout: Duration) -> std::io::Result<Successor> {
         let mut args = std::env::args_os();
         let argv0 = args.next().map(PathBuf::from);
         let exe = match argv0 {
             Some(p) if p.components().count() > 1 => std::path::absolute(&p)?,
-            _ => std::env::current_exe()?,
+            Some(p) => match in_path(&p) {
+                Some(found) => std::path::absolute(found)?,
+                None => std::env::current_exe()?,
+            },
+            None => std::env::current_exe()?,
         };
         Ok(Successor {
             exe,
@@ -333,6 +338,14 @@ impl Successor {
             timeout,
         })
     }
+}
+
+/// The first file named `name` in the directories of `PATH`, as a shell looks a command up.
+fn in_path(name: &Path) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 /// Kills the new process if the upgrade is abandoned before it is ready (an error, or the
@@ -612,6 +625,16 @@ mod tests {
         let got = inherited.take("https", configured).unwrap();
         assert_eq!(got.local_addr().unwrap(), bound);
         assert!(inherited.take("https", configured).is_none());
+    }
+
+    #[test]
+    fn a_bare_command_name_is_looked_up_in_path() {
+        let sh = in_path(Path::new("sh")).expect("sh is in PATH");
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
+        assert_eq!(
+            in_path(Path::new("no-such-command-for-gateway-tests")),
+            None
+        );
     }
 
     #[test]
