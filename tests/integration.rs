@@ -44,6 +44,7 @@ mod timeouts_and_limits;
 mod tls_scan_finds_nothing_the_config_controls;
 mod tls_sni_alpn_and_versions;
 mod tuning_hints_name_what_to_change;
+mod upgrade_hands_over_without_dropping;
 mod uploads_are_validated_durable_and_reversible;
 mod upstream_failover_health_and_retries;
 mod upstream_faults_leak_nothing;

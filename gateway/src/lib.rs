@@ -19,6 +19,7 @@ mod reload;
 mod rollouts;
 pub mod scoring_settings;
 pub mod server;
+pub mod upgrade;
 pub mod watch;
 
 /// The admin listener and API over the `Control` trait (`gateway/crates/admin`).

@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gateway::config::{Config, LogFormat, LoggingSettings};
 use gateway::store::Kind;
+use gateway::upgrade::{Inherited, Outcome, Successor};
 use gateway::{DrainOutcome, Gateway};
+use std::time::Duration;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -55,11 +57,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve with a configuration file.
+    /// Serve with a configuration file. SIGTERM or SIGINT drains and exits, SIGHUP reloads
+    /// the file, SIGUSR2 upgrades (see `gateway upgrade`).
     Run {
         /// Path to gateway.toml.
         #[arg(long, short)]
         config: PathBuf,
+        /// Write the pid of the serving process here once it serves; after an upgrade it
+        /// names the new process. `gateway upgrade --pid-file` reads it, and the outcome of an
+        /// upgrade is written beside it (`<file>.upgrade`).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// How long, in seconds, the new process an upgrade starts may take to serve (its
+        /// plugins and models loaded) before it is killed and this one serves on.
+        #[arg(long, default_value_t = 120)]
+        upgrade_timeout_s: u64,
+    },
+    /// Replace a running gateway by a new process of the binary at the path it was started
+    /// from (replace the file first to upgrade the binary), with the same arguments, without
+    /// refusing or dropping a connection: the new process takes over the listening sockets
+    /// and, once it serves, the old one stops accepting and drains. Exit 0 with the new pid,
+    /// or 1 with the reason the new process did not take over (the old one serves on).
+    Upgrade {
+        /// The running gateway's pid file (`gateway run --pid-file`).
+        #[arg(long)]
+        pid_file: PathBuf,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
     },
     /// Validate a configuration file and exit: 0 when valid, 1 with every problem listed.
     Check {
@@ -367,13 +392,38 @@ enum ModelCommand {
 
 fn main() -> ExitCode {
     quiet_vulkan_device_select();
+    // While the process has one thread (it edits the environment), and before anything could
+    // open a descriptor with an inherited one's number in mind.
+    let inherited = match gateway::upgrade::Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: taking over from the old process: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::SampleFiles { config } => sample_files(&config),
-        Command::Run { config: path } => Config::load(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| run(c, Some(path), None)),
+        Command::Run {
+            config: path,
+            pid_file,
+            upgrade_timeout_s,
+        } => Successor::of_this_process(Duration::from_secs(upgrade_timeout_s))
+            .context("finding this process's binary")
+            .and_then(|successor| {
+                let upgrades = Upgrades {
+                    inherited,
+                    successor,
+                    pid_file,
+                };
+                let config = Config::load(&path)?;
+                run(config, Some(path), None, Some(upgrades))
+            }),
+        Command::Upgrade {
+            pid_file,
+            timeout_s,
+        } => upgrade(&pid_file, Duration::from_secs(timeout_s)),
         Command::Demo { https, admin } => demo(https, admin),
         Command::Keys {
             command: KeysCommand::Generate { out },
@@ -1002,17 +1052,39 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 /// What the demo prints once the gateway listens.
 type Banner = Box<dyn FnOnce(&Gateway)>;
 
-/// Serves until SIGTERM or SIGINT, then drains. SIGHUP reloads `path`, when given.
-fn run(config: Config, path: Option<PathBuf>, banner: Option<Banner>) -> anyhow::Result<ExitCode> {
+/// `gateway run`'s part in upgrades ([`gateway::upgrade`]).
+struct Upgrades {
+    /// What this process inherited from the one it takes over from (nothing on a fresh
+    /// start).
+    inherited: Inherited,
+    /// What SIGUSR2 starts.
+    successor: Successor,
+    /// `--pid-file`.
+    pid_file: Option<PathBuf>,
+}
+
+/// Serves until SIGTERM or SIGINT, then drains. SIGHUP reloads `path`, when given. With
+/// `upgrades`, SIGUSR2 starts a new process that takes over, and this one drains.
+fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    banner: Option<Banner>,
+    upgrades: Option<Upgrades>,
+) -> anyhow::Result<ExitCode> {
     init_logging(&config.logging);
     let rt = runtime(config.server.worker_threads)?;
     rt.block_on(async move {
-        // Before anything else: until a handler is installed, SIGHUP's default action ends
-        // the process, and a reload sent during start-up must not kill it.
+        // Before anything else: until a handler is installed, SIGHUP's and SIGUSR2's default
+        // action ends the process, and a reload sent during start-up must not kill it.
         let signals = Signals::install()?;
-        let gateway = Gateway::start(config, prometheus::Registry::new())
-            .await
-            .context("starting the gateway")?;
+        let (mut inherited, upgrades) = match upgrades {
+            Some(u) => (u.inherited, Some((u.successor, u.pid_file))),
+            None => (Inherited::none(), None),
+        };
+        let gateway =
+            Gateway::start_inheriting(config, prometheus::Registry::new(), &mut inherited)
+                .await
+                .context("starting the gateway")?;
         let mut _watch = None;
         if let Some(path) = &path {
             gateway.set_config_path(path);
@@ -1025,16 +1097,97 @@ fn run(config: Config, path: Option<PathBuf>, banner: Option<Banner>) -> anyhow:
                 );
             }
         }
+        let pid_file = upgrades.as_ref().and_then(|(_, p)| p.clone());
+        if let Some(p) = pid_file.as_deref().filter(|_| !inherited.is_upgrade()) {
+            // After an upgrade the old process rewrites it, once this one has taken over.
+            gateway::upgrade::write_pid_file(p, std::process::id())
+                .with_context(|| format!("writing the pid file {}", p.display()))?;
+        }
+        // Everything serves: the old process, if any, may stop accepting now. The inherited
+        // sockets no listener took are closed here.
+        if let Err(e) = inherited.ready() {
+            // The old process is gone (it crashed, or was killed meanwhile): this one has the
+            // sockets and serves on, and nobody else will name it in the pid file.
+            tracing::warn!(error = %e, "the old process did not hear that this one serves; serving on");
+            if let Some(p) = &pid_file {
+                gateway::upgrade::write_pid_file(p, std::process::id())
+                    .with_context(|| format!("writing the pid file {}", p.display()))?;
+            }
+        }
+        drop(inherited);
         if let Some(banner) = banner {
             banner(&gateway);
         }
-        signals.wait(&gateway).await;
-        match gateway.shutdown().await {
+        let stopped = signals.wait(&gateway, upgrades.as_ref()).await;
+        let outcome = match stopped {
+            Stop::Signal => gateway.shutdown().await,
+            Stop::HandedOver => {
+                // The new process watches the files now.
+                drop(_watch);
+                gateway.hand_over().await
+            }
+        };
+        match outcome {
             DrainOutcome::Complete => tracing::info!("drained, exiting"),
             DrainOutcome::DeadlineExceeded => tracing::warn!("drain deadline passed, exiting"),
         }
+        if let Some(p) = &pid_file {
+            gateway::upgrade::remove_pid_file(p, std::process::id());
+        }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Why [`Signals::wait`] returned.
+enum Stop {
+    /// SIGTERM or SIGINT: drain and exit.
+    Signal,
+    /// A new process took over: drain and exit.
+    HandedOver,
+}
+
+/// `gateway upgrade`: signals the process the pid file names and waits for the outcome it
+/// writes beside the pid file.
+fn upgrade(pid_file: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
+    use gateway::upgrade as up;
+    let pid = up::read_pid_file(pid_file)
+        .with_context(|| format!("reading the pid file {}", pid_file.display()))?;
+    if !up::alive(pid) {
+        anyhow::bail!("process {pid} (from {}) is not running", pid_file.display());
+    }
+    let report = up::outcome_path(pid_file);
+    match std::fs::remove_file(&report) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", report.display())),
+    }
+    up::signal_upgrade(pid).with_context(|| format!("sending SIGUSR2 to process {pid}"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match Outcome::read(&report) {
+            Some(Outcome::HandedOver(new)) => {
+                println!("upgraded: process {new} serves; process {pid} drains and exits");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(Outcome::Failed(why)) => {
+                eprintln!("upgrade failed; process {pid} serves on: {why}");
+                return Ok(ExitCode::FAILURE);
+            }
+            None => {}
+        }
+        if !up::alive(pid) {
+            eprintln!("process {pid} exited during the upgrade without reporting an outcome");
+            return Ok(ExitCode::FAILURE);
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!(
+                "no outcome from process {pid} within {} s (see its log)",
+                timeout.as_secs()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The process's signal handlers; signals that arrive before [`Signals::wait`] are kept.
@@ -1042,6 +1195,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -1051,22 +1205,83 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
         })
     }
 
-    /// Returns on SIGTERM or SIGINT; each SIGHUP reloads the config file (a failed reload is
-    /// logged and counted, and the running configuration stays).
-    async fn wait(mut self, gateway: &Gateway) {
+    /// Returns on SIGTERM or SIGINT, or once a new process started on SIGUSR2 has taken over;
+    /// each SIGHUP reloads the config file (a failed reload is logged and counted, and the
+    /// running configuration stays). `upgrades`: what SIGUSR2 starts, and the pid file.
+    async fn wait(
+        mut self,
+        gateway: &Gateway,
+        upgrades: Option<&(Successor, Option<PathBuf>)>,
+    ) -> Stop {
+        let mut upgrading = None;
         loop {
             tokio::select! {
-                _ = self.term.recv() => { tracing::info!("SIGTERM received"); return; }
-                _ = self.int.recv() => { tracing::info!("SIGINT received"); return; }
+                _ = self.term.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = self.int.recv() => { tracing::info!("SIGINT received"); break; }
                 _ = self.hup.recv() => {
+                    if upgrading.is_some() {
+                        tracing::info!("SIGHUP received during an upgrade: ignored (the new process reads the configuration file as it starts)");
+                        continue;
+                    }
                     tracing::info!("SIGHUP received, reloading");
                     let _ = gateway.reload_from_file().await;
                 }
+                _ = self.usr2.recv() => match upgrades {
+                    None => tracing::warn!("SIGUSR2 received: only `gateway run` upgrades; ignored"),
+                    Some(_) if upgrading.is_some() => tracing::warn!("SIGUSR2 received: an upgrade is already under way; ignored"),
+                    Some((successor, _)) => {
+                        tracing::info!("SIGUSR2 received, upgrading");
+                        upgrading = Some(Box::pin(gateway.upgrade(successor)));
+                    }
+                },
+                done = async { upgrading.as_mut().expect("guarded by the condition").await }, if upgrading.is_some() => {
+                    upgrading = None;
+                    let pid_file = upgrades.and_then(|(_, p)| p.as_deref());
+                    let outcome = match done {
+                        Ok(pid) => {
+                            tracing::info!(new_pid = pid, "upgrade: the new process serves; draining this one");
+                            Outcome::HandedOver(pid)
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "upgrade failed; this process serves on");
+                            Outcome::Failed(e.to_string())
+                        }
+                    };
+                    report_upgrade(pid_file, &outcome);
+                    if matches!(outcome, Outcome::HandedOver(_)) {
+                        return Stop::HandedOver;
+                    }
+                }
             }
         }
+        if upgrading.is_some() {
+            // Dropping the upgrade kills the new process.
+            let pid_file = upgrades.and_then(|(_, p)| p.as_deref());
+            report_upgrade(
+                pid_file,
+                &Outcome::Failed("the old process was told to stop during the upgrade".into()),
+            );
+        }
+        Stop::Signal
+    }
+}
+
+/// Writes an upgrade's outcome beside the pid file for `gateway upgrade`; after a hand-over,
+/// first the new pid into the pid file, so that the outcome is never read before it.
+fn report_upgrade(pid_file: Option<&Path>, outcome: &Outcome) {
+    let Some(pid_file) = pid_file else { return };
+    if let Outcome::HandedOver(pid) = outcome {
+        if let Err(e) = gateway::upgrade::write_pid_file(pid_file, *pid) {
+            tracing::error!(file = %pid_file.display(), error = %e, "cannot write the new pid to the pid file");
+        }
+    }
+    let path = gateway::upgrade::outcome_path(pid_file);
+    if let Err(e) = outcome.write(&path) {
+        tracing::error!(file = %path.display(), error = %e, "cannot write the upgrade's outcome");
     }
 }
 
@@ -1139,7 +1354,7 @@ fn demo(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<ExitCode> {
         println!("  curl -s http://{admin}/metrics | grep -E 'gateway_(requests|experiment_requests)_total'");
         println!("Ctrl-C stops it (in-flight requests are drained first).");
     });
-    let code = run(config, None, Some(banner));
+    let code = run(config, None, Some(banner), None);
     drop(store_rt);
     if let Err(e) = std::fs::remove_dir_all(&demo_files) {
         tracing::warn!(dir = %demo_files.display(), error = %e, "could not remove the demo's files");

@@ -37,6 +37,7 @@ use crate::proxy::{self, ConnInfo, Shared};
 pub use crate::reload::ReloadError;
 use crate::scoring::serving::ModelSlot;
 use crate::tls::TlsError;
+use crate::upgrade::{HandOver, Inherited, UpgradeError};
 use gateway_admin::ReloadReport;
 
 /// Why the gateway could not start.
@@ -113,6 +114,9 @@ pub(crate) struct ServeCtx {
     /// Every open connection, for eviction when `connections` has no place left.
     open: Arc<Connections>,
     pub(crate) shutdown: CancellationToken,
+    /// Set when the drain starts, before `shutdown` is cancelled: `/readyz` answers 503, and
+    /// every HTTP/1.1 response from then on says `connection: close`.
+    pub(crate) draining: Arc<AtomicBool>,
     tracker: TaskTracker,
     auto: auto::Builder<StreamExecutor>,
     h1: auto::Builder<StreamExecutor>,
@@ -125,13 +129,43 @@ pub struct Gateway {
     listeners: Vec<(String, SocketAddr)>,
     admin_addr: SocketAddr,
     admin_shutdown: CancellationToken,
-    draining: Arc<AtomicBool>,
     drain_timeout: Duration,
+    /// A duplicate of every listening socket, the admin listener's included, for an upgrade
+    /// to hand over; closed when the drain starts, so that a stopped gateway refuses
+    /// connections instead of leaving them queued.
+    hand_over: Vec<HandOver>,
+    /// Set while an upgrade runs, and for good once one succeeded.
+    upgrading: AtomicBool,
+    /// `gateway_upgrades_total{outcome}`.
+    upgrades: prometheus::IntCounterVec,
 }
 
 impl Gateway {
     /// Binds every listener (nothing serves unless all bind), then starts serving.
     pub async fn start(config: Config, registry: Registry) -> Result<Gateway, StartError> {
+        Gateway::start_inheriting(config, registry, &mut Inherited::none()).await
+    }
+
+    /// Like [`Gateway::start`], but a listener (or the admin listener) with a socket in
+    /// `inherited` for its name and configured address serves that socket instead of binding
+    /// one: the new process of an upgrade ([`crate::upgrade`]). Sockets left in `inherited`
+    /// are not used; dropping it closes them.
+    pub async fn start_inheriting(
+        config: Config,
+        registry: Registry,
+        inherited: &mut Inherited,
+    ) -> Result<Gateway, StartError> {
+        let upgrades = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "gateway_upgrades_total",
+                "Upgrades by listener hand-over: handed_over (this process started a new one that took over), failed (the new one did not get ready; this one serves on), took_over (this process took over from an old one).",
+            ),
+            &["outcome"],
+        )
+        .map_err(MetricsError::from)?;
+        registry
+            .register(Box::new(upgrades.clone()))
+            .map_err(MetricsError::from)?;
         let base = config.clone();
         // Uploaded versions that were active before a restart are active again.
         let mut config = with_record(config).await?;
@@ -142,24 +176,18 @@ impl Gateway {
         loader.oci.commit(&built.snapshot.config).await;
         let config = built.snapshot.config.clone();
         let mut bound = Vec::new();
+        let mut hand_over = Vec::new();
         for spec in &config.listeners {
-            let listener =
-                TcpListener::bind(spec.bind)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        name: spec.name.clone(),
-                        addr: spec.bind,
-                        source,
-                    })?;
+            let listener = listen(inherited, &spec.name, spec.bind, &mut hand_over).await?;
             bound.push((spec.clone(), listener));
         }
-        let admin_listener = TcpListener::bind(config.admin.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                name: "admin".into(),
-                addr: config.admin.bind,
-                source,
-            })?;
+        let admin_listener = listen(
+            inherited,
+            crate::upgrade::ADMIN_KEY,
+            config.admin.bind,
+            &mut hand_over,
+        )
+        .await?;
         let admin_addr = admin_listener
             .local_addr()
             .expect("bound socket has an address");
@@ -206,6 +234,7 @@ impl Gateway {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             open: Arc::default(),
             shutdown: CancellationToken::new(),
+            draining: Arc::new(AtomicBool::new(false)),
             tracker: TaskTracker::new(),
             auto: http_builder(&limits, true),
             h1: http_builder(&limits, false).http1_only(),
@@ -232,23 +261,31 @@ impl Gateway {
         });
         let anomaly = crate::monitor::gauge(&registry).map_err(MetricsError::from)?;
         tokio::spawn(crate::monitor::run(ctx.clone(), anomaly));
-        let draining = Arc::new(AtomicBool::new(false));
         let admin_shutdown = CancellationToken::new();
         tracing::info!(addr = %admin_addr, "admin listening");
         tokio::spawn(crate::admin::serve(
             admin_listener,
             registry,
             ctx.clone(),
-            draining.clone(),
+            ctx.draining.clone(),
             admin_shutdown.clone(),
         ));
+        if let Some(parent) = inherited.parent() {
+            upgrades.with_label_values(&["took_over"]).inc();
+            tracing::info!(
+                from_pid = parent,
+                "upgrade: serving on the sockets of the old process"
+            );
+        }
         Ok(Gateway {
             ctx,
             listeners,
             admin_addr,
             admin_shutdown,
-            draining,
             drain_timeout,
+            hand_over,
+            upgrading: AtomicBool::new(false),
+            upgrades,
         })
     }
 
@@ -319,10 +356,59 @@ impl Gateway {
         self.ctx.reload_from_file("sighup").await
     }
 
+    /// Starts the binary `successor` names as this gateway's successor, handing it every
+    /// listening socket, and waits until it serves (or fails to): the first half of an
+    /// upgrade ([`crate::upgrade`]). On success, returns the new process's pid: this gateway
+    /// must then [`Gateway::hand_over`]. On error the new process is gone and this gateway
+    /// serves on as before.
+    ///
+    /// Holds the reload lock from before the new process reads the configuration and the
+    /// store until this gateway exits (on success) or the upgrade fails: a reload, upload or
+    /// rollback is either applied before the new process starts (so it starts with it) or
+    /// waits; one that is still waiting when this gateway hands over is never applied here,
+    /// and its admin connection closes without an answer when this process exits.
+    pub async fn upgrade(
+        &self,
+        successor: &crate::upgrade::Successor,
+    ) -> Result<u32, UpgradeError> {
+        if self.upgrading.swap(true, Ordering::SeqCst) {
+            return Err(UpgradeError::InProgress);
+        }
+        let lock = self.ctx.reload_lock.lock().await;
+        match crate::upgrade::start_successor(&self.hand_over, successor).await {
+            Ok(pid) => {
+                // This process is leaving: nothing may change what it serves any more.
+                std::mem::forget(lock);
+                self.upgrades.with_label_values(&["handed_over"]).inc();
+                Ok(pid)
+            }
+            Err(e) => {
+                drop(lock);
+                self.upgrading.store(false, Ordering::SeqCst);
+                self.upgrades.with_label_values(&["failed"]).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Drains after a successful [`Gateway::upgrade`]: as [`Gateway::shutdown`], except that
+    /// the admin listener stops accepting at once (the new process answers `/readyz` and the
+    /// admin API on the same socket).
+    pub async fn hand_over(self) -> DrainOutcome {
+        self.admin_shutdown.cancel();
+        self.shutdown().await
+    }
+
     /// Stops accepting, lets in-flight requests finish until the drain deadline, then stops
-    /// the admin listener. `/readyz` answers 503 from the first moment.
-    pub async fn shutdown(self) -> DrainOutcome {
-        self.draining.store(true, Ordering::SeqCst);
+    /// the admin listener. `/readyz` answers 503 from the first moment. HTTP/1.1 responses
+    /// from then on carry `connection: close` and the connection closes after them; an
+    /// HTTP/1.1 connection with nothing in flight for [`DRAIN_IDLE`] is closed; h2
+    /// connections get a GOAWAY and finish their streams.
+    pub async fn shutdown(mut self) -> DrainOutcome {
+        // Before the accept loops stop: once they have, no descriptor may keep the sockets
+        // open (connections would queue where nobody accepts them).
+        self.hand_over.clear();
+        self.ctx.draining.store(true, Ordering::SeqCst);
         tracing::info!(
             deadline_ms = self.drain_timeout.as_millis() as u64,
             "draining"
@@ -343,6 +429,41 @@ impl Gateway {
         self.admin_shutdown.cancel();
         outcome
     }
+}
+
+/// While draining, how long an HTTP/1.1 connection may go with nothing in flight before it is
+/// closed (or its idle limit, when shorter). Closing one at once would race the request its
+/// client may be sending right then, which the client would see as a reset or an unanswered
+/// request; waiting this long lets that request in, and it is answered with
+/// `connection: close`. A client quiet for this long is not in the middle of anything.
+pub const DRAIN_IDLE: Duration = Duration::from_secs(1);
+
+/// Binds `bind` for listener `name`, or takes the socket `inherited` has for it, and keeps a
+/// duplicate of it in `hand_over` for a later upgrade.
+async fn listen(
+    inherited: &mut Inherited,
+    name: &str,
+    bind: SocketAddr,
+    hand_over: &mut Vec<HandOver>,
+) -> Result<TcpListener, StartError> {
+    let error = |source| StartError::Bind {
+        name: name.trim_start_matches('@').to_string(),
+        addr: bind,
+        source,
+    };
+    let listener = match inherited.take(name, bind) {
+        Some(socket) => TcpListener::from_std(socket).map_err(error)?,
+        None => TcpListener::bind(bind).await.map_err(error)?,
+    };
+    let fd = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .map_err(error)?;
+    hand_over.push(HandOver {
+        name: name.to_string(),
+        bind,
+        fd,
+    });
+    Ok(listener)
 }
 
 /// `hyper_head_timer`: hyper enforces the HTTP/1.1 header read timeout. Without it the
@@ -655,17 +776,28 @@ impl Connection {
         let peer = info.peer;
         let info = Arc::new(info);
         let service_activity = activity.clone();
+        let draining = self.ctx.draining.clone();
         let answer = move |req: Request<Incoming>| {
             let guard = RequestActive::new(&service_activity);
-            let stream =
-                (req.version() == http::Version::HTTP_2).then(|| service_activity.open_stream());
+            let h2 = req.version() == http::Version::HTTP_2;
+            let stream = h2.then(|| service_activity.open_stream());
             let shared = shared.clone();
             let info = info.clone();
+            let draining = draining.clone();
             async move {
-                let resp = match redirect_port {
+                let mut resp = match redirect_port {
                     Some(port) => proxy::redirect(&req, port),
                     None => proxy::handle(&shared, &info, req).await,
                 };
+                // Read when the head is ready, so a response to a request that was in flight
+                // when the drain started says it too: hyper then closes the connection after
+                // it, and the client opens its next one where someone accepts.
+                if !h2 && draining.load(Ordering::Relaxed) {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(resp.map(|b| WatchedBody::new(b, guard, stream)))
             }
         };
@@ -729,6 +861,14 @@ impl Connection {
                                 conn.as_mut().graceful_shutdown();
                                 let linger = Instant::now() + conn_guard::EVICTION_GRACE;
                                 watchdog = OnWake::new(guard(activity.clone(), watch(None, Some(linger)), None));
+                            }
+                            // hyper's graceful shutdown closes an HTTP/1.1 connection at once when
+                            // no request is in flight, racing the one its client may be sending,
+                            // and ends one whose response head is already out without telling
+                            // the client. So it serves on: its next response says
+                            // `connection: close`, and it is closed after DRAIN_IDLE idle.
+                            Expiry::Shutdown if speaks == Speaks::Http1 => {
+                                watchdog = OnWake::new(guard(activity.clone(), watch(Some(limit.min(DRAIN_IDLE)), None), None));
                             }
                             Expiry::Shutdown | Expiry::Idle => {
                                 conn.as_mut().graceful_shutdown();
