@@ -78,39 +78,80 @@ pub struct Broken {
     pub problem: String,
 }
 
-/// An audit log, appended to by one process.
+/// An audit log. Appends from several processes (an old and a new one during an upgrade,
+/// nodes sharing a store directory) keep one chain: each append holds an exclusive lock on
+/// the file and chains to the last entry in the file, not to one it remembers.
 pub struct AuditLog {
     path: PathBuf,
-    /// The last entry's seq and hash.
-    last: Mutex<(u64, String)>,
+    /// Serialises this process's appends before they take the file lock.
+    appending: Mutex<()>,
 }
+
+/// Most bytes of the file's end read to find its last entry; entries are far smaller.
+const TAIL: u64 = 64 * 1024;
 
 impl AuditLog {
     /// The log in `dir` (`audit.log`), created on first append. An existing log is verified
     /// first: appending to a broken chain would hide where it broke.
     pub fn open(dir: &Path) -> Result<AuditLog, AuditError> {
         let path = dir.join("audit.log");
-        let last = match std::fs::File::open(&path) {
+        match std::fs::File::open(&path) {
             Ok(_) => {
-                let entries = verify(&path)?;
-                entries
-                    .last()
-                    .map_or((0, GENESIS.to_string()), |e| (e.seq, e.hash.clone()))
+                verify(&path)?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, GENESIS.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(AuditError::Store(StoreError::Io { path, source }));
             }
-        };
+        }
         Ok(AuditLog {
             path,
-            last: Mutex::new(last),
+            appending: Mutex::new(()),
         })
     }
 
     /// Appends an entry at `at_ms` and makes it durable; returns it.
     pub fn append(&self, at_ms: u64, action: Action) -> Result<Entry, AuditError> {
-        let mut last = self.last.lock().expect("audit lock");
+        use std::io::{Read, Seek, SeekFrom};
+        let _one = self.appending.lock().expect("audit lock");
+        let io = |source| {
+            AuditError::Store(StoreError::Io {
+                path: self.path.clone(),
+                source,
+            })
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
+        // Released when `f` closes.
+        f.lock().map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        let mut tail = Vec::new();
+        f.seek(SeekFrom::Start(len.saturating_sub(TAIL)))
+            .map_err(io)?;
+        f.read_to_end(&mut tail).map_err(io)?;
+        let last = match tail
+            .strip_suffix(b"\n")
+            .unwrap_or(&tail)
+            .rsplit(|b| *b == b'\n')
+            .next()
+        {
+            Some(line) if !line.is_empty() => {
+                let e: Entry = serde_json::from_slice(line).map_err(|e| {
+                    AuditError::Broken(Broken {
+                        file: self.path.display().to_string(),
+                        line: 0,
+                        seq: 0,
+                        problem: format!("the last entry cannot be read: {e}"),
+                    })
+                })?;
+                (e.seq, e.hash)
+            }
+            _ => (0, GENESIS.to_string()),
+        };
         let seq = last.0 + 1;
         let hash = chain_hash(&last.1, seq, at_ms, &action);
         let entry = Entry {
@@ -121,20 +162,8 @@ impl AuditLog {
         };
         let mut line = serde_json::to_vec(&entry).expect("entries serialize");
         line.push(b'\n');
-        let io = |source| {
-            AuditError::Store(StoreError::Io {
-                path: self.path.clone(),
-                source,
-            })
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(io)?;
         f.write_all(&line).map_err(io)?;
         f.sync_data().map_err(io)?;
-        *last = (seq, entry.hash.clone());
         Ok(entry)
     }
 
@@ -225,6 +254,31 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn two_writers_on_one_file_keep_one_chain() {
+        // An old and a new process during an upgrade, or two nodes sharing a store: each
+        // opened the log before the other appended.
+        let dir = scratch();
+        let a = std::sync::Arc::new(AuditLog::open(&dir).unwrap());
+        let b = std::sync::Arc::new(AuditLog::open(&dir).unwrap());
+        let writers: Vec<_> = [a, b]
+            .into_iter()
+            .map(|log| {
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        log.append(i, action(i as usize)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let entries = verify(&dir.join("audit.log")).unwrap();
+        assert_eq!(entries.len(), 50);
+        assert_eq!(entries.last().unwrap().seq, 50);
     }
 
     #[test]
