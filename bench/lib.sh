@@ -1,5 +1,6 @@
-# Shared by the release-build benchmarks (bench/overload.sh, bench/soak.sh); sourced, not run.
-# The caller sets GATEWAY and SKIP_BUILD and defines die().
+# Shared by the release-build benchmarks (bench/overload.sh, bench/soak.sh, bench/upgrade.sh);
+# sourced, not run. The caller sets GATEWAY and SKIP_BUILD (and CERT and KEY for
+# self_signed_cert) and defines die().
 
 # Installs the Debian packages whose commands are missing: pairs of "command package".
 need() {
@@ -28,4 +29,12 @@ build_gateway_and_plugins() {
   for p in "$@"; do
     [[ -f plugins/dist/$p.wasm ]] || die "plugins/dist/$p.wasm not found: run plugins/build.sh"
   done
+}
+
+# Writes a self-signed certificate for localhost to CERT and KEY unless both exist.
+self_signed_cert() {
+  if [[ ! -s $CERT || ! -s $KEY ]]; then
+    timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -keyout "$KEY" -out "$CERT" -days 30 -subj /CN=localhost 2>/dev/null
+  fi
 }

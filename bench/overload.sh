@@ -42,10 +42,7 @@ die() { echo "overload.sh: $*" >&2; exit 1; }
 source "$ROOT/bench/lib.sh"
 need nginx nginx-light wrk wrk h2load nghttp2-client openssl openssl curl curl
 build_gateway_and_plugins hygiene storefront hostile
-if [[ ! -s $CERT || ! -s $KEY ]]; then
-  timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$KEY" -out "$CERT" -days 30 -subj /CN=localhost 2>/dev/null
-fi
+self_signed_cert
 
 WORK=$(mktemp -d /tmp/bench-overload.XXXXXX)
 PIDS=()

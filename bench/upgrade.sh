@@ -48,10 +48,7 @@ for v in DURATION UPGRADES; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a
 source "$ROOT/bench/lib.sh"
 need nginx nginx-light wrk wrk h2load nghttp2-client openssl openssl curl curl
 build_gateway_and_plugins
-if [[ ! -s $CERT || ! -s $KEY ]]; then
-  timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$KEY" -out "$CERT" -days 30 -subj /CN=localhost 2>/dev/null
-fi
+self_signed_cert
 
 WORK=$(mktemp -d /tmp/bench-upgrade.XXXXXX)
 PIDS=()

@@ -63,7 +63,7 @@ async fn a_large_invalid_upload_is_streamed_and_refused_without_holding_it_in_me
     );
 
     // Nothing of it stays in the store or its records.
-    let leftovers: Vec<_> = walk(&pki.path().join("store"))
+    let leftovers: Vec<_> = files_under(&pki.path().join("store"))
         .into_iter()
         .filter(|p| {
             std::fs::metadata(p)
@@ -75,17 +75,4 @@ async fn a_large_invalid_upload_is_streamed_and_refused_without_holding_it_in_me
     let status = admin_send(admin, Method::GET, "/admin/models", TOKEN, Vec::new()).await;
     assert_eq!(status.status, 200, "{}", status.text());
     assert_eq!(status.text(), r#"{"artifacts":[]}"#);
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = entry.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -86,7 +86,7 @@ async fn client_addresses_become_keyed_pseudonyms_that_rotate_with_the_key() {
     }
     let metrics = admin_get(admin, "/metrics").await.text();
     assert!(!metrics.contains(USER) && !metrics.contains(COOKIE));
-    for entry in walk(&pki.path().join("store")) {
+    for entry in files_under(&pki.path().join("store")) {
         let text = String::from_utf8_lossy(&std::fs::read(&entry).unwrap()).into_owned();
         assert!(
             !text.contains(USER) && !text.contains(COOKIE),
@@ -130,17 +130,4 @@ async fn client_addresses_become_keyed_pseudonyms_that_rotate_with_the_key() {
     }
     let rotated = rotated.expect("the new key took effect");
     assert!(rotated.starts_with('~') && rotated.len() == 17, "{rotated}");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = entry.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -219,6 +219,21 @@ enum KeysCommand {
     },
 }
 
+/// Where `publish` puts an artifact, and how.
+#[derive(clap::Args)]
+struct RegistryTarget {
+    /// Where to publish it: `oci://REGISTRY/REPOSITORY:TAG` (a loopback registry is reached
+    /// over plain HTTP, any other over HTTPS).
+    reference: String,
+    /// File with the registry credentials: `username:password`, or a bearer token.
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
+    /// Ed25519 key (hex seed, from `gateway keys generate`) to sign it with; nodes whose
+    /// `[store] trusted_keys` hold its public key accept it where signatures are required.
+    #[arg(long)]
+    sign_key: Option<PathBuf>,
+}
+
 /// Where a running node's admin API is.
 #[derive(clap::Args)]
 struct AdminTarget {
@@ -240,16 +255,8 @@ enum PluginCommand {
     Publish {
         /// The component file.
         file: PathBuf,
-        /// Where to publish it: `oci://REGISTRY/REPOSITORY:TAG` (a loopback registry is reached
-        /// over plain HTTP, any other over HTTPS).
-        reference: String,
-        /// File with the registry credentials: `username:password`, or a bearer token.
-        #[arg(long)]
-        credentials_file: Option<PathBuf>,
-        /// Ed25519 key (hex seed, from `gateway keys generate`) to sign it with; nodes whose
-        /// `[store] trusted_keys` hold its public key accept it where signatures are required.
-        #[arg(long)]
-        sign_key: Option<PathBuf>,
+        #[command(flatten)]
+        to: RegistryTarget,
         /// Configuration string handed to `init` by the check.
         #[arg(long, default_value = "")]
         config: String,
@@ -301,16 +308,8 @@ enum ModelCommand {
     Publish {
         /// The .safetensors file.
         file: PathBuf,
-        /// Where to publish it: `oci://REGISTRY/REPOSITORY:TAG` (a loopback registry is reached
-        /// over plain HTTP, any other over HTTPS).
-        reference: String,
-        /// File with the registry credentials: `username:password`, or a bearer token.
-        #[arg(long)]
-        credentials_file: Option<PathBuf>,
-        /// Ed25519 key (hex seed, from `gateway keys generate`) to sign it with; nodes whose
-        /// `[store] trusted_keys` hold its public key accept it where signatures are required.
-        #[arg(long)]
-        sign_key: Option<PathBuf>,
+        #[command(flatten)]
+        to: RegistryTarget,
     },
     /// Upload a model to a running node: validated, loaded, warmed and activated there, or
     /// refused with the reason and nothing changed.
@@ -445,18 +444,9 @@ fn main() -> ExitCode {
             command: PluginCommand::Push { file, name, target },
         } => push_file(&target, Kind::Plugin, &name, &file),
         Command::Plugin {
-            command:
-                PluginCommand::Publish {
-                    file,
-                    reference,
-                    credentials_file,
-                    sign_key,
-                    config,
-                },
+            command: PluginCommand::Publish { file, to, config },
         } => match plugin_check(&file, config, "/", None, None, 0) {
-            Ok(code) if code == ExitCode::SUCCESS => {
-                publish(Kind::Plugin, &file, &reference, credentials_file, sign_key)
-            }
+            Ok(code) if code == ExitCode::SUCCESS => publish(Kind::Plugin, &file, to),
             checked => checked,
         },
         Command::Model { command } => model_command(command),
@@ -812,12 +802,7 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
     use gateway::scoring::{self, ModelKind, SampleSpec, Similarity};
     match command {
         ModelCommand::Push { file, name, target } => push_file(&target, Kind::Model, &name, &file),
-        ModelCommand::Publish {
-            file,
-            reference,
-            credentials_file,
-            sign_key,
-        } => {
+        ModelCommand::Publish { file, to } => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             // Refuse to publish what every node's loader would refuse.
@@ -829,7 +814,7 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
                 eprintln!("{}: invalid: {e}", file.display());
                 return Ok(ExitCode::FAILURE);
             }
-            publish(Kind::Model, &file, &reference, credentials_file, sign_key)
+            publish(Kind::Model, &file, to)
         }
         ModelCommand::Inspect { file } => {
             let bytes =
@@ -961,22 +946,16 @@ where
 
 /// `gateway plugin publish` / `gateway model publish`, once the file checked: pushes it to the
 /// registry and prints the manifest digest.
-fn publish(
-    kind: Kind,
-    file: &Path,
-    reference: &str,
-    credentials_file: Option<PathBuf>,
-    sign_key: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
+fn publish(kind: Kind, file: &Path, to: RegistryTarget) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let digest = runtime(1)?.block_on(gateway::oci::publish(
         kind,
         bytes,
-        reference,
-        credentials_file.as_deref(),
-        sign_key.as_deref(),
+        &to.reference,
+        to.credentials_file.as_deref(),
+        to.sign_key.as_deref(),
     ))?;
-    println!("{reference}@{digest}");
+    println!("{}@{digest}", to.reference);
     Ok(ExitCode::SUCCESS)
 }
 

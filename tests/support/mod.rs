@@ -731,3 +731,17 @@ pub async fn spawn_gateway_binary_with_admin(
     });
     (child, https.unwrap(), admin.unwrap(), rx)
 }
+
+/// Every file below `dir`, recursively (none when it does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
