@@ -1,6 +1,7 @@
 //! Zero-downtime upgrade: `gateway upgrade` starts a new process of the binary at the path the
 //! running one was started from; it takes over the listening sockets, and the old one drains.
-//! HTTP/1.1 and h2 clients over TLS keep sending through three upgrades in a row and every
+//! HTTP/1.1 and h2 clients over TLS, and HTTP/1.1 clients over plain HTTP, keep sending
+//! through three upgrades in a row and every
 //! request is answered; a new process that cannot start (a broken config, a binary that exits
 //! at once or never gets ready) leaves the old one serving, and `gateway upgrade` says why.
 
@@ -57,6 +58,8 @@ struct Node {
     pid_file: PathBuf,
     first: tokio::process::Child,
     https: SocketAddr,
+    /// The plain-HTTP listener, when the config has one named `plain`.
+    plain: Option<SocketAddr>,
     admin: SocketAddr,
     reaper: Arc<Reaper>,
     log: Arc<Mutex<Vec<String>>>,
@@ -87,7 +90,7 @@ impl Node {
         reaper.add(first.id().unwrap());
         // Every process of the node writes to this one pipe: the new ones inherit it.
         let mut lines = tokio::io::BufReader::new(first.stderr.take().unwrap()).lines();
-        let (mut https, mut admin) = (None, None);
+        let (mut https, mut admin, mut plain) = (None, None, None);
         let log = Arc::new(Mutex::new(Vec::new()));
         while https.is_none() || admin.is_none() {
             let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
@@ -100,6 +103,7 @@ impl Node {
                 rest.split_whitespace().next()?.parse().ok()
             };
             https = https.or_else(|| addr_after("listener=https addr="));
+            plain = plain.or_else(|| addr_after("listener=plain addr="));
             if line.contains("admin listening") {
                 admin = admin.or_else(|| addr_after("addr="));
             }
@@ -117,6 +121,7 @@ impl Node {
             pid_file,
             first,
             https: https.unwrap(),
+            plain,
             admin: admin.unwrap(),
             reaper,
             log,
@@ -226,11 +231,39 @@ impl Tally {
 /// What the clients ask for, in turn: the upstream answers `?slow` after a few milliseconds.
 const PATHS: [&str; 2] = ["/item", "/item?slow"];
 
-/// An HTTP/1.1 client over TLS sending one request after another until `stop`; it opens a new
-/// connection only after a response that says `connection: close`.
+/// An HTTP/1.1 connection over TLS, or over plain TCP when `plain`.
+async fn h1_connect(
+    addr: SocketAddr,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    plain: bool,
+) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>, String> {
+    if !plain {
+        return match tls_connect(addr, ca, ClientOpts::default()).await {
+            Ok(TlsConn {
+                sender: Sender::H1(s),
+                ..
+            }) => Ok(s),
+            Ok(_) => panic!("asked for HTTP/1.1"),
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(s)
+}
+
+/// An HTTP/1.1 client over TLS (or plain TCP when `plain`) sending one request after another
+/// until `stop`; it opens a new connection only after a response that says
+/// `connection: close`.
 async fn h1_client(
     addr: SocketAddr,
     ca: rustls::pki_types::CertificateDer<'static>,
+    plain: bool,
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
 ) {
@@ -239,15 +272,11 @@ async fn h1_client(
     while !stop.load(Ordering::Relaxed) {
         let sender = match conn.as_mut() {
             Some(s) => s,
-            None => match tls_connect(addr, &ca, ClientOpts::default()).await {
-                Ok(TlsConn {
-                    sender: Sender::H1(s),
-                    ..
-                }) => {
+            None => match h1_connect(addr, &ca, plain).await {
+                Ok(s) => {
                     tally.connections.fetch_add(1, Ordering::Relaxed);
                     conn.insert(s)
                 }
-                Ok(_) => panic!("asked for HTTP/1.1"),
                 Err(e) => {
                     tally.fail(format!("h1 connect: {e}"));
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -390,11 +419,14 @@ struct Load {
 }
 
 impl Load {
+    /// `h1` HTTP/1.1 and `h2` h2 clients over TLS to `addr`, and `plain_h1` HTTP/1.1 clients
+    /// to `plain`.
     fn start(
         addr: SocketAddr,
         ca: &rustls::pki_types::CertificateDer<'static>,
         h1: usize,
         h2: usize,
+        (plain, plain_h1): (Option<SocketAddr>, usize),
     ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
@@ -403,6 +435,16 @@ impl Load {
             tasks.push(tokio::spawn(h1_client(
                 addr,
                 ca.clone(),
+                false,
+                stop.clone(),
+                tally.clone(),
+            )));
+        }
+        for _ in 0..plain_h1 {
+            tasks.push(tokio::spawn(h1_client(
+                plain.expect("a plain listener"),
+                ca.clone(),
+                true,
                 stop.clone(),
                 tally.clone(),
             )));
@@ -453,7 +495,8 @@ fn config(pki: &Pki, upstream: SocketAddr) -> String {
         pki,
         &[upstream],
         "",
-        "[server]\ndrain_timeout_ms = 10000\nwatch_files = false",
+        "[server]\ndrain_timeout_ms = 10000\nwatch_files = false\n\
+         [[listeners]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"",
     )
 }
 
@@ -473,7 +516,7 @@ async fn three_upgrades_under_h1_and_h2_load_lose_no_request() {
     })
     .await;
     let mut node = Node::start(pki.path(), &config(&pki, upstream.addr), &[]).await;
-    let load = Load::start(node.https, &pki.ca_der, 8, 2);
+    let load = Load::start(node.https, &pki.ca_der, 6, 2, (node.plain, 2));
     load.progress(200).await;
 
     let mut pids = vec![node.pid().unwrap()];
@@ -575,7 +618,7 @@ async fn a_new_process_that_cannot_serve_leaves_the_old_one_serving() {
     let good_config = config(&pki, upstream.addr);
     let node = Node::start(pki.path(), &good_config, &["--upgrade-timeout-s", "3"]).await;
     let pid = node.pid().unwrap();
-    let load = Load::start(node.https, &pki.ca_der, 2, 1);
+    let load = Load::start(node.https, &pki.ca_der, 2, 1, (None, 0));
     load.progress(50).await;
 
     // A configuration the new process refuses.

@@ -64,6 +64,8 @@ pub(crate) struct Activity {
     writes: AtomicU64,
     /// The h2 streams being answered, for their send timeout; finished ones are pruned.
     streams: Mutex<Vec<Arc<StreamWatch>>>,
+    /// An h2 stream was opened: on a plain listener, the connection speaks h2c.
+    spoke_h2: AtomicBool,
     /// When [`Connections::evict_idle`] picked it, in milliseconds since `start` (at least 1);
     /// 0 while it has not.
     evicted_at_ms: AtomicU64,
@@ -75,6 +77,11 @@ impl Activity {
     /// Requests now in flight.
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether an h2 stream was opened on this connection.
+    pub(crate) fn spoke_h2(&self) -> bool {
+        self.spoke_h2.load(Ordering::Relaxed)
     }
 
     /// Whether a request has finished on this connection.
@@ -114,6 +121,7 @@ impl Activity {
     /// answers it, in the same poll and on the same thread).
     pub(crate) fn open_stream(&self) -> Arc<StreamWatch> {
         let watch = Arc::new(StreamWatch::default());
+        self.spoke_h2.store(true, Ordering::Relaxed);
         {
             let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
             if streams.len() == streams.capacity() {
@@ -198,6 +206,7 @@ impl Connections {
             served: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             streams: Mutex::new(Vec::new()),
+            spoke_h2: AtomicBool::new(false),
             evicted_at_ms: AtomicU64::new(0),
             evict_waker: AtomicWaker::new(),
         });

@@ -866,8 +866,12 @@ impl Connection {
                             // no request is in flight, racing the one its client may be sending,
                             // and ends one whose response head is already out without telling
                             // the client. So it serves on: its next response says
-                            // `connection: close`, and it is closed after DRAIN_IDLE idle.
-                            Expiry::Shutdown if speaks == Speaks::Http1 => {
+                            // `connection: close`, and it is closed after DRAIN_IDLE idle. A
+                            // plain-HTTP connection is treated so until it opened an h2 stream.
+                            Expiry::Shutdown
+                                if speaks == Speaks::Http1
+                                    || (speaks == Speaks::Either && !activity.spoke_h2()) =>
+                            {
                                 watchdog = OnWake::new(guard(activity.clone(), watch(Some(limit.min(DRAIN_IDLE)), None), None));
                             }
                             Expiry::Shutdown | Expiry::Idle => {
