@@ -300,6 +300,14 @@ async fn artifacts_are_published_pulled_converged_and_verified() {
         sources.contains(&d_model),
         "the model's digest is reported: {sources}"
     );
+    // The status page's document (no token) shows them too.
+    let page = admin_get(gw.gateway.admin_addr(), "/status.json")
+        .await
+        .text();
+    assert!(
+        page.contains(&d_model),
+        "the status page shows the digest: {page}"
+    );
     assert_eq!(
         gw.metric(
             "gateway_artifact_info",

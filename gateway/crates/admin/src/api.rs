@@ -260,6 +260,9 @@ pub struct Overview {
     pub plugins: Vec<PluginOverview>,
     /// Routes, in config order, with their traffic.
     pub routes: Vec<RouteOverview>,
+    /// Plugins and models pulled from an OCI registry, with the digest that serves.
+    #[serde(default)]
+    pub sources: Vec<SourceStatus>,
     /// How often each route's series are sampled (`[server] anomaly_interval_ms`).
     pub sample_interval_ms: u64,
     /// The scoring device in use (`gateway_scoring_device_info`), once a model is loaded.

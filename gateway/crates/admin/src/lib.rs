@@ -472,23 +472,7 @@ fn status(ctx: &impl Control, registry: &Registry) -> api::Status {
                 .collect(),
         })
         .collect();
-    let config = &snapshot.config;
-    let sources = config
-        .plugins
-        .iter()
-        .map(|p| ("plugin", &p.name, &p.oci))
-        .chain(config.models.iter().map(|m| ("model", &m.name, &m.oci)))
-        .filter_map(|(kind, name, oci)| {
-            let o = oci.as_ref()?;
-            Some(api::SourceStatus {
-                kind: kind.to_string(),
-                name: name.clone(),
-                reference: o.reference.to_string(),
-                digest: o.resolved.clone(),
-                resolve_interval_s: o.resolve_interval.as_secs(),
-            })
-        })
-        .collect();
+    let sources = sources(&snapshot.config);
     api::Status {
         hints: hints::hints(registry, &snapshot),
         routes,
@@ -578,6 +562,26 @@ fn refused(e: ArtifactError) -> Response<ProxyBody> {
         ArtifactError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
     };
     error(status, e)
+}
+
+/// The plugins and models the configuration pulls from an OCI registry, with what serves.
+pub(crate) fn sources(config: &config::Config) -> Vec<api::SourceStatus> {
+    config
+        .plugins
+        .iter()
+        .map(|p| ("plugin", &p.name, &p.oci))
+        .chain(config.models.iter().map(|m| ("model", &m.name, &m.oci)))
+        .filter_map(|(kind, name, oci)| {
+            let o = oci.as_ref()?;
+            Some(api::SourceStatus {
+                kind: kind.to_string(),
+                name: name.clone(),
+                reference: o.reference.to_string(),
+                digest: o.resolved.clone(),
+                resolve_interval_s: o.resolve_interval.as_secs(),
+            })
+        })
+        .collect()
 }
 
 async fn upload(

@@ -333,6 +333,19 @@
     return pill("", "CPU");
   }
 
+  function renderSources(d) {
+    const sources = d.sources || [];
+    $("sources-section").hidden = !sources.length;
+    if (!sources.length) return;
+    fill($("sources"), table(["Kind", "Name", "Reference", "Serving digest", "Tag checked every"],
+      sources.map((s) => h("tr", { dataset: { source: `${s.kind}/${s.name}` } },
+        h("td", {}, s.kind),
+        h("td", {}, h("strong", {}, s.name)),
+        h("td", {}, h("code", {}, s.reference)),
+        h("td", {}, s.digest ? h("code", { class: "version" }, s.digest.slice(0, 19)) : h("span", { class: "muted" }, "not pulled yet")),
+        h("td", { class: "num" }, s.resolve_interval_s ? `${s.resolve_interval_s} s` : "pinned / at reload")))));
+  }
+
   function renderModels(d) {
     const now = d.generated_unix_ms;
     const dev = d.scoring_device;
@@ -532,7 +545,7 @@
   // --- the refresh loop -------------------------------------------------------------------
   function render(d) {
     const parts = [renderHeader, renderSummary, renderAlerts, renderRoutes, renderUpstreams,
-      renderPlugins, renderModels, renderExperiments, renderHints, renderToken];
+      renderPlugins, renderModels, renderSources, renderExperiments, renderHints, renderToken];
     for (const part of parts) {
       try { part(d); } catch (e) { scriptError(part.name, e); }
     }

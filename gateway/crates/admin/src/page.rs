@@ -445,6 +445,7 @@ pub(crate) fn overview(ctx: &impl Control, registry: &Registry) -> api::Overview
         models,
         plugins,
         routes,
+        sources: crate::sources(config),
         sample_interval_ms: config.server.anomaly_interval.as_millis() as u64,
         scoring_device,
         started_unix_ms: observed.started_unix_ms,
