@@ -94,6 +94,12 @@ pub(crate) async fn run(ctx: Arc<ServeCtx>) {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(tick) => {}
         }
+        // Not while a reload or an upgrade holds the lock: a decision must not race a reload's
+        // carry-over of the rollouts, nor be made after a new process read their state (an
+        // upgrade holds the lock until this process exits). Judging resumes on a later tick.
+        let Ok(_quiet) = ctx.reload_lock.try_lock() else {
+            continue;
+        };
         let snapshot = ctx.shared.state.load_full();
         for (experiment, spec) in snapshot
             .experiments
@@ -142,6 +148,9 @@ pub(crate) async fn command(
     name: &str,
     command: Command,
 ) -> Result<Decision, gateway_admin::RolloutRefused> {
+    // Serialised with reloads and upgrades, as uploads are: during an upgrade the command
+    // waits, and is answered by the new process when the client retries.
+    let _quiet = ctx.reload_lock.lock().await;
     let snapshot = ctx.shared.state.load_full();
     let experiment = snapshot
         .experiments
