@@ -255,12 +255,7 @@ async fn artifacts_are_published_pulled_converged_and_verified() {
         plugin_wasm("hello"),
     );
     let pki = Pki::new();
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
+    let model = sample_model_file(pki.path());
 
     // Published with the CLI: the plugin to a tag, the model to a tag pulled by its digest.
     let tag = registry.reference("plugins/p:stable");
@@ -461,12 +456,7 @@ async fn artifacts_are_published_pulled_converged_and_verified() {
 async fn an_artifact_of_another_media_type_is_refused() {
     let registry = Registry::start().await;
     let pki = Pki::new();
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
+    let model = sample_model_file(pki.path());
     // A model artifact named as a plugin's source, and a plugin artifact as a model's.
     let as_model = registry.reference("models/recs:v1");
     publish("model", &model, &as_model).await.unwrap();

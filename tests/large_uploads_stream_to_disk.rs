@@ -22,12 +22,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 async fn a_large_invalid_upload_is_streamed_and_refused_without_holding_it_in_memory() {
     let pki = Pki::new();
     let up = Upstream::named("a").await;
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
+    let model = sample_model_file(pki.path());
     std::fs::write(pki.path().join("admin.token"), TOKEN).unwrap();
     let extra = format!(
         "[[models]]\nname = \"recs\"\npath = \"{}\"\n[store]\ndir = \"store\"\n",

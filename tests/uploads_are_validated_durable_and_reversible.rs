@@ -29,12 +29,7 @@ fn config(pki: &Pki, up: std::net::SocketAddr, model: &std::path::Path) -> Strin
 async fn node() -> (Pki, Upstream, String) {
     let pki = Pki::new();
     let up = Upstream::named("a").await;
-    let model = pki.path().join("recs.safetensors");
-    std::fs::write(
-        &model,
-        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
-    )
-    .unwrap();
+    let model = sample_model_file(pki.path());
     let toml = config(&pki, up.addr, &model);
     (pki, up, toml)
 }

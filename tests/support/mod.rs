@@ -745,3 +745,15 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Writes the small sample embedding model (20 users, 4 items, version 1) as
+/// `dir/recs.safetensors` and returns its path.
+pub fn sample_model_file(dir: &Path) -> PathBuf {
+    let model = dir.join("recs.safetensors");
+    std::fs::write(
+        &model,
+        gateway::scoring::sample_model(&gateway::scoring::SampleSpec::embedding(20, 4, 1)),
+    )
+    .unwrap();
+    model
+}
