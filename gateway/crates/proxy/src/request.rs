@@ -287,6 +287,14 @@ impl Snapshot {
             Arc::new(ring)
         });
         let privacy = crate::privacy::Pseudonymizer::new(&config.privacy);
+        if previous.is_none_or(|p| p.privacy.key_id() != privacy.key_id()) {
+            // The key's id, never the key: which pseudonyms the logs from now on carry.
+            tracing::info!(
+                key = privacy.key_id(),
+                client_addresses = config.privacy.pseudonymize_client_addresses,
+                "pseudonyms of client addresses"
+            );
+        }
         Snapshot {
             config,
             router,
