@@ -373,7 +373,7 @@ impl wit_http::HostRequest for StoreState {
         Ok(all_headers(&self.table.get(&r)?.headers))
     }
     fn client_addr(&mut self, r: Resource<RequestState>) -> Result<String> {
-        Ok(self.table.get(&r)?.client.clone())
+        Ok(self.table.get(&r)?.client.shown())
     }
     fn route(&mut self, r: Resource<RequestState>) -> Result<String> {
         Ok(self.table.get(&r)?.route.to_string())

@@ -1213,7 +1213,9 @@ impl LoadedPlugin {
             path: path.to_string(),
             query: None,
             headers,
-            client: "127.0.0.1".into(),
+            client: proxy::privacy::ClientAddr::unpseudonymized(std::net::IpAddr::from([
+                127, 0, 0, 1,
+            ])),
             route: route.clone(),
             variant: None,
             variants: Arc::from(Vec::<String>::new()),

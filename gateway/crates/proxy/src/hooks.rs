@@ -104,8 +104,8 @@ pub struct RequestState {
     pub query: Option<String>,
     /// Headers.
     pub headers: HeaderMap,
-    /// Client address, or its pseudonym (`[privacy] pseudonymize_client_addresses`).
-    pub client: String,
+    /// Client address, shown as its pseudonym under `[privacy] pseudonymize_client_addresses`.
+    pub client: crate::privacy::ClientAddr,
     /// Matched route.
     pub route: Arc<str>,
     /// Chosen variant.

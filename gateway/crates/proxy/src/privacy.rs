@@ -94,6 +94,35 @@ impl Pseudonymizer {
     }
 }
 
+/// A request's client address as plugins see it: the pseudonym is made only when a plugin
+/// asks (`client-addr`), not for every request a plugin chain runs on.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    addr: IpAddr,
+    privacy: std::sync::Arc<Pseudonymizer>,
+}
+
+impl ClientAddr {
+    /// `addr` under `privacy`.
+    pub fn new(addr: IpAddr, privacy: std::sync::Arc<Pseudonymizer>) -> ClientAddr {
+        ClientAddr { addr, privacy }
+    }
+
+    /// An address shown as it is (for `gateway plugin check`'s test request).
+    pub fn unpseudonymized(addr: IpAddr) -> ClientAddr {
+        let settings = PrivacySettings {
+            key: None,
+            pseudonymize_client_addresses: false,
+        };
+        ClientAddr::new(addr, std::sync::Arc::new(Pseudonymizer::new(&settings)))
+    }
+
+    /// The address, or its pseudonym.
+    pub fn shown(&self) -> String {
+        self.privacy.client(self.addr)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

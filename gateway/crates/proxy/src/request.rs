@@ -207,7 +207,7 @@ pub struct Snapshot {
     /// `gateway_feedback_refused_total`, for the feedback endpoint.
     pub(crate) metrics_for_feedback: prometheus::IntCounterVec,
     /// Pseudonyms of client addresses (`[privacy]`).
-    pub privacy: crate::privacy::Pseudonymizer,
+    pub privacy: Arc<crate::privacy::Pseudonymizer>,
 }
 
 impl Snapshot {
@@ -286,7 +286,7 @@ impl Snapshot {
             );
             Arc::new(ring)
         });
-        let privacy = crate::privacy::Pseudonymizer::new(&config.privacy);
+        let privacy = Arc::new(crate::privacy::Pseudonymizer::new(&config.privacy));
         if previous.is_none_or(|p| p.privacy.key_id() != privacy.key_id()) {
             // The key's id, never the key: which pseudonyms the logs from now on carry.
             tracing::info!(
@@ -1048,7 +1048,10 @@ async fn with_plugins(
         path: original_path.clone(),
         query: parts.uri.query().map(str::to_string),
         headers: std::mem::take(&mut parts.headers),
-        client: snapshot.privacy.client(conn.peer.ip().to_canonical()),
+        client: crate::privacy::ClientAddr::new(
+            conn.peer.ip().to_canonical(),
+            snapshot.privacy.clone(),
+        ),
         route: route.name.clone(),
         variant: default_variant,
         variants: chain.variants(),
