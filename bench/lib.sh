@@ -1,4 +1,4 @@
-# Shared by the release-build benchmarks (bench/overload.sh, bench/soak.sh, bench/upgrade.sh);
+# Shared by the benchmarks (bench/overload.sh, bench/soak.sh, bench/upgrade.sh, bench/plugins.sh);
 # sourced, not run. The caller sets GATEWAY and SKIP_BUILD (and CERT and KEY for
 # self_signed_cert) and defines die().
 

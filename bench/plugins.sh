@@ -31,26 +31,16 @@ GATEWAY=${GATEWAY:-$ROOT/target/dist/gateway}
 die() { echo "plugins.sh: $*" >&2; exit 1; }
 for v in ROUNDS DURATION; do [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer"; done
 
-missing=()
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v wrk >/dev/null || missing+=(wrk)
-command -v openssl >/dev/null || missing+=(openssl)
-if ((${#missing[@]})); then
-  [[ $(id -u) == 0 ]] || die "missing packages ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 300 apt-get update -qq
-  timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+need nginx nginx-light wrk wrk openssl openssl
 if [[ $SKIP_BUILD != 1 ]]; then
   timeout 1800 cargo build --profile dist -p gateway
   timeout 1800 plugins/build.sh >/dev/null
 fi
 [[ -x $GATEWAY ]] || die "$GATEWAY not found"
 [[ -f plugins/dist/noop.wasm ]] || die "plugins/dist/noop.wasm not found: run plugins/build.sh"
-if [[ ! -s $CERT || ! -s $KEY ]]; then
-  timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-    -keyout "$KEY" -out "$CERT" -days 30 -subj /CN=localhost 2>/dev/null
-fi
+self_signed_cert
 
 WORK=$(mktemp -d /tmp/bench-plugins.XXXXXX)
 PIDS=()

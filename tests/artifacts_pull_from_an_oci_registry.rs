@@ -231,21 +231,6 @@ async fn status(gw: &TestGateway) -> serde_json::Value {
     serde_json::from_slice(&got.body).unwrap()
 }
 
-async fn internal_header_reaches_upstream(gw: &TestGateway, pki: &Pki, up: &Upstream) -> bool {
-    let req = Request::get("https://localhost/x")
-        .header("host", "localhost")
-        .header("x-internal-secret", "1")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(
-        fetch(gw.addr("https"), &pki.ca_der, false, req)
-            .await
-            .status,
-        200
-    );
-    up.last().headers.contains_key("x-internal-secret")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_are_published_pulled_converged_and_verified() {
     let mut registry = Registry::start().await;

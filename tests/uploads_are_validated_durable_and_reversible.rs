@@ -34,21 +34,6 @@ async fn node() -> (Pki, Upstream, String) {
     (pki, up, toml)
 }
 
-async fn internal_header_reaches_upstream(gw: &TestGateway, pki: &Pki, up: &Upstream) -> bool {
-    let req = Request::get("https://localhost/x")
-        .header("host", "localhost")
-        .header("x-internal-secret", "1")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(
-        fetch(gw.addr("https"), &pki.ca_der, false, req)
-            .await
-            .status,
-        200
-    );
-    up.last().headers.contains_key("x-internal-secret")
-}
-
 #[tokio::test]
 async fn plugin_uploads_activate_survive_restarts_and_roll_back() {
     let (pki, up, toml) = node().await;

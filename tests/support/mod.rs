@@ -757,3 +757,20 @@ pub fn sample_model_file(dir: &Path) -> PathBuf {
     .unwrap();
     model
 }
+
+/// Sends a request carrying `x-internal-secret` and says whether it reached `up`: the `noop`
+/// plugin lets it through, `hygiene` strips it, so this tells which of the two serves.
+pub async fn internal_header_reaches_upstream(gw: &TestGateway, pki: &Pki, up: &Upstream) -> bool {
+    let req = Request::get("https://localhost/x")
+        .header("host", "localhost")
+        .header("x-internal-secret", "1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        fetch(gw.addr("https"), &pki.ca_der, false, req)
+            .await
+            .status,
+        200
+    );
+    up.last().headers.contains_key("x-internal-secret")
+}
