@@ -292,9 +292,10 @@ enum PluginCommand {
         /// The plugin's `fuel_per_call` (default: the gateway's default).
         #[arg(long)]
         fuel_per_call: Option<u64>,
-        /// After the test call, repeat it this many times and report the mean time of one
-        /// hook call (the gateway's own histogram, instance checkout included): the per-call
-        /// cost of the plugin on this machine (bench/plugin_languages.sh).
+        /// After the test call, call each hook this many times in a row and report the mean
+        /// CPU and wall-clock time of one call (instance checkout, limits, metrics and the
+        /// plugin's own work) and its fuel: the per-call cost of the plugin on this machine
+        /// (bench/plugins.sh).
         #[arg(long, default_value_t = 0)]
         calls: u32,
     },
@@ -750,50 +751,35 @@ fn plugin_check(
         return Ok(ExitCode::FAILURE);
     }
     if calls > 0 {
-        let hook_time = |hook: &str| {
-            let families = registry.gather();
-            let h = families
-                .iter()
-                .find(|f| f.name() == "gateway_plugin_hook_duration_seconds")
-                .and_then(|f| {
-                    f.get_metric()
-                        .iter()
-                        .find(|m| m.get_label().iter().any(|l| l.value() == hook))
-                })
-                .map(|m| m.get_histogram().clone());
-            h.map_or((0.0, 0), |h| (h.get_sample_sum(), h.get_sample_count()))
+        // The CPU time of this thread, which runs every call (a current-thread runtime).
+        let cpu = || {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+            std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
         };
-        let before = [hook_time("on_request"), hook_time("on_response")];
-        let started = std::time::Instant::now();
-        let mut fuel = [0u64; 2];
-        for _ in 0..calls {
-            let t = rt.block_on(plugin.trial(path));
-            if let Some(failure) = t.failure {
-                eprintln!("  a repeated call failed: {failure}");
-                return Ok(ExitCode::FAILURE);
-            }
-            for (i, f) in t.fuel.iter().enumerate() {
-                fuel[i] += f.unwrap_or(0);
-            }
+        let mut line = format!("  {calls} calls");
+        for hook in [gateway::plugin::Hook::Request, gateway::plugin::Hook::Response] {
+            // A tenth as many calls first, unmeasured: caches and the allocator warmed.
+            let warm = rt.block_on(plugin.repeat(hook, path, calls / 10 + 1, cpu));
+            let cost = warm.and_then(|_| rt.block_on(plugin.repeat(hook, path, calls, cpu)));
+            let cost = match cost {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("  a repeated call failed: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let per_call_us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / f64::from(calls);
+            line.push_str(&format!(
+                "{} {}: {:.2} us CPU, {:.2} us wall, fuel {}",
+                if line.ends_with("calls") { "" } else { ";" },
+                hook.label().replace('_', "-"),
+                per_call_us(cost.cpu),
+                per_call_us(cost.wall),
+                cost.fuel
+                    .map_or("-".to_string(), |f| (f / u64::from(calls)).to_string()),
+            ));
         }
-        let wall = started.elapsed();
-        let after = [hook_time("on_request"), hook_time("on_response")];
-        let mean_us = |i: usize| {
-            let (sum, n) = (after[i].0 - before[i].0, after[i].1 - before[i].1);
-            if n == 0 {
-                0.0
-            } else {
-                sum / n as f64 * 1e6
-            }
-        };
-        println!(
-            "  {calls} calls  on-request {:.1} us, fuel {}; on-response {:.1} us, fuel {} (means; {:.1} us per request in all)",
-            mean_us(0),
-            fuel[0] / u64::from(calls),
-            mean_us(1),
-            fuel[1] / u64::from(calls),
-            wall.as_secs_f64() * 1e6 / f64::from(calls)
-        );
+        println!("{line} (means per call)");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
@@ -132,7 +132,7 @@ pub enum PluginError {
 
 /// The hook a call is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hook {
+pub enum Hook {
     /// `on-request`.
     Request = 0,
     /// `on-response`.
@@ -140,7 +140,8 @@ pub(crate) enum Hook {
 }
 
 impl Hook {
-    fn label(self) -> &'static str {
+    /// The hook's name in metrics and logs.
+    pub fn label(self) -> &'static str {
         match self {
             Hook::Request => "on_request",
             Hook::Response => "on_response",
@@ -800,6 +801,89 @@ pub struct LoadedPlugin {
     last_failure: Mutex<Option<String>>,
 }
 
+/// Runs `call`, which fails with `Err(())` once `deadline` passes. The timer is armed only
+/// when the call first has to wait (parked in an async host call such as `rank`), so a call
+/// that runs straight through, nearly every one, registers no timer; a call that never parks
+/// is bounded by its epoch deadline and fuel instead.
+async fn backstop<F: std::future::Future>(call: F, deadline: Instant) -> Result<F::Output, ()> {
+    use std::task::Poll;
+    let mut call = std::pin::pin!(call);
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = call.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        let timer = timer.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                deadline,
+            )))
+        });
+        std::future::Future::poll(timer.as_mut(), cx).map(|()| Err(()))
+    })
+    .await
+}
+
+/// What [`LoadedPlugin::repeat`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct CallCost {
+    /// Calls made.
+    pub calls: u32,
+    /// Wall-clock time of all of them.
+    pub wall: Duration,
+    /// CPU time of all of them, by the caller's clock.
+    pub cpu: Duration,
+    /// Fuel all of them burned (`None` when fuel is off).
+    pub fuel: Option<u64>,
+}
+
+/// The request `gateway plugin check` sends: `GET path` from 127.0.0.1 on a route with no
+/// body access.
+fn check_request(path: &str) -> RequestState {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("localhost"),
+    );
+    headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("gateway-plugin-check"),
+    );
+    RequestState {
+        method: http::Method::GET,
+        path: path.to_string(),
+        query: None,
+        headers,
+        client: proxy::privacy::ClientAddr::unpseudonymized(std::net::IpAddr::from([
+            127, 0, 0, 1,
+        ])),
+        route: Arc::from("plugin-check"),
+        variant: None,
+        variants: Arc::from(Vec::<String>::new()),
+        experiment: None,
+        body: None,
+        target_changed: false,
+        ranker: None,
+    }
+}
+
+/// The answer to [`check_request`] that `gateway plugin check` hands `on-response`.
+fn check_response(path: &str, status: u16) -> ResponseState {
+    ResponseState {
+        status: http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK),
+        headers: http::HeaderMap::new(),
+        request_method: http::Method::GET,
+        request_path: path.to_string(),
+        request_query: None,
+        route: Arc::from("plugin-check"),
+        variant: None,
+        body: None,
+        body_access: false,
+        body_limit: 0,
+        body_changed: false,
+        ranker: None,
+    }
+}
+
 /// What a test call of each hook did (`gateway plugin check`).
 #[derive(Debug)]
 pub struct Trial {
@@ -925,7 +1009,12 @@ impl LoadedPlugin {
     /// A ready instance, or a new one; when every slot of the engine is in use, waits up to
     /// the plugin's deadline for one to be freed (a bounded queue: the wait is counted, and
     /// not charged to the call's fuel or deadline).
-    async fn checkout(self: &Arc<Self>) -> Option<Instance> {
+    /// Also says whether the instance came at once from the ready pool (`false` when one
+    /// had to be made or waited for: the call's own time starts later).
+    async fn checkout(self: &Arc<Self>) -> Option<(Instance, bool)> {
+        if let Some(i) = self.take() {
+            return Some((i, true));
+        }
         let give_up = tokio::time::Instant::now() + self.spec.deadline;
         let mut waited = false;
         loop {
@@ -933,7 +1022,7 @@ impl LoadedPlugin {
                 if waited {
                     self.waits[0].inc();
                 }
-                return Some(i);
+                return Some((i, false));
             }
             match self.new_instance().await {
                 Ok(i) => {
@@ -941,7 +1030,7 @@ impl LoadedPlugin {
                     if waited {
                         self.waits[0].inc();
                     }
-                    return Some(i);
+                    return Some((i, false));
                 }
                 Err(PluginError::PoolFull { .. }) => {
                     waited = true;
@@ -1099,19 +1188,20 @@ impl LoadedPlugin {
         state: RequestState,
     ) -> (RequestState, Result<RequestAction, Outcome>) {
         let started = Instant::now();
-        let Some(mut instance) = self.checkout().await else {
+        let Some((mut instance, at_once)) = self.checkout().await else {
             self.record(Hook::Request, Outcome::Unavailable, started);
             return (state, Err(Outcome::Unavailable));
         };
+        let call_started = if at_once { started } else { Instant::now() };
         let ranker = state.ranker.clone();
         let body_bytes = state.body.as_ref().map_or(0, |b| b.len());
         let handle = self.lend(&mut instance, state, body_bytes, ranker);
         let borrowed = Resource::<RequestState>::new_borrow(handle.rep());
-        let result = tokio::time::timeout(
-            self.backstop,
+        let result = backstop(
             instance
                 .plugin
                 .call_on_request(&mut instance.store, borrowed),
+            call_started + self.backstop,
         )
         .await;
         let state = self.take_back(&mut instance, handle);
@@ -1151,19 +1241,20 @@ impl LoadedPlugin {
         state: ResponseState,
     ) -> (ResponseState, Result<(), Outcome>) {
         let started = Instant::now();
-        let Some(mut instance) = self.checkout().await else {
+        let Some((mut instance, at_once)) = self.checkout().await else {
             self.record(Hook::Response, Outcome::Unavailable, started);
             return (state, Err(Outcome::Unavailable));
         };
+        let call_started = if at_once { started } else { Instant::now() };
         let ranker = state.ranker.clone();
         let body_bytes = state.body.as_ref().map_or(0, |b| b.len());
         let handle = self.lend(&mut instance, state, body_bytes, ranker);
         let borrowed = Resource::<ResponseState>::new_borrow(handle.rep());
-        let result = tokio::time::timeout(
-            self.backstop,
+        let result = backstop(
             instance
                 .plugin
                 .call_on_response(&mut instance.store, borrowed),
+            call_started + self.backstop,
         )
         .await;
         let state = self.take_back(&mut instance, handle);
@@ -1198,32 +1289,7 @@ impl LoadedPlugin {
     pub async fn trial(self: &Arc<Self>, path: &str) -> Trial {
         let fuel_spent = |h: Hook| self.fuel_used[h as usize].get_sample_sum();
         let fuel_before = [fuel_spent(Hook::Request), fuel_spent(Hook::Response)];
-        let route: Arc<str> = Arc::from("plugin-check");
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            http::header::HOST,
-            http::HeaderValue::from_static("localhost"),
-        );
-        headers.insert(
-            http::header::USER_AGENT,
-            http::HeaderValue::from_static("gateway-plugin-check"),
-        );
-        let req = RequestState {
-            method: http::Method::GET,
-            path: path.to_string(),
-            query: None,
-            headers,
-            client: proxy::privacy::ClientAddr::unpseudonymized(std::net::IpAddr::from([
-                127, 0, 0, 1,
-            ])),
-            route: route.clone(),
-            variant: None,
-            variants: Arc::from(Vec::<String>::new()),
-            experiment: None,
-            body: None,
-            target_changed: false,
-            ranker: None,
-        };
+        let req = check_request(path);
         let (_req, result) = self.on_request(req).await;
         let (on_request, local_status) = match &result {
             Ok(RequestAction::Continue) => (Outcome::Ok, None),
@@ -1233,21 +1299,7 @@ impl LoadedPlugin {
         let on_response = if on_request.is_failure() {
             None
         } else {
-            let resp = ResponseState {
-                status: http::StatusCode::from_u16(local_status.unwrap_or(200))
-                    .unwrap_or(http::StatusCode::OK),
-                headers: http::HeaderMap::new(),
-                request_method: http::Method::GET,
-                request_path: path.to_string(),
-                request_query: None,
-                route,
-                variant: None,
-                body: None,
-                body_access: false,
-                body_limit: 0,
-                body_changed: false,
-                ranker: None,
-            };
+            let resp = check_response(path, local_status.unwrap_or(200));
             let (_resp, result) = self.on_response(resp).await;
             Some(result.err().unwrap_or(Outcome::Ok))
         };
@@ -1266,6 +1318,67 @@ impl LoadedPlugin {
             fuel,
             failure: self.last_failure.lock().expect("failure lock").take(),
         }
+    }
+
+    /// Calls one hook `calls` times in a row on the test request of [`Self::trial`] (or its
+    /// answer), handing each call the state the last one returned, and measures the calls with
+    /// `cpu` (a clock of the calling thread's CPU time, as the caller can read it): what one
+    /// call costs the host and the plugin, with nothing else in the loop. An edited path or
+    /// header set is put back before the next call, so the state does not grow.
+    pub async fn repeat(
+        self: &Arc<Self>,
+        hook: Hook,
+        path: &str,
+        calls: u32,
+        cpu: impl Fn() -> Duration,
+    ) -> Result<CallCost, String> {
+        let fuel_before = self.fuel_used[hook as usize].get_sample_sum();
+        let failed = |o: Outcome| {
+            let detail = self.last_failure.lock().expect("failure lock").take();
+            format!("{} failed ({}): {}", hook.label(), o.label(), detail.unwrap_or_default())
+        };
+        let (wall, cpu_used) = match hook {
+            Hook::Request => {
+                let template = check_request(path);
+                let mut req = check_request(path);
+                let (started, cpu_before) = (Instant::now(), cpu());
+                for _ in 0..calls {
+                    let (mut back, result) = self.on_request(req).await;
+                    if let Err(o) = result {
+                        return Err(failed(o));
+                    }
+                    if back.headers.len() != template.headers.len() || back.path != template.path {
+                        back.headers = template.headers.clone();
+                        back.path.clone_from(&template.path);
+                    }
+                    req = back;
+                }
+                (started.elapsed(), cpu().saturating_sub(cpu_before))
+            }
+            Hook::Response => {
+                let mut resp = check_response(path, 200);
+                let (started, cpu_before) = (Instant::now(), cpu());
+                for _ in 0..calls {
+                    let (mut back, result) = self.on_response(resp).await;
+                    if let Err(o) = result {
+                        return Err(failed(o));
+                    }
+                    if !back.headers.is_empty() || back.status != http::StatusCode::OK {
+                        back.headers.clear();
+                        back.status = http::StatusCode::OK;
+                    }
+                    resp = back;
+                }
+                (started.elapsed(), cpu().saturating_sub(cpu_before))
+            }
+        };
+        let fuel = self.fuel_used[hook as usize].get_sample_sum() - fuel_before;
+        Ok(CallCost {
+            calls,
+            wall,
+            cpu: cpu_used,
+            fuel: (self.spec.fuel_per_call.is_some()).then_some(fuel as u64),
+        })
     }
 
     /// Ready instances now pooled.

@@ -25,6 +25,7 @@
 //! Nothing else is linked: a component importing anything else is refused at load.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -133,6 +134,9 @@ pub(crate) struct GuestOutput {
     plugin: String,
     version: String,
     state: Mutex<OutputState>,
+    /// The state is not fresh: something was written since the last reset. A call that
+    /// writes nothing, nearly every call, then costs no lock.
+    written: AtomicBool,
 }
 
 #[derive(Default)]
@@ -157,20 +161,32 @@ impl GuestOutput {
                 left: OUTPUT_PER_CALL,
                 ..Default::default()
             }),
+            written: AtomicBool::new(false),
         })
     }
 
     /// Starts a call: a new budget and no stderr yet.
     pub fn start_call(&self) {
+        if !self.written.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.state.lock().expect("guest output lock");
         s.left = OUTPUT_PER_CALL;
         s.dropped = false;
         s.tail.clear();
+        // Partial lines left by `init` are still to be logged.
+        self.written.store(
+            !(s.stdout.is_empty() && s.stderr.is_empty()),
+            Ordering::Release,
+        );
     }
 
     /// Ends a call: logs what is left of partial lines and returns the end of the call's
     /// stderr (empty when it wrote none).
     pub fn finish_call(&self) -> String {
+        if !self.written.load(Ordering::Acquire) {
+            return String::new();
+        }
         let mut s = self.state.lock().expect("guest output lock");
         for stream in [Stream::Stdout, Stream::Stderr] {
             let rest = std::mem::take(s.buffer(stream));
@@ -179,11 +195,15 @@ impl GuestOutput {
             }
         }
         let tail = std::mem::take(&mut s.tail);
+        s.left = OUTPUT_PER_CALL;
+        s.dropped = false;
+        self.written.store(false, Ordering::Release);
         String::from_utf8_lossy(&tail).trim_end().to_string()
     }
 
     fn write(&self, stream: Stream, bytes: &[u8]) {
         let mut s = self.state.lock().expect("guest output lock");
+        self.written.store(true, Ordering::Release);
         if stream == Stream::Stderr {
             s.tail.extend_from_slice(bytes);
             if s.tail.len() > STDERR_TAIL {
