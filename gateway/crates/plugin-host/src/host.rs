@@ -49,7 +49,17 @@ pub(crate) struct StoreState {
     pub output: Arc<crate::wasi::GuestOutput>,
     /// The end of what the last call (or `init`) wrote to stderr.
     pub last_stderr: String,
+    /// The request lent to the current `on-request` call, which the guest borrows as handle
+    /// [`LENT`]; kept here rather than in `table` so a call costs no allocation.
+    pub request: Option<RequestState>,
+    /// The response lent to the current `on-response` call (handle [`LENT`]).
+    pub response: Option<ResponseState>,
 }
+
+/// The resource handle a call's request or response is lent under. The guest only ever
+/// holds it as a borrow for the one call; a host function called with any other handle, or
+/// when nothing is lent, traps.
+pub(crate) const LENT: u32 = 1;
 
 impl StoreState {
     /// A fresh state for an instance of `plugin`.
@@ -61,6 +71,8 @@ impl StoreState {
             http_hooks: crate::wasi::NoOutgoingHttp,
             output,
             last_stderr: String::new(),
+            request: None,
+            response: None,
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 max: memory_limit,
@@ -290,6 +302,31 @@ fn apply_header(
 }
 
 impl StoreState {
+    fn req(&self, r: &Resource<RequestState>) -> Result<&RequestState> {
+        match &self.request {
+            Some(req) if r.rep() == LENT => Ok(req),
+            _ => wasmtime::bail!("unknown request handle {}", r.rep()),
+        }
+    }
+    fn req_mut(&mut self, r: &Resource<RequestState>) -> Result<&mut RequestState> {
+        match &mut self.request {
+            Some(req) if r.rep() == LENT => Ok(req),
+            _ => wasmtime::bail!("unknown request handle {}", r.rep()),
+        }
+    }
+    fn resp(&self, r: &Resource<ResponseState>) -> Result<&ResponseState> {
+        match &self.response {
+            Some(resp) if r.rep() == LENT => Ok(resp),
+            _ => wasmtime::bail!("unknown response handle {}", r.rep()),
+        }
+    }
+    fn resp_mut(&mut self, r: &Resource<ResponseState>) -> Result<&mut ResponseState> {
+        match &mut self.response {
+            Some(resp) if r.rep() == LENT => Ok(resp),
+            _ => wasmtime::bail!("unknown response handle {}", r.rep()),
+        }
+    }
+
     /// Validates a header edit and charges what it adds to the output budget.
     fn prepare_header(
         &mut self,
@@ -317,7 +354,7 @@ impl StoreState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        apply_header(&mut self.table.get_mut(r)?.headers, op, name, value);
+        apply_header(&mut self.req_mut(r)?.headers, op, name, value);
         Ok(Ok(()))
     }
 
@@ -332,7 +369,7 @@ impl StoreState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        apply_header(&mut self.table.get_mut(r)?.headers, op, name, value);
+        apply_header(&mut self.resp_mut(r)?.headers, op, name, value);
         Ok(Ok(()))
     }
 }
@@ -358,31 +395,31 @@ impl ranking::Host for StoreState {
 
 impl wit_http::HostRequest for StoreState {
     fn method(&mut self, r: Resource<RequestState>) -> Result<String> {
-        Ok(self.table.get(&r)?.method.as_str().to_string())
+        Ok(self.req(&r)?.method.as_str().to_string())
     }
     fn path(&mut self, r: Resource<RequestState>) -> Result<String> {
-        Ok(self.table.get(&r)?.path.clone())
+        Ok(self.req(&r)?.path.clone())
     }
     fn query(&mut self, r: Resource<RequestState>) -> Result<Option<String>> {
-        Ok(self.table.get(&r)?.query.clone())
+        Ok(self.req(&r)?.query.clone())
     }
     fn header(&mut self, r: Resource<RequestState>, name: String) -> Result<Option<String>> {
-        Ok(first_header(&self.table.get(&r)?.headers, &name))
+        Ok(first_header(&self.req(&r)?.headers, &name))
     }
     fn headers(&mut self, r: Resource<RequestState>) -> Result<Vec<(String, String)>> {
-        Ok(all_headers(&self.table.get(&r)?.headers))
+        Ok(all_headers(&self.req(&r)?.headers))
     }
     fn client_addr(&mut self, r: Resource<RequestState>) -> Result<String> {
-        Ok(self.table.get(&r)?.client.shown())
+        Ok(self.req(&r)?.client.shown())
     }
     fn route(&mut self, r: Resource<RequestState>) -> Result<String> {
-        Ok(self.table.get(&r)?.route.to_string())
+        Ok(self.req(&r)?.route.to_string())
     }
     fn variant(&mut self, r: Resource<RequestState>) -> Result<Option<String>> {
-        Ok(self.table.get(&r)?.variant.clone())
+        Ok(self.req(&r)?.variant.clone())
     }
     fn body(&mut self, r: Resource<RequestState>) -> Result<Option<Vec<u8>>> {
-        Ok(self.table.get(&r)?.body.as_ref().map(|b| b.to_vec()))
+        Ok(self.req(&r)?.body.as_ref().map(|b| b.to_vec()))
     }
     fn set_header(
         &mut self,
@@ -421,7 +458,7 @@ impl wit_http::HostRequest for StoreState {
             )));
         }
         self.charge(path.len())?;
-        let req = self.table.get_mut(&r)?;
+        let req = self.req_mut(&r)?;
         req.path = path;
         req.target_changed = true;
         Ok(Ok(()))
@@ -437,7 +474,7 @@ impl wit_http::HostRequest for StoreState {
             }
             self.charge(q.len())?;
         }
-        let req = self.table.get_mut(&r)?;
+        let req = self.req_mut(&r)?;
         req.query = query;
         req.target_changed = true;
         Ok(Ok(()))
@@ -447,7 +484,7 @@ impl wit_http::HostRequest for StoreState {
         r: Resource<RequestState>,
         variant: String,
     ) -> Result<std::result::Result<(), String>> {
-        let req = self.table.get_mut(&r)?;
+        let req = self.req_mut(&r)?;
         if let Some(experiment) = &req.experiment {
             return Ok(Err(format!(
                 "route {} is split by experiment {experiment:?}: its variant is the split's (or the override header's), not a plugin's",
@@ -473,31 +510,31 @@ impl wit_http::HostRequest for StoreState {
 
 impl wit_http::HostResponse for StoreState {
     fn status(&mut self, r: Resource<ResponseState>) -> Result<u16> {
-        Ok(self.table.get(&r)?.status.as_u16())
+        Ok(self.resp(&r)?.status.as_u16())
     }
     fn header(&mut self, r: Resource<ResponseState>, name: String) -> Result<Option<String>> {
-        Ok(first_header(&self.table.get(&r)?.headers, &name))
+        Ok(first_header(&self.resp(&r)?.headers, &name))
     }
     fn headers(&mut self, r: Resource<ResponseState>) -> Result<Vec<(String, String)>> {
-        Ok(all_headers(&self.table.get(&r)?.headers))
+        Ok(all_headers(&self.resp(&r)?.headers))
     }
     fn request_method(&mut self, r: Resource<ResponseState>) -> Result<String> {
-        Ok(self.table.get(&r)?.request_method.as_str().to_string())
+        Ok(self.resp(&r)?.request_method.as_str().to_string())
     }
     fn request_path(&mut self, r: Resource<ResponseState>) -> Result<String> {
-        Ok(self.table.get(&r)?.request_path.clone())
+        Ok(self.resp(&r)?.request_path.clone())
     }
     fn request_query(&mut self, r: Resource<ResponseState>) -> Result<Option<String>> {
-        Ok(self.table.get(&r)?.request_query.clone())
+        Ok(self.resp(&r)?.request_query.clone())
     }
     fn route(&mut self, r: Resource<ResponseState>) -> Result<String> {
-        Ok(self.table.get(&r)?.route.to_string())
+        Ok(self.resp(&r)?.route.to_string())
     }
     fn variant(&mut self, r: Resource<ResponseState>) -> Result<Option<String>> {
-        Ok(self.table.get(&r)?.variant.clone())
+        Ok(self.resp(&r)?.variant.clone())
     }
     fn body(&mut self, r: Resource<ResponseState>) -> Result<Option<Vec<u8>>> {
-        Ok(self.table.get(&r)?.body.as_ref().map(|b| b.to_vec()))
+        Ok(self.resp(&r)?.body.as_ref().map(|b| b.to_vec()))
     }
     fn set_header(
         &mut self,
@@ -529,7 +566,7 @@ impl wit_http::HostResponse for StoreState {
     ) -> Result<std::result::Result<(), String>> {
         match StatusCode::from_u16(status) {
             Ok(s) if (100..=599).contains(&status) => {
-                self.table.get_mut(&r)?.status = s;
+                self.resp_mut(&r)?.status = s;
                 Ok(Ok(()))
             }
             _ => Ok(Err(format!(
@@ -542,7 +579,7 @@ impl wit_http::HostResponse for StoreState {
         r: Resource<ResponseState>,
         body: Vec<u8>,
     ) -> Result<std::result::Result<(), String>> {
-        let resp = self.table.get_mut(&r)?;
+        let resp = self.resp_mut(&r)?;
         if !resp.body_access {
             return Ok(Err(format!(
                 "route {} does not give plugins body access (plugin_body_access)",
@@ -550,11 +587,11 @@ impl wit_http::HostResponse for StoreState {
             )));
         }
         if body.len() > resp.body_limit {
+            let limit = resp.body_limit;
             self.output_exceeded = true;
             wasmtime::bail!(
-                "plugin set a body of {} bytes; the route allows {}",
-                body.len(),
-                resp.body_limit
+                "plugin set a body of {} bytes; the route allows {limit}",
+                body.len()
             );
         }
         resp.body = Some(Bytes::from(body));

@@ -1108,33 +1108,18 @@ impl LoadedPlugin {
         )
     }
 
-    /// Prepares `instance` for a call on `state` (limits reset, ranking service lent) and
-    /// lends the state to it; returns the handle the guest borrows.
-    fn lend<S: Send + 'static>(
-        &self,
-        instance: &mut Instance,
-        state: S,
-        body_bytes: usize,
-        ranker: Option<Arc<dyn host::Ranker>>,
-    ) -> Resource<S> {
+    /// Prepares `instance` for a call (limits reset, ranking service lent).
+    fn lend(&self, instance: &mut Instance, body_bytes: usize, ranker: Option<Arc<dyn host::Ranker>>) {
         self.prepare_call(instance, body_bytes);
-        let data = instance.store.data_mut();
-        data.ranker = ranker;
-        match data.table.push(state) {
-            Ok(h) => h,
-            Err(_) => unreachable!("a fresh resource table has room"),
-        }
+        instance.store.data_mut().ranker = ranker;
     }
 
-    /// Takes the state back after a call, and the ranking service with it, so a pooled
-    /// instance holds no served model alive.
-    fn take_back<S: 'static>(&self, instance: &mut Instance, handle: Resource<S>) -> S {
+    /// Ends a call: takes the ranking service back, so a pooled instance holds no served
+    /// model alive, and keeps the end of the call's stderr.
+    fn take_back(&self, instance: &mut Instance) {
         let data = instance.store.data_mut();
         data.ranker = None;
         data.last_stderr = data.output.finish_call();
-        data.table
-            .delete(handle)
-            .expect("the lent handle is still in the table")
     }
 
     /// Classifies, logs and counts a failed call; the instance is dropped by the caller.
@@ -1195,8 +1180,9 @@ impl LoadedPlugin {
         let call_started = if at_once { started } else { Instant::now() };
         let ranker = state.ranker.clone();
         let body_bytes = state.body.as_ref().map_or(0, |b| b.len());
-        let handle = self.lend(&mut instance, state, body_bytes, ranker);
-        let borrowed = Resource::<RequestState>::new_borrow(handle.rep());
+        self.lend(&mut instance, body_bytes, ranker);
+        instance.store.data_mut().request = Some(state);
+        let borrowed = Resource::<RequestState>::new_borrow(host::LENT);
         let result = backstop(
             instance
                 .plugin
@@ -1204,7 +1190,8 @@ impl LoadedPlugin {
             call_started + self.backstop,
         )
         .await;
-        let state = self.take_back(&mut instance, handle);
+        self.take_back(&mut instance);
+        let state = (instance.store.data_mut().request.take()).expect("the lent request is back");
         let action = match result {
             Ok(Ok(action)) => action,
             Ok(Err(e)) => {
@@ -1248,8 +1235,9 @@ impl LoadedPlugin {
         let call_started = if at_once { started } else { Instant::now() };
         let ranker = state.ranker.clone();
         let body_bytes = state.body.as_ref().map_or(0, |b| b.len());
-        let handle = self.lend(&mut instance, state, body_bytes, ranker);
-        let borrowed = Resource::<ResponseState>::new_borrow(handle.rep());
+        self.lend(&mut instance, body_bytes, ranker);
+        instance.store.data_mut().response = Some(state);
+        let borrowed = Resource::<ResponseState>::new_borrow(host::LENT);
         let result = backstop(
             instance
                 .plugin
@@ -1257,7 +1245,8 @@ impl LoadedPlugin {
             call_started + self.backstop,
         )
         .await;
-        let state = self.take_back(&mut instance, handle);
+        self.take_back(&mut instance);
+        let state = (instance.store.data_mut().response.take()).expect("the lent response is back");
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
