@@ -298,6 +298,10 @@ enum PluginCommand {
         /// (bench/plugins.sh).
         #[arg(long, default_value_t = 0)]
         calls: u32,
+        /// Write /tmp/perf-<pid>.map, so that `perf record` / `perf report` of this command
+        /// name the plugin's own functions (from its name section).
+        #[arg(long)]
+        perf_map: bool,
     },
 }
 
@@ -446,7 +450,7 @@ fn main() -> ExitCode {
         } => push_file(&target, Kind::Plugin, &name, &file),
         Command::Plugin {
             command: PluginCommand::Publish { file, to, config },
-        } => match plugin_check(&file, config, "/", None, None, 0) {
+        } => match plugin_check(&file, config, "/", None, None, 0, false) {
             Ok(code) if code == ExitCode::SUCCESS => publish(Kind::Plugin, &file, to),
             checked => checked,
         },
@@ -503,6 +507,7 @@ fn main() -> ExitCode {
                     memory_limit_bytes,
                     fuel_per_call,
                     calls,
+                    perf_map,
                 },
         } => plugin_check(
             &file,
@@ -511,6 +516,7 @@ fn main() -> ExitCode {
             memory_limit_bytes,
             fuel_per_call,
             calls,
+            perf_map,
         ),
     };
     match result {
@@ -660,6 +666,7 @@ fn plugin_check(
     memory_limit_bytes: Option<usize>,
     fuel_per_call: Option<u64>,
     calls: u32,
+    perf_map: bool,
 ) -> anyhow::Result<ExitCode> {
     // The plugin's own output (stdout, stderr, log calls) shows as it would in the gateway's log.
     init_logging(&LoggingSettings {
@@ -669,7 +676,10 @@ fn plugin_check(
     });
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     // The engine `gateway run` builds with default settings: same pool, same limits.
-    let settings = gateway::config::PluginRuntimeSettings::default();
+    let settings = gateway::config::PluginRuntimeSettings {
+        perf_map,
+        ..Default::default()
+    };
     let registry = prometheus::Registry::new();
     let engine = gateway::plugin::PluginRuntime::new(&settings, &registry)?;
     let started = std::time::Instant::now();
@@ -757,7 +767,10 @@ fn plugin_check(
             std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
         };
         let mut line = format!("  {calls} calls");
-        for hook in [gateway::plugin::Hook::Request, gateway::plugin::Hook::Response] {
+        for hook in [
+            gateway::plugin::Hook::Request,
+            gateway::plugin::Hook::Response,
+        ] {
             // A tenth as many calls first, unmeasured: caches and the allocator warmed.
             let warm = rt.block_on(plugin.repeat(hook, path, calls / 10 + 1, cpu));
             let cost = warm.and_then(|_| rt.block_on(plugin.repeat(hook, path, calls, cpu)));

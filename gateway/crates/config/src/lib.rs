@@ -199,6 +199,9 @@ pub struct PluginRuntimeSettings {
     /// Where compiled plugins are kept across loads and restarts; `None`: compiled on every
     /// start.
     pub compile_cache: Option<PathBuf>,
+    /// Write `/tmp/perf-<pid>.map` so `perf` names plugin functions (`gateway plugin check
+    /// --perf-map`; not a config field). Default off.
+    pub perf_map: bool,
 }
 
 /// The `[plugin_runtime]` defaults, used by validation for every field left out.
@@ -209,6 +212,7 @@ impl Default for PluginRuntimeSettings {
             epoch_tick: Duration::from_millis(1),
             fuel: true,
             compile_cache: None,
+            perf_map: false,
         }
     }
 }

@@ -677,6 +677,7 @@ pub fn check(raw: RawConfig, base_dir: &Path) -> Checked {
             (None, Some(store)) => Some(resolve(base_dir, store).join("compiled")),
             (None, None) => None,
         },
+        perf_map: false,
     };
     if !(1..=100_000).contains(&plugin_runtime.max_instances) {
         c.fail(

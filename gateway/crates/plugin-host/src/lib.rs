@@ -290,6 +290,9 @@ impl PluginRuntime {
             .max_wasm_stack(512 * 1024)
             .async_stack_size(2 << 20)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool.config()));
+        if settings.perf_map {
+            cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&cfg).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(engine_err)?;
@@ -801,26 +804,45 @@ pub struct LoadedPlugin {
     last_failure: Mutex<Option<String>>,
 }
 
-/// Runs `call`, which fails with `Err(())` once `deadline` passes. The timer is armed only
-/// when the call first has to wait (parked in an async host call such as `rank`), so a call
-/// that runs straight through, nearly every one, registers no timer; a call that never parks
-/// is bounded by its epoch deadline and fuel instead.
-async fn backstop<F: std::future::Future>(call: F, deadline: Instant) -> Result<F::Output, ()> {
-    use std::task::Poll;
-    let mut call = std::pin::pin!(call);
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = call.as_mut().poll(cx) {
-            return Poll::Ready(Ok(out));
+pin_project_lite::pin_project! {
+    /// Runs `call`, which fails with `Err(())` once `deadline` passes. The timer is armed
+    /// only when the call first has to wait (parked in an async host call such as `rank`),
+    /// so a call that runs straight through, nearly every one, registers no timer; a call
+    /// that never parks is bounded by its epoch deadline and fuel instead. (A struct rather
+    /// than an `async fn`, which would hold the call's future twice.)
+    struct Backstop<F> {
+        #[pin]
+        call: F,
+        deadline: Instant,
+        timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+fn backstop<F: std::future::Future>(call: F, deadline: Instant) -> Backstop<F> {
+    Backstop {
+        call,
+        deadline,
+        timer: None,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Backstop<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(out) = this.call.poll(cx) {
+            return std::task::Poll::Ready(Ok(out));
         }
-        let timer = timer.get_or_insert_with(|| {
-            Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
-                deadline,
-            )))
-        });
-        std::future::Future::poll(timer.as_mut(), cx).map(|()| Err(()))
-    })
-    .await
+        let deadline = tokio::time::Instant::from_std(*this.deadline);
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().poll(cx).map(|()| Err(()))
+    }
 }
 
 /// What [`LoadedPlugin::repeat`] measured.
@@ -853,9 +875,7 @@ fn check_request(path: &str) -> RequestState {
         path: path.to_string(),
         query: None,
         headers,
-        client: proxy::privacy::ClientAddr::unpseudonymized(std::net::IpAddr::from([
-            127, 0, 0, 1,
-        ])),
+        client: proxy::privacy::ClientAddr::unpseudonymized(std::net::IpAddr::from([127, 0, 0, 1])),
         route: Arc::from("plugin-check"),
         variant: None,
         variants: Arc::from(Vec::<String>::new()),
@@ -1012,9 +1032,16 @@ impl LoadedPlugin {
     /// Also says whether the instance came at once from the ready pool (`false` when one
     /// had to be made or waited for: the call's own time starts later).
     async fn checkout(self: &Arc<Self>) -> Option<(Instance, bool)> {
-        if let Some(i) = self.take() {
-            return Some((i, true));
+        match self.take() {
+            Some(i) => Some((i, true)),
+            // Boxed: making an instance is a large future, which would otherwise be part of
+            // (and moved with) every call's future.
+            None => Box::pin(self.make_or_wait()).await.map(|i| (i, false)),
         }
+    }
+
+    /// [`Self::checkout`] when no instance is ready: makes one, or waits for a slot.
+    async fn make_or_wait(self: &Arc<Self>) -> Option<Instance> {
         let give_up = tokio::time::Instant::now() + self.spec.deadline;
         let mut waited = false;
         loop {
@@ -1022,7 +1049,7 @@ impl LoadedPlugin {
                 if waited {
                     self.waits[0].inc();
                 }
-                return Some((i, false));
+                return Some(i);
             }
             match self.new_instance().await {
                 Ok(i) => {
@@ -1030,7 +1057,7 @@ impl LoadedPlugin {
                     if waited {
                         self.waits[0].inc();
                     }
-                    return Some((i, false));
+                    return Some(i);
                 }
                 Err(PluginError::PoolFull { .. }) => {
                     waited = true;
@@ -1109,7 +1136,12 @@ impl LoadedPlugin {
     }
 
     /// Prepares `instance` for a call (limits reset, ranking service lent).
-    fn lend(&self, instance: &mut Instance, body_bytes: usize, ranker: Option<Arc<dyn host::Ranker>>) {
+    fn lend(
+        &self,
+        instance: &mut Instance,
+        body_bytes: usize,
+        ranker: Option<Arc<dyn host::Ranker>>,
+    ) {
         self.prepare_call(instance, body_bytes);
         instance.store.data_mut().ranker = ranker;
     }
@@ -1324,7 +1356,12 @@ impl LoadedPlugin {
         let fuel_before = self.fuel_used[hook as usize].get_sample_sum();
         let failed = |o: Outcome| {
             let detail = self.last_failure.lock().expect("failure lock").take();
-            format!("{} failed ({}): {}", hook.label(), o.label(), detail.unwrap_or_default())
+            format!(
+                "{} failed ({}): {}",
+                hook.label(),
+                o.label(),
+                detail.unwrap_or_default()
+            )
         };
         let (wall, cpu_used) = match hook {
             Hook::Request => {
