@@ -783,8 +783,8 @@ fn plugin_check(
             };
             let per_call_us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / f64::from(calls);
             line.push_str(&format!(
-                "{} {}: {:.2} us CPU, {:.2} us wall, fuel {}",
-                if line.ends_with("calls") { "" } else { ";" },
+                "{} {} {:.2} us CPU, {:.2} us wall, fuel {}",
+                if line.ends_with("calls") { " " } else { ";" },
                 hook.label().replace('_', "-"),
                 per_call_us(cost.cpu),
                 per_call_us(cost.wall),
