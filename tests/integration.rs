@@ -25,6 +25,7 @@ mod management_actions_are_audited;
 mod models_are_gated_by_offline_evaluation;
 mod one_authority_per_request;
 mod overload_is_shed_fast_with_retry_after;
+mod plugin_instances_are_reused;
 mod plugin_limits_count_work_not_waiting;
 mod plugins_in_any_language;
 mod reload_keeps_what_did_not_change;

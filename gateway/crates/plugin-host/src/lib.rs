@@ -574,6 +574,7 @@ impl PluginRuntime {
             memory_peak: AtomicUsize::new(0),
             ctx,
             idle: Mutex::new(Vec::new()),
+            alive: Arc::new(AtomicUsize::new(0)),
             refilling: AtomicBool::new(false),
             deadline_ticks,
             backstop,
@@ -764,10 +765,13 @@ struct Instance {
     budget: u64,
     /// Told when this instance is dropped: its slot is free.
     freed: Arc<SlotFreed>,
+    /// Its plugin version's count of live instances, which this one leaves when dropped.
+    alive: Arc<AtomicUsize>,
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        self.alive.fetch_sub(1, Ordering::Relaxed);
         self.freed.signal();
     }
 }
@@ -790,6 +794,8 @@ pub struct LoadedPlugin {
     memory_peak: AtomicUsize,
     ctx: Arc<PluginCtx>,
     idle: Mutex<Vec<Instance>>,
+    /// Instances of this version alive: ready, lent to a call, or being refilled.
+    alive: Arc<AtomicUsize>,
     refilling: AtomicBool,
     deadline_ticks: u64,
     backstop: std::time::Duration,
@@ -964,12 +970,16 @@ impl LoadedPlugin {
         self.init_memory.fetch_max(reached, Ordering::Relaxed);
         self.memory_peak.fetch_max(reached, Ordering::Relaxed);
         match init {
-            Ok(Ok(())) => Ok(Instance {
-                store,
-                plugin,
-                budget: 0,
-                freed: self.freed.clone(),
-            }),
+            Ok(Ok(())) => {
+                self.alive.fetch_add(1, Ordering::Relaxed);
+                Ok(Instance {
+                    store,
+                    plugin,
+                    budget: 0,
+                    freed: self.freed.clone(),
+                    alive: self.alive.clone(),
+                })
+            }
             Ok(Err(message)) => Err(PluginError::InitRefused {
                 name: self.name.clone(),
                 message,
@@ -987,7 +997,11 @@ impl LoadedPlugin {
             let i = idle.pop();
             (i, idle.len())
         };
-        if remaining == 0 {
+        // Only when the version has fewer instances than its ready size (one was discarded
+        // after a failed call): instances lent to calls come back, and one made while they
+        // are out would be dropped on their return, an instantiation and `init` for nothing
+        // each time the pool runs dry at full use.
+        if remaining == 0 && self.alive.load(Ordering::Relaxed) < self.spec.instances as usize {
             self.refill();
         }
         instance
