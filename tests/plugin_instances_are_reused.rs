@@ -11,18 +11,31 @@ fn created(registry: &prometheus::Registry, when: &str) -> f64 {
     )
 }
 
+/// Built plugin `file` loaded as plugin "noop" with `config` and `instances` ready instances,
+/// in an engine with default settings, and the registry its metrics are in.
+async fn load(
+    file: &str,
+    config: &str,
+    instances: u32,
+) -> (
+    prometheus::Registry,
+    std::sync::Arc<gateway::plugin::LoadedPlugin>,
+) {
+    let registry = prometheus::Registry::new();
+    let settings = gateway::config::PluginRuntimeSettings::default();
+    let engine = gateway::plugin::PluginRuntime::new(&settings, &registry).unwrap();
+    let mut spec =
+        gateway::config::PluginSpec::with_defaults("noop", plugin_wasm(file), config.into());
+    spec.instances = instances;
+    (registry, engine.load(&spec).await.unwrap())
+}
+
 /// One ready instance, called 200 times in a row on a runtime whose workers run any refill:
 /// the one instance made at load serves every call. (Refilling whenever the pool ran dry made
 /// and `init`ed a new instance for about every call, then dropped the returning one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_used_at_its_ready_size_makes_no_new_instances() {
-    let registry = prometheus::Registry::new();
-    let settings = gateway::config::PluginRuntimeSettings::default();
-    let engine = gateway::plugin::PluginRuntime::new(&settings, &registry).unwrap();
-    let mut spec =
-        gateway::config::PluginSpec::with_defaults("noop", plugin_wasm("noop"), String::new());
-    spec.instances = 1;
-    let plugin = engine.load(&spec).await.unwrap();
+    let (registry, plugin) = load("noop", "", 1).await;
     assert_eq!(created(&registry, "ahead"), 1.0);
     for _ in 0..200 {
         let trial = plugin.trial("/").await;
@@ -40,13 +53,7 @@ async fn a_plugin_used_at_its_ready_size_makes_no_new_instances() {
 /// fills again without a request making one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_discarded_after_failures_are_replaced_ahead() {
-    let registry = prometheus::Registry::new();
-    let settings = gateway::config::PluginRuntimeSettings::default();
-    let engine = gateway::plugin::PluginRuntime::new(&settings, &registry).unwrap();
-    let mut spec =
-        gateway::config::PluginSpec::with_defaults("noop", plugin_wasm("hostile"), "trap".into());
-    spec.instances = 2;
-    let plugin = engine.load(&spec).await.unwrap();
+    let (registry, plugin) = load("hostile", "trap", 2).await;
     for _ in 0..6 {
         let trial = plugin.trial("/").await;
         assert!(

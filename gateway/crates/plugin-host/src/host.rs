@@ -56,6 +56,14 @@ pub(crate) struct StoreState {
     pub response: Option<ResponseState>,
 }
 
+/// The state lent to the current call, if `rep` is the handle it was lent under.
+fn lent<'a, T>(slot: &'a mut Option<T>, rep: u32, what: &str) -> Result<&'a mut T> {
+    match slot {
+        Some(state) if rep == LENT => Ok(state),
+        _ => wasmtime::bail!("unknown {what} handle {rep}"),
+    }
+}
+
 /// The resource handle a call's request or response is lent under. The guest only ever
 /// holds it as a borrow for the one call; a host function called with any other handle, or
 /// when nothing is lent, traps.
@@ -302,29 +310,11 @@ fn apply_header(
 }
 
 impl StoreState {
-    fn req(&self, r: &Resource<RequestState>) -> Result<&RequestState> {
-        match &self.request {
-            Some(req) if r.rep() == LENT => Ok(req),
-            _ => wasmtime::bail!("unknown request handle {}", r.rep()),
-        }
+    fn req(&mut self, r: &Resource<RequestState>) -> Result<&mut RequestState> {
+        lent(&mut self.request, r.rep(), "request")
     }
-    fn req_mut(&mut self, r: &Resource<RequestState>) -> Result<&mut RequestState> {
-        match &mut self.request {
-            Some(req) if r.rep() == LENT => Ok(req),
-            _ => wasmtime::bail!("unknown request handle {}", r.rep()),
-        }
-    }
-    fn resp(&self, r: &Resource<ResponseState>) -> Result<&ResponseState> {
-        match &self.response {
-            Some(resp) if r.rep() == LENT => Ok(resp),
-            _ => wasmtime::bail!("unknown response handle {}", r.rep()),
-        }
-    }
-    fn resp_mut(&mut self, r: &Resource<ResponseState>) -> Result<&mut ResponseState> {
-        match &mut self.response {
-            Some(resp) if r.rep() == LENT => Ok(resp),
-            _ => wasmtime::bail!("unknown response handle {}", r.rep()),
-        }
+    fn resp(&mut self, r: &Resource<ResponseState>) -> Result<&mut ResponseState> {
+        lent(&mut self.response, r.rep(), "response")
     }
 
     /// Validates a header edit and charges what it adds to the output budget.
@@ -354,7 +344,7 @@ impl StoreState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        apply_header(&mut self.req_mut(r)?.headers, op, name, value);
+        apply_header(&mut self.req(r)?.headers, op, name, value);
         Ok(Ok(()))
     }
 
@@ -369,7 +359,7 @@ impl StoreState {
             Ok(p) => p,
             Err(e) => return Ok(Err(e)),
         };
-        apply_header(&mut self.resp_mut(r)?.headers, op, name, value);
+        apply_header(&mut self.resp(r)?.headers, op, name, value);
         Ok(Ok(()))
     }
 }
@@ -458,7 +448,7 @@ impl wit_http::HostRequest for StoreState {
             )));
         }
         self.charge(path.len())?;
-        let req = self.req_mut(&r)?;
+        let req = self.req(&r)?;
         req.path = path;
         req.target_changed = true;
         Ok(Ok(()))
@@ -474,7 +464,7 @@ impl wit_http::HostRequest for StoreState {
             }
             self.charge(q.len())?;
         }
-        let req = self.req_mut(&r)?;
+        let req = self.req(&r)?;
         req.query = query;
         req.target_changed = true;
         Ok(Ok(()))
@@ -484,7 +474,7 @@ impl wit_http::HostRequest for StoreState {
         r: Resource<RequestState>,
         variant: String,
     ) -> Result<std::result::Result<(), String>> {
-        let req = self.req_mut(&r)?;
+        let req = self.req(&r)?;
         if let Some(experiment) = &req.experiment {
             return Ok(Err(format!(
                 "route {} is split by experiment {experiment:?}: its variant is the split's (or the override header's), not a plugin's",
@@ -566,7 +556,7 @@ impl wit_http::HostResponse for StoreState {
     ) -> Result<std::result::Result<(), String>> {
         match StatusCode::from_u16(status) {
             Ok(s) if (100..=599).contains(&status) => {
-                self.resp_mut(&r)?.status = s;
+                self.resp(&r)?.status = s;
                 Ok(Ok(()))
             }
             _ => Ok(Err(format!(
@@ -579,7 +569,7 @@ impl wit_http::HostResponse for StoreState {
         r: Resource<ResponseState>,
         body: Vec<u8>,
     ) -> Result<std::result::Result<(), String>> {
-        let resp = self.resp_mut(&r)?;
+        let resp = self.resp(&r)?;
         if !resp.body_access {
             return Ok(Err(format!(
                 "route {} does not give plugins body access (plugin_body_access)",
