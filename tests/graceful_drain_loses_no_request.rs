@@ -53,6 +53,40 @@ async fn in_flight_requests_finish_during_drain() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// A connection accepted before the drain but still in its TLS handshake is served, not
+/// reset: its client finishes the handshake after the drain started and gets its answer, with
+/// `connection: close`. (Such connections were closed at the drain's start, which a zero-downtime
+/// upgrade showed as a client's "connection reset by peer".)
+#[tokio::test]
+async fn a_connection_still_in_its_tls_handshake_when_the_drain_starts_is_served() {
+    let pki = Pki::new();
+    let up =
+        Upstream::with(|_| Reply::Respond(http::StatusCode::OK, vec![], Bytes::from_static(b"ok")))
+            .await;
+    let gw = TestGateway::start(
+        &basic_config(&pki, &[up.addr], "", "[server]\ndrain_timeout_ms = 5000"),
+        pki.path(),
+    )
+    .await;
+    let addr = gw.addr("https");
+    // Accepted by the gateway, which now waits for the ClientHello.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let drain = tokio::spawn(gw.gateway.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut conn = tls_connect_over(tcp, &pki.ca_der, ClientOpts::default())
+        .await
+        .expect("the handshake completes after the drain started");
+    let r = conn.sender.send(get("localhost", "/late")).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    assert_eq!(
+        r.headers.get("connection").map(|v| v.to_str().unwrap()),
+        Some("close"),
+        "the answer says the connection ends"
+    );
+    assert_eq!(drain.await.unwrap(), DrainOutcome::Complete);
+}
+
 #[tokio::test]
 async fn drain_deadline_bounds_the_wait() {
     let pki = Pki::new();

@@ -676,6 +676,10 @@ impl Connection {
                     self.ctx.limits.header_read_timeout,
                     acceptor.accept(stream),
                 );
+                // Not abandoned when a drain starts: a client whose connection was accepted
+                // before it did nothing wrong, and closing it mid-handshake resets it. It is
+                // served like any connection of the drain (`connection: close`, or a GOAWAY),
+                // within the handshake timeout and the drain deadline.
                 let tls_stream = tokio::select! {
                     r = handshake => match r {
                         Ok(Ok(s)) => s,
@@ -690,7 +694,6 @@ impl Connection {
                             return;
                         }
                     },
-                    _ = self.ctx.shutdown.cancelled() => return,
                     () = self.registered.activity.evicted() => {
                         self.closed("evicted").inc();
                         tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), "closing a connection still in its TLS handshake to make room");

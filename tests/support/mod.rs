@@ -347,8 +347,16 @@ pub async fn tls_connect(
     ca: &CertificateDer<'static>,
     opts: ClientOpts<'_>,
 ) -> std::io::Result<TlsConn> {
+    tls_connect_over(TcpStream::connect(addr).await?, ca, opts).await
+}
+
+/// [`tls_connect`] over a TCP connection already made.
+pub async fn tls_connect_over(
+    tcp: TcpStream,
+    ca: &CertificateDer<'static>,
+    opts: ClientOpts<'_>,
+) -> std::io::Result<TlsConn> {
     let connector = tokio_rustls::TlsConnector::from(client_config(ca, &opts));
-    let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(opts.sni.to_string()).unwrap();
     let tls = connector.connect(name, tcp).await?;
     let (_, session) = tls.get_ref();
