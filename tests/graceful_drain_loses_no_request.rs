@@ -87,6 +87,37 @@ async fn a_connection_still_in_its_tls_handshake_when_the_drain_starts_is_served
     assert_eq!(drain.await.unwrap(), DrainOutcome::Complete);
 }
 
+/// A client that connected but sends nothing does not hold the drain: its handshake is given
+/// up a second after the drain started (DRAIN_IDLE), as an idle HTTP/1.1 connection is.
+#[tokio::test]
+async fn a_silent_handshake_does_not_hold_the_drain() {
+    let pki = Pki::new();
+    let up =
+        Upstream::with(|_| Reply::Respond(http::StatusCode::OK, vec![], Bytes::from_static(b"ok")))
+            .await;
+    let gw = TestGateway::start(
+        &basic_config(
+            &pki,
+            &[up.addr],
+            "",
+            "[server]\ndrain_timeout_ms = 20000\n[limits]\nheader_read_timeout_ms = 15000",
+        ),
+        pki.path(),
+    )
+    .await;
+    let _silent = tokio::net::TcpStream::connect(gw.addr("https"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert_eq!(gw.gateway.shutdown().await, DrainOutcome::Complete);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "the drain took {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn drain_deadline_bounds_the_wait() {
     let pki = Pki::new();

@@ -678,8 +678,13 @@ impl Connection {
                 );
                 // Not abandoned when a drain starts: a client whose connection was accepted
                 // before it did nothing wrong, and closing it mid-handshake resets it. It is
-                // served like any connection of the drain (`connection: close`, or a GOAWAY),
-                // within the handshake timeout and the drain deadline.
+                // served like any connection of the drain (`connection: close`, or a GOAWAY).
+                // A handshake still unfinished DRAIN_IDLE after the drain started is closed,
+                // as an idle HTTP/1.1 connection is: a silent client does not hold the drain.
+                let drain_idle = async {
+                    self.ctx.shutdown.cancelled().await;
+                    tokio::time::sleep(DRAIN_IDLE).await;
+                };
                 let tls_stream = tokio::select! {
                     r = handshake => match r {
                         Ok(Ok(s)) => s,
@@ -694,6 +699,7 @@ impl Connection {
                             return;
                         }
                     },
+                    () = drain_idle => return,
                     () = self.registered.activity.evicted() => {
                         self.closed("evicted").inc();
                         tracing::debug!(listener = %self.listener, peer = %Shown(&self.ctx.shared, peer), "closing a connection still in its TLS handshake to make room");
