@@ -321,11 +321,17 @@ async fn artifacts_are_published_pulled_converged_and_verified() {
         "converged on the moved tag {} ms after it moved (oci_resolve_interval_s = 1)",
         moved.elapsed().as_millis()
     );
-    // The change is on the audit trail, by the gateway.
-    let audit = std::fs::read_to_string(pki.path().join("store/audit.log")).unwrap();
+    // The change is on the audit trail, by the gateway: appended just after the swap, so
+    // it may land a moment after the new version serves.
+    let audit_path = pki.path().join("store/audit.log");
+    let audited = || {
+        std::fs::read_to_string(&audit_path)
+            .is_ok_and(|a| a.contains("\"tag_moved\"") && a.contains(&d_hygiene))
+    };
     assert!(
-        audit.contains("\"tag_moved\"") && audit.contains(&d_hygiene),
-        "{audit}"
+        eventually(Duration::from_secs(5), audited).await,
+        "{}",
+        std::fs::read_to_string(&audit_path).unwrap_or_default()
     );
     assert_eq!(
         serving(&gw, "p").await.1.as_deref(),
