@@ -53,21 +53,23 @@ async fn in_flight_requests_finish_during_drain() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// A gateway with `extra` config in front of an upstream answering 200 "ok".
+async fn gateway_answering_ok(extra: &str) -> (Pki, Upstream, TestGateway) {
+    let pki = Pki::new();
+    let ok = Bytes::from_static(b"ok");
+    let up =
+        Upstream::with(move |_| Reply::Respond(http::StatusCode::OK, vec![], ok.clone())).await;
+    let gw = TestGateway::start(&basic_config(&pki, &[up.addr], "", extra), pki.path()).await;
+    (pki, up, gw)
+}
+
 /// A connection accepted before the drain but still in its TLS handshake is served, not
 /// reset: its client finishes the handshake after the drain started and gets its answer, with
 /// `connection: close`. (Such connections were closed at the drain's start, which a zero-downtime
 /// upgrade showed as a client's "connection reset by peer".)
 #[tokio::test]
 async fn a_connection_still_in_its_tls_handshake_when_the_drain_starts_is_served() {
-    let pki = Pki::new();
-    let up =
-        Upstream::with(|_| Reply::Respond(http::StatusCode::OK, vec![], Bytes::from_static(b"ok")))
-            .await;
-    let gw = TestGateway::start(
-        &basic_config(&pki, &[up.addr], "", "[server]\ndrain_timeout_ms = 5000"),
-        pki.path(),
-    )
-    .await;
+    let (pki, _up, gw) = gateway_answering_ok("[server]\ndrain_timeout_ms = 5000").await;
     let addr = gw.addr("https");
     // Accepted by the gateway, which now waits for the ClientHello.
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -91,18 +93,8 @@ async fn a_connection_still_in_its_tls_handshake_when_the_drain_starts_is_served
 /// up a second after the drain started (DRAIN_IDLE), as an idle HTTP/1.1 connection is.
 #[tokio::test]
 async fn a_silent_handshake_does_not_hold_the_drain() {
-    let pki = Pki::new();
-    let up =
-        Upstream::with(|_| Reply::Respond(http::StatusCode::OK, vec![], Bytes::from_static(b"ok")))
-            .await;
-    let gw = TestGateway::start(
-        &basic_config(
-            &pki,
-            &[up.addr],
-            "",
-            "[server]\ndrain_timeout_ms = 20000\n[limits]\nheader_read_timeout_ms = 15000",
-        ),
-        pki.path(),
+    let (_pki, _up, gw) = gateway_answering_ok(
+        "[server]\ndrain_timeout_ms = 20000\n[limits]\nheader_read_timeout_ms = 15000",
     )
     .await;
     let _silent = tokio::net::TcpStream::connect(gw.addr("https"))
