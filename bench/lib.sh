@@ -1,6 +1,6 @@
 # Shared by the benchmarks (bench/overload.sh, bench/soak.sh, bench/upgrade.sh, bench/plugins.sh);
 # sourced, not run. The caller sets GATEWAY and SKIP_BUILD (and CERT and KEY for
-# self_signed_cert) and defines die().
+# self_signed_cert and https_listener_toml, GW_PORT for the latter) and defines die().
 
 # Installs the Debian packages whose commands are missing: pairs of "command package".
 need() {
@@ -37,4 +37,26 @@ self_signed_cert() {
     timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
       -keyout "$KEY" -out "$CERT" -days 30 -subj /CN=localhost 2>/dev/null
   fi
+}
+
+# Prints the gateway config of a TLS listener "https" on 127.0.0.1:GW_PORT serving CERT and KEY
+# for localhost.
+https_listener_toml() {
+  cat <<EOF
+[[tls.certificates]]
+cert = "$CERT"
+key = "$KEY"
+server_names = ["localhost"]
+[[listeners]]
+name = "https"
+bind = "127.0.0.1:$GW_PORT"
+EOF
+}
+
+# Waits up to 10 s for URL to answer, then dies with the end of LOG (the gateway's output)
+# unless it answers without an error status.
+wait_up() {
+  local url=$1 log=$2
+  for _ in $(seq 100); do curl -sk -o /dev/null "$url" && break; sleep 0.1; done
+  curl -skf -o /dev/null "$url" || die "gateway did not come up: $(tail -5 "$log")"
 }

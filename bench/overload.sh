@@ -63,13 +63,7 @@ access_log = false
 max_queue_time_ms = $1
 [admin]
 bind = "127.0.0.1:$GW_ADMIN"
-[[tls.certificates]]
-cert = "$CERT"
-key = "$KEY"
-server_names = ["localhost"]
-[[listeners]]
-name = "https"
-bind = "127.0.0.1:$GW_PORT"
+$(https_listener_toml)
 [[upstreams]]
 name = "store"
 backends = ["127.0.0.1:$UP_PORT"]
@@ -136,8 +130,7 @@ for qt in $QUEUE_MS; do
   timeout -k 5 3600 "$GATEWAY" run --config "$WORK/gateway.toml" >"$WORK/gw-$mode.log" 2>&1 &
   gw=$!
   url="https://127.0.0.1:$GW_PORT/api/recommendations?user=42"
-  for _ in $(seq 100); do curl -sk -o /dev/null "$url" && break; sleep 0.1; done
-  curl -skf -o /dev/null "$url" || die "gateway did not come up: $(tail -5 "$WORK/gw-$mode.log")"
+  wait_up "$url" "$WORK/gw-$mode.log"
 
   for _ in $(seq "$HOGS"); do timeout "$((DURATION + 5))" sh -c 'while :; do :; done' & done
   timeout $((DURATION + 60)) h2load -D "$DURATION" -c 32 -m 16 -t 1 "$url" >"$WORK/h2load-$mode" 2>&1 &

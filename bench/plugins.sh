@@ -147,13 +147,7 @@ access_log = false
 forwarded = "none"
 [admin]
 bind = "127.0.0.1:$GW_ADMIN"
-[[tls.certificates]]
-cert = "$CERT"
-key = "$KEY"
-server_names = ["localhost"]
-[[listeners]]
-name = "https"
-bind = "127.0.0.1:$GW_PORT"
+$(https_listener_toml)
 [[upstreams]]
 name = "store"
 backends = ["127.0.0.1:$UP_PORT"]
@@ -174,11 +168,7 @@ timeout -k 5 3600 nginx -e /tmp/bench-up.err -c "$ROOT/bench/nginx/nginx-upstrea
 PIDS+=($!)
 timeout -k 5 3600 "$GATEWAY" run --config "$WORK/gateway.toml" >"$WORK/gw.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 100); do
-  curl -sk -o /dev/null "https://127.0.0.1:$GW_PORT/p5" && break
-  sleep 0.1
-done
-curl -skf -o /dev/null "https://127.0.0.1:$GW_PORT/p5" || die "gateway did not come up: $(tail -5 "$WORK/gw.log")"
+wait_up "https://127.0.0.1:$GW_PORT/p5" "$WORK/gw.log"
 
 # wrk's latency lines print units (us, ms, s); convert to microseconds.
 to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000000} else print v}'; }

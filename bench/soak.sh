@@ -99,8 +99,7 @@ timeout -k 5 7200 "$GATEWAY" run --config gateway.toml >gw.log 2>&1 &
 GW=$!
 PIDS+=($GW)
 url="https://127.0.0.1:$GW_PORT/"
-for _ in $(seq 100); do curl -sk -o /dev/null "$url" && break; sleep 0.1; done
-curl -skf -o /dev/null "$url" || die "gateway did not come up: $(tail -5 gw.log)"
+wait_up "$url" gw.log
 admin=(--admin "http://127.0.0.1:$GW_ADMIN" --token-file admin.token)
 # The gateway itself, not the `timeout` that runs it.
 GWP=$(pgrep -P "$GW" | head -1)

@@ -73,13 +73,7 @@ access_log = false
 bind = "127.0.0.1:$GW_ADMIN"
 [server]
 drain_timeout_ms = 10000
-[[tls.certificates]]
-cert = "$CERT"
-key = "$KEY"
-server_names = ["localhost"]
-[[listeners]]
-name = "https"
-bind = "127.0.0.1:$GW_PORT"
+$(https_listener_toml)
 [[upstreams]]
 name = "h2"
 backends = ["127.0.0.1:$UP_H2"]
@@ -125,8 +119,7 @@ PIDS+=($!)
 "$WORK/bin/gateway" run --config "$WORK/gateway.toml" --pid-file "$WORK/gw.pid" >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
 url="https://127.0.0.1:$GW_PORT"
-for _ in $(seq 100); do curl -sk -o /dev/null "$url/h1/" && break; sleep 0.1; done
-curl -skf -o /dev/null "$url/h1/" || die "gateway did not come up: $(tail -5 "$WORK/gateway.log")"
+wait_up "$url/h1/" "$WORK/gateway.log"
 first=$(cat "$WORK/gw.pid")
 : >"$WORK/h1-upstream.log"
 : >"$WORK/h2-upstream.log"
