@@ -854,8 +854,6 @@ impl<F: std::future::Future> std::future::Future for Backstop<F> {
 /// What [`LoadedPlugin::repeat`] measured.
 #[derive(Debug, Clone, Copy)]
 pub struct CallCost {
-    /// Calls made.
-    pub calls: u32,
     /// Wall-clock time of all of them.
     pub wall: Duration,
     /// CPU time of all of them, by the caller's clock.
@@ -1414,7 +1412,6 @@ impl LoadedPlugin {
         };
         let fuel = self.fuel_used[hook as usize].get_sample_sum() - fuel_before;
         Ok(CallCost {
-            calls,
             wall,
             cpu: cpu_used,
             fuel: (self.spec.fuel_per_call.is_some()).then_some(fuel as u64),
